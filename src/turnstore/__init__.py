@@ -1,0 +1,40 @@
+"""turnstore: durable, branchable, usage-tracking memory for Agents SDK sessions, in SQL.
+
+Use :class:`AdvancedSQLiteSession` as a drop-in for the SDK's class of the same name, or
+:class:`AdvancedSession` on any supported database URL or engine.
+"""
+
+from turnstore.engines import dispose_engines
+from turnstore.errors import (
+    BranchNameTakenError,
+    BranchNotFoundError,
+    ContentNotFoundError,
+    InvalidArgumentError,
+    InvalidItemError,
+    ProtectedBranchError,
+    SchemaMissingError,
+    SessionClosedError,
+    TurnNotFoundError,
+    TurnstoreError,
+)
+from turnstore.session import AdvancedSession, AdvancedSQLiteSession, SessionSettings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdvancedSQLiteSession",
+    "AdvancedSession",
+    "BranchNameTakenError",
+    "BranchNotFoundError",
+    "ContentNotFoundError",
+    "InvalidArgumentError",
+    "InvalidItemError",
+    "ProtectedBranchError",
+    "SchemaMissingError",
+    "SessionClosedError",
+    "SessionSettings",
+    "TurnNotFoundError",
+    "TurnstoreError",
+    "__version__",
+    "dispose_engines",
+]

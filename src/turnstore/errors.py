@@ -1,0 +1,49 @@
+"""One exception hierarchy for every error turnstore raises on purpose.
+
+Each class also derives from the builtin the SDK's ``AdvancedSQLiteSession`` raises in the same
+situation (``ValueError``, ``TypeError``, ``RuntimeError``), so code written against the SDK keeps
+catching what it caught before, while new code can catch :class:`TurnstoreError` or a precise
+subclass.
+"""
+
+from __future__ import annotations
+
+
+class TurnstoreError(Exception):
+    """Base class of all errors raised deliberately by turnstore."""
+
+
+class SessionClosedError(TurnstoreError, RuntimeError):
+    """The session was closed; create a new session object to keep working."""
+
+
+class InvalidItemError(TurnstoreError, TypeError):
+    """An item passed to ``add_items`` cannot be stored (not a mapping, or not JSON-serializable)."""
+
+
+class InvalidArgumentError(TurnstoreError, ValueError):
+    """An argument has the wrong type or value (turn numbers, branch names, table names)."""
+
+
+class TurnNotFoundError(TurnstoreError, ValueError):
+    """The requested user turn does not exist on the branch."""
+
+
+class ContentNotFoundError(TurnstoreError, ValueError):
+    """No user turn contains the searched text."""
+
+
+class BranchNotFoundError(TurnstoreError, ValueError):
+    """The requested branch does not exist in the session."""
+
+
+class BranchNameTakenError(TurnstoreError, ValueError):
+    """The branch name was used before in this session; branch names are never reused."""
+
+
+class ProtectedBranchError(TurnstoreError, ValueError):
+    """The branch may not be deleted (``main``, or the current branch without ``force``)."""
+
+
+class SchemaMissingError(TurnstoreError, ValueError):
+    """The database lacks turnstore's tables and the session was told not to create them."""

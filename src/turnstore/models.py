@@ -1,0 +1,297 @@
+"""Declarative models of the conversation store.
+
+The four documented tables of the SDK's ``AdvancedSQLiteSession`` (``agent_sessions``,
+``agent_messages``, ``message_structure``, ``turn_usage``) with their documented columns, defaults,
+foreign keys, unique constraint and index names, so a database written by the SDK opens and
+continues; plus the two bookkeeping tables newer SDK versions add (``branch_reservations``,
+``session_clear_generations``) and one index of turnstore's own (``idx_structure_message``) that
+keeps branch and message deletion from scanning a whole session.
+
+Like the SDK, the two base tables may be renamed per session (``sessions_table`` /
+``messages_table``); :func:`tables_for` builds the table set for such a pair. The declarative
+classes map the default names, which is what the migrations manage.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped
+
+from turnstore.dialects import DOCUMENT, IDENTIFIER, ROW_ID, TIMESTAMP_UTC, JSONDocument
+from turnstore.errors import InvalidArgumentError
+
+DEFAULT_SESSIONS_TABLE = "agent_sessions"
+DEFAULT_MESSAGES_TABLE = "agent_messages"
+STRUCTURE_TABLE = "message_structure"
+USAGE_TABLE = "turn_usage"
+RESERVATIONS_TABLE = "branch_reservations"
+GENERATIONS_TABLE = "session_clear_generations"
+
+# Explicit names make constraints addressable by migrations on every dialect; the documented
+# index names are given explicitly below and are not affected.
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+_PLAIN_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_FIXED_TABLES = frozenset(
+    {STRUCTURE_TABLE, USAGE_TABLE, RESERVATIONS_TABLE, GENERATIONS_TABLE}
+)
+_NOW = text("CURRENT_TIMESTAMP")
+
+
+@dataclass(frozen=True)
+class StoreTables:
+    """The tables of one store: the two (renamable) base tables and the fixed ones."""
+
+    sessions: Table
+    messages: Table
+    structure: Table
+    usage: Table
+    reservations: Table
+    generations: Table
+
+    @property
+    def metadata(self) -> MetaData:
+        """The metadata holding these tables."""
+        return self.sessions.metadata
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Table names, parents first."""
+        return tuple(table.name for table in self.metadata.sorted_tables)
+
+
+def define_tables(
+    metadata: MetaData,
+    sessions_table: str = DEFAULT_SESSIONS_TABLE,
+    messages_table: str = DEFAULT_MESSAGES_TABLE,
+) -> StoreTables:
+    """Define the store's tables on ``metadata``, with the given base-table names."""
+    sessions = Table(
+        sessions_table,
+        metadata,
+        Column("session_id", IDENTIFIER, primary_key=True),
+        Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
+        Column("updated_at", TIMESTAMP_UTC, server_default=_NOW),
+    )
+    messages = Table(
+        messages_table,
+        metadata,
+        Column("id", ROW_ID, primary_key=True, autoincrement=True),
+        Column(
+            "session_id",
+            IDENTIFIER,
+            ForeignKey(sessions.c.session_id, ondelete="CASCADE"),
+            nullable=False,
+        ),
+        Column("message_data", DOCUMENT, nullable=False),
+        Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
+        Index(f"idx_{messages_table}_session_id", "session_id", "id"),
+        sqlite_autoincrement=True,
+    )
+    structure = Table(
+        STRUCTURE_TABLE,
+        metadata,
+        Column("id", ROW_ID, primary_key=True, autoincrement=True),
+        Column(
+            "session_id",
+            IDENTIFIER,
+            ForeignKey(sessions.c.session_id, ondelete="CASCADE"),
+            nullable=False,
+        ),
+        Column(
+            "message_id",
+            ROW_ID,
+            ForeignKey(messages.c.id, ondelete="CASCADE"),
+            nullable=False,
+        ),
+        Column("branch_id", IDENTIFIER, nullable=False, server_default="main"),
+        Column("message_type", Text, nullable=False),
+        Column("sequence_number", Integer, nullable=False),
+        Column("user_turn_number", Integer),
+        Column("branch_turn_number", Integer),
+        Column("tool_name", Text),
+        Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
+        Index("idx_structure_session_seq", "session_id", "sequence_number"),
+        Index("idx_structure_branch", "session_id", "branch_id"),
+        Index("idx_structure_turn", "session_id", "branch_id", "user_turn_number"),
+        Index("idx_structure_branch_seq", "session_id", "branch_id", "sequence_number"),
+        # Not in the SDK: lets ON DELETE CASCADE and "is this message still referenced?"
+        # find structure rows by message without scanning the session.
+        Index("idx_structure_message", "message_id"),
+        sqlite_autoincrement=True,
+    )
+    usage = Table(
+        USAGE_TABLE,
+        metadata,
+        Column("id", ROW_ID, primary_key=True, autoincrement=True),
+        Column(
+            "session_id",
+            IDENTIFIER,
+            ForeignKey(sessions.c.session_id, ondelete="CASCADE"),
+            nullable=False,
+        ),
+        Column("branch_id", IDENTIFIER, nullable=False, server_default="main"),
+        Column("user_turn_number", Integer, nullable=False),
+        Column("requests", Integer, server_default=text("0")),
+        Column("input_tokens", Integer, server_default=text("0")),
+        Column("output_tokens", Integer, server_default=text("0")),
+        Column("total_tokens", Integer, server_default=text("0")),
+        Column("input_tokens_details", JSONDocument()),
+        Column("output_tokens_details", JSONDocument()),
+        Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
+        UniqueConstraint("session_id", "branch_id", "user_turn_number"),
+        Index("idx_turn_usage_session_turn", "session_id", "branch_id", "user_turn_number"),
+        sqlite_autoincrement=True,
+    )
+    reservations = Table(
+        RESERVATIONS_TABLE,
+        metadata,
+        Column("session_id", IDENTIFIER, primary_key=True),
+        Column("branch_id", IDENTIFIER, primary_key=True),
+    )
+    generations = Table(
+        GENERATIONS_TABLE,
+        metadata,
+        Column("session_id", IDENTIFIER, primary_key=True),
+        Column("generation", Integer, nullable=False, server_default=text("0")),
+    )
+    return StoreTables(sessions, messages, structure, usage, reservations, generations)
+
+
+def validate_table_name(name: object, argument: str) -> str:
+    """Return ``name`` if it is a plain SQL identifier that turnstore may use as a table name.
+
+    Raises:
+        InvalidArgumentError: ``name`` is not a plain identifier, or names a fixed table.
+    """
+    if not isinstance(name, str) or _PLAIN_IDENTIFIER.fullmatch(name) is None:
+        raise InvalidArgumentError(
+            f"{argument} must be a plain identifier (letters, digits and underscores, not "
+            f"starting with a digit, at most 63 characters); got {name!r}"
+        )
+    if name in _FIXED_TABLES:
+        raise InvalidArgumentError(f"{argument} may not be {name!r}: turnstore uses that table")
+    return name
+
+
+class Base(DeclarativeBase):
+    """Declarative base whose metadata carries turnstore's naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+DEFAULT_TABLES = define_tables(Base.metadata)
+
+
+class AgentSession(Base):
+    """One conversation (``agent_sessions``)."""
+
+    __table__ = DEFAULT_TABLES.sessions
+
+    session_id: Mapped[str]
+    created_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime | None]
+
+
+class AgentMessage(Base):
+    """One stored conversation item, as JSON text (``agent_messages``)."""
+
+    __table__ = DEFAULT_TABLES.messages
+
+    id: Mapped[int]
+    session_id: Mapped[str]
+    message_data: Mapped[str]
+    created_at: Mapped[datetime | None]
+
+
+class MessageStructure(Base):
+    """Where a message sits in one branch: order, turn, type and tool (``message_structure``)."""
+
+    __table__ = DEFAULT_TABLES.structure
+
+    id: Mapped[int]
+    session_id: Mapped[str]
+    message_id: Mapped[int]
+    branch_id: Mapped[str]
+    message_type: Mapped[str]
+    sequence_number: Mapped[int]
+    user_turn_number: Mapped[int | None]
+    branch_turn_number: Mapped[int | None]
+    tool_name: Mapped[str | None]
+    created_at: Mapped[datetime | None]
+
+
+class TurnUsage(Base):
+    """Token usage of one user turn on one branch (``turn_usage``)."""
+
+    __table__ = DEFAULT_TABLES.usage
+
+    id: Mapped[int]
+    session_id: Mapped[str]
+    branch_id: Mapped[str]
+    user_turn_number: Mapped[int]
+    requests: Mapped[int | None]
+    input_tokens: Mapped[int | None]
+    output_tokens: Mapped[int | None]
+    total_tokens: Mapped[int | None]
+    input_tokens_details: Mapped[dict[str, Any] | None]
+    output_tokens_details: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime | None]
+
+
+class BranchReservation(Base):
+    """A branch name once used in a session; names are never handed out twice."""
+
+    __table__ = DEFAULT_TABLES.reservations
+
+    session_id: Mapped[str]
+    branch_id: Mapped[str]
+
+
+class SessionClearGeneration(Base):
+    """How many times a session was cleared; lets other instances notice a clear."""
+
+    __table__ = DEFAULT_TABLES.generations
+
+    session_id: Mapped[str]
+    generation: Mapped[int]
+
+
+@cache
+def tables_for(sessions_table: str, messages_table: str) -> StoreTables:
+    """Return the table set for a pair of base-table names (the default set for the defaults).
+
+    Raises:
+        InvalidArgumentError: A name is not a plain identifier, or the two names are equal.
+    """
+    validate_table_name(sessions_table, "sessions_table")
+    validate_table_name(messages_table, "messages_table")
+    if sessions_table == messages_table:
+        raise InvalidArgumentError("sessions_table and messages_table must differ")
+    if (sessions_table, messages_table) == (DEFAULT_SESSIONS_TABLE, DEFAULT_MESSAGES_TABLE):
+        return DEFAULT_TABLES
+    return define_tables(
+        MetaData(naming_convention=NAMING_CONVENTION), sessions_table, messages_table
+    )

@@ -1,0 +1,781 @@
+"""Dialect-neutral queries for history, branching, structure and usage.
+
+The repository knows tables and SQL, not the Agents SDK: callers hand it items already
+serialized and classified, and get back stored text and plain records. Every statement is
+scoped by ``session_id`` (so the store can be sharded by session), and every public mutation is
+one transaction that begins by locking the session: the session row on servers, the database
+write lock on SQLite.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+from sqlalchemy import (
+    Integer,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    inspect,
+    literal,
+    or_,
+    select,
+    union_all,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import Select
+
+from turnstore.dialects import DialectProfile, utc_now
+from turnstore.engines import EngineHandle
+from turnstore.errors import (
+    BranchNameTakenError,
+    BranchNotFoundError,
+    SchemaMissingError,
+    TurnNotFoundError,
+)
+from turnstore.models import StoreTables
+
+logger = logging.getLogger(__name__)
+
+MAIN_BRANCH = "main"
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """One item to append, already serialized and classified by the caller."""
+
+    data: str
+    message_type: str
+    tool_name: str | None
+    is_user_message: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BranchPointer:
+    """The branch an operation acted on and the session's clear generation it saw."""
+
+    branch_id: str
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """Token usage of one run, to be stored against a user turn."""
+
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict[str, Any] | None
+    output_tokens_details: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTurnUsage:
+    """A stored ``turn_usage`` row."""
+
+    user_turn_number: int
+    requests: int | None
+    input_tokens: int | None
+    output_tokens: int | None
+    total_tokens: int | None
+    input_tokens_details: Any
+    output_tokens_details: Any
+
+
+@dataclass(frozen=True, slots=True)
+class UserTurn:
+    """A user message that opens a turn on a branch."""
+
+    turn: int
+    message_data: str
+    created_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BranchSummary:
+    """One branch of a session, as ``list_branches`` reports it."""
+
+    branch_id: str
+    message_count: int
+    user_turns: int
+    created_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedBranch:
+    """Outcome of a branch creation."""
+
+    branch_id: str
+    source_branch_id: str
+    generation: int
+    copied_messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedBranch:
+    """What a branch deletion removed."""
+
+    structure_rows: int
+    usage_rows: int
+    messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoppedItem:
+    """The structure row a pop removed; ``message_data`` is ``None`` if its message was gone."""
+
+    message_data: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCountRule:
+    """Which message types count as tool invocations, given by the caller that knows them.
+
+    Attributes:
+        call_types: Message types that are tool invocations.
+        named_by_type: Invocation types whose rows carry no tool name and are counted under
+            their message type instead.
+        unpaired_outputs: ``(output_type, call_type)``: an output row of ``output_type`` counts
+            as an invocation of its tool when its turn has no ``call_type`` row for that tool.
+    """
+
+    call_types: frozenset[str]
+    named_by_type: frozenset[str]
+    unpaired_outputs: tuple[str, str] | None
+
+
+def format_timestamp(value: object) -> str | None:
+    """Render a stored timestamp as SQLite's ``CURRENT_TIMESTAMP`` text, in UTC."""
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return None if value is None else str(value)
+
+
+class _Statements:
+    """Statements of the per-turn path, built once per table set and dialect."""
+
+    def __init__(self, tables: StoreTables, profile: DialectProfile) -> None:
+        s, m, g = tables.structure, tables.messages, tables.generations
+        sid, bid = bindparam("sid"), bindparam("bid")
+        history = (
+            select(m.c.message_data)
+            .join_from(s, m, and_(s.c.message_id == m.c.id, m.c.session_id == s.c.session_id))
+            .where(s.c.session_id == sid, s.c.branch_id == bid)
+        )
+        self.history = history.order_by(s.c.sequence_number)
+        self.latest = history.order_by(s.c.sequence_number.desc()).limit(bindparam("limit"))
+        self.touch_session = profile.upsert(
+            tables.sessions,
+            {"session_id": sid},
+            ["session_id"],
+            {"updated_at": utc_now()},
+        )
+        self.lock_session = (
+            select(tables.sessions.c.session_id)
+            .where(tables.sessions.c.session_id == sid)
+            .with_for_update()
+        )
+        self.max_turn = (
+            select(func.max(s.c.user_turn_number))
+            .where(s.c.session_id == sid, s.c.branch_id == bid)
+            .scalar_subquery()
+        )
+        self.max_sequence = (
+            select(func.max(s.c.sequence_number)).where(s.c.session_id == sid).scalar_subquery()
+        )
+        self.generation = select(g.c.generation).where(g.c.session_id == sid).scalar_subquery()
+        self.append_counters = select(
+            self.max_sequence.label("max_sequence"),
+            self.max_turn.label("max_turn"),
+            self.generation.label("generation"),
+        )
+        self.insert_messages = insert(m).returning(m.c.id, sort_by_parameter_order=True)
+        self.insert_structure = insert(s)
+
+
+@cache
+def _statements(tables: StoreTables, profile: DialectProfile) -> _Statements:
+    return _Statements(tables, profile)
+
+
+class ConversationRepository:
+    """Reads and writes conversations in one store (an engine and a table set)."""
+
+    def __init__(self, handle: EngineHandle, tables: StoreTables) -> None:
+        self._handle = handle
+        self._profile = handle.profile
+        self._t = tables
+        self._q = _statements(tables, handle.profile)
+
+    # -- schema --------------------------------------------------------------------------
+
+    async def prepare_schema(self, *, create: bool) -> None:
+        """Create missing tables and indexes, or check that they exist (once per engine).
+
+        Raises:
+            SchemaMissingError: ``create`` is false and tables are missing.
+        """
+        handle, key = self._handle, self._t.metadata
+        if key in handle.ready_schemas:
+            return
+        async with handle.schema_lock:
+            if key in handle.ready_schemas:
+                return
+            if create:
+                async with handle.writing() as conn:
+                    await self._profile.lock_schema(conn)
+                    await conn.run_sync(self._create_missing)
+            else:
+                async with handle.reading() as conn:
+                    missing = await conn.run_sync(self._missing_tables)
+                if missing:
+                    raise SchemaMissingError(
+                        f"The database lacks turnstore's tables ({', '.join(missing)}). Pass "
+                        "create_tables=True to create them, or run the migrations first."
+                    )
+            handle.ready_schemas.add(key)
+
+    def _missing_tables(self, conn: Connection) -> list[str]:
+        present = set(inspect(conn).get_table_names())
+        return [name for name in self._t.names if name not in present]
+
+    def _create_missing(self, conn: Connection) -> None:
+        metadata = self._t.metadata
+        metadata.create_all(conn, checkfirst=True)
+        # create_all skips tables that exist (say, written by the SDK) and so their indexes;
+        # add any index such a table is missing.
+        inspector = inspect(conn)
+        for table in metadata.sorted_tables:
+            present = {index["name"] for index in inspector.get_indexes(table.name)}
+            for index in table.indexes:
+                if index.name not in present:
+                    index.create(conn, checkfirst=True)
+
+    # -- history -------------------------------------------------------------------------
+
+    async def fetch_items(self, session_id: str, branch_id: str, limit: int | None) -> list[str]:
+        """Stored item texts of a branch, oldest first.
+
+        Args:
+            session_id: The session.
+            branch_id: The branch.
+            limit: ``None`` or a negative number for all items, otherwise the newest
+                ``limit`` items (``0`` gives none).
+        """
+        if limit == 0:
+            return []
+        params: dict[str, Any] = {"sid": session_id, "bid": branch_id}
+        async with self._handle.reading() as conn:
+            if limit is None or limit < 0:
+                return list((await conn.execute(self._q.history, params)).scalars())
+            params["limit"] = limit
+            newest_first = list((await conn.execute(self._q.latest, params)).scalars())
+        newest_first.reverse()
+        return newest_first
+
+    async def append(
+        self,
+        session_id: str,
+        pointer: BranchPointer,
+        messages: Sequence[NewMessage],
+    ) -> BranchPointer:
+        """Append messages to a branch, numbering sequence and user turns, in one transaction.
+
+        Later batches without a user message continue the branch's current turn. If the session
+        was cleared since ``pointer.generation`` was seen, a non-main branch no longer exists
+        and the messages go to ``main``.
+
+        Returns:
+            The branch written to and the session's current clear generation.
+        """
+        q = self._q
+        branch_id = pointer.branch_id
+        async with self._handle.writing() as conn:
+            params = {"sid": session_id, "bid": branch_id}
+            await conn.execute(q.touch_session, params)
+            max_sequence, turn, generation = (await conn.execute(q.append_counters, params)).one()
+            generation = generation or 0
+            if generation != pointer.generation and branch_id != MAIN_BRANCH:
+                branch_id = MAIN_BRANCH
+                turn = await conn.scalar(
+                    select(q.max_turn), {"sid": session_id, "bid": branch_id}
+                )
+            message_ids = (
+                await conn.execute(
+                    q.insert_messages,
+                    [{"session_id": session_id, "message_data": m.data} for m in messages],
+                )
+            ).scalars()
+            sequence, turn = max_sequence or 0, turn or 0
+            rows = []
+            for message, message_id in zip(messages, message_ids, strict=True):
+                sequence += 1
+                if message.is_user_message:
+                    turn += 1
+                rows.append(
+                    {
+                        "session_id": session_id,
+                        "message_id": message_id,
+                        "branch_id": branch_id,
+                        "message_type": message.message_type,
+                        "sequence_number": sequence,
+                        "user_turn_number": turn,
+                        "branch_turn_number": turn,
+                        "tool_name": message.tool_name,
+                    }
+                )
+            await conn.execute(q.insert_structure, rows)
+        return BranchPointer(branch_id, generation)
+
+    async def pop_latest(self, session_id: str, branch_id: str) -> PoppedItem | None:
+        """Remove the newest item of a branch; ``None`` when the branch is empty.
+
+        The message row itself is deleted only when no other branch shares it, and the turn's
+        usage row goes when its last item does.
+        """
+        s, m, u = self._t.structure, self._t.messages, self._t.usage
+        async with self._handle.writing() as conn:
+            if await conn.scalar(self._q.lock_session, {"sid": session_id}) is None:
+                return None
+            row = (
+                await conn.execute(
+                    select(s.c.id, s.c.message_id, s.c.user_turn_number, m.c.message_data)
+                    .outerjoin(m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
+                    .where(s.c.session_id == session_id, s.c.branch_id == branch_id)
+                    .order_by(s.c.sequence_number.desc())
+                    .limit(1)
+                )
+            ).first()
+            if row is None:
+                return None
+            await conn.execute(delete(s).where(s.c.session_id == session_id, s.c.id == row.id))
+            await conn.execute(
+                delete(m).where(
+                    m.c.session_id == session_id,
+                    m.c.id == row.message_id,
+                    ~exists().where(s.c.session_id == session_id, s.c.message_id == row.message_id),
+                )
+            )
+            if row.user_turn_number is not None:
+                in_turn = (
+                    s.c.session_id == session_id,
+                    s.c.branch_id == branch_id,
+                    s.c.user_turn_number == row.user_turn_number,
+                )
+                await conn.execute(
+                    delete(u).where(
+                        u.c.session_id == session_id,
+                        u.c.branch_id == branch_id,
+                        u.c.user_turn_number == row.user_turn_number,
+                        ~exists().where(*in_turn),
+                    )
+                )
+        return PoppedItem(row.message_data)
+
+    async def clear(self, session_id: str) -> int:
+        """Delete every row of a session, keep its branch names reserved, bump its generation.
+
+        Returns:
+            The session's new clear generation.
+        """
+        t, profile = self._t, self._profile
+        s = t.structure
+        async with self._handle.writing() as conn:
+            await conn.execute(self._q.lock_session, {"sid": session_id})
+            await conn.execute(
+                profile.insert_if_absent(t.reservations, ["session_id", "branch_id"]).from_select(
+                    ["session_id", "branch_id"],
+                    select(s.c.session_id, s.c.branch_id)
+                    .where(s.c.session_id == session_id)
+                    .distinct(),
+                )
+            )
+            for table in (t.structure, t.usage, t.messages, t.sessions):
+                await conn.execute(delete(table).where(table.c.session_id == session_id))
+            await conn.execute(
+                profile.upsert(
+                    t.generations,
+                    {"session_id": session_id, "generation": 1},
+                    ["session_id"],
+                    {"generation": t.generations.c.generation + 1},
+                )
+            )
+            generation = await conn.scalar(select(self._q.generation), {"sid": session_id})
+        return int(generation or 0)
+
+    async def current_generation(self, session_id: str) -> int:
+        """The session's clear generation (0 if it was never cleared)."""
+        async with self._handle.reading() as conn:
+            generation = await conn.scalar(select(self._q.generation), {"sid": session_id})
+        return int(generation or 0)
+
+    # -- usage ---------------------------------------------------------------------------
+
+    async def record_usage(
+        self, session_id: str, pointer: BranchPointer, usage: UsageRecord
+    ) -> int | None:
+        """Store ``usage`` against the branch's latest user turn, replacing earlier values.
+
+        Nothing is stored when the branch has no items, or when the session was cleared since
+        ``pointer.generation`` (the usage belongs to history that is gone).
+
+        Returns:
+            The turn number written, or ``None`` if nothing was stored.
+        """
+        q, u = self._q, self._t.usage
+        params = {"sid": session_id, "bid": pointer.branch_id}
+        async with self._handle.writing() as conn:
+            if await conn.scalar(q.lock_session, params) is None:
+                return None
+            turn, generation = (
+                await conn.execute(select(q.max_turn, q.generation), params)
+            ).one()
+            if turn is None or (generation or 0) != pointer.generation:
+                return None
+            values = {
+                "session_id": session_id,
+                "branch_id": pointer.branch_id,
+                "user_turn_number": turn,
+                "requests": usage.requests,
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "total_tokens": usage.total_tokens,
+                "input_tokens_details": usage.input_tokens_details,
+                "output_tokens_details": usage.output_tokens_details,
+            }
+            await conn.execute(
+                self._profile.upsert(
+                    u,
+                    values,
+                    ["session_id", "branch_id", "user_turn_number"],
+                    {"created_at": utc_now()},
+                    take_new_values=[c for c in values if c not in ("session_id", "branch_id")],
+                )
+            )
+        return int(turn)
+
+    async def session_usage(
+        self, session_id: str, branch_id: str | None
+    ) -> tuple[int, int, int, int, int] | None:
+        """Summed (requests, input, output, total tokens, turns); ``None`` without usage rows."""
+        u = self._t.usage
+        stmt = select(
+            func.sum(u.c.requests),
+            func.sum(u.c.input_tokens),
+            func.sum(u.c.output_tokens),
+            func.sum(u.c.total_tokens),
+            func.count(),
+        ).where(u.c.session_id == session_id)
+        if branch_id is not None:
+            stmt = stmt.where(u.c.branch_id == branch_id)
+        async with self._handle.reading() as conn:
+            row = (await conn.execute(stmt)).one()
+        if row[0] is None:
+            return None
+        requests, input_tokens, output_tokens, total_tokens, turns = (int(v or 0) for v in row)
+        return requests, input_tokens, output_tokens, total_tokens, turns
+
+    async def turn_usage(
+        self, session_id: str, branch_id: str, user_turn_number: int | None
+    ) -> list[StoredTurnUsage]:
+        """Stored usage rows of a branch (of one turn, if given), by turn."""
+        u = self._t.usage
+        stmt = (
+            select(
+                u.c.user_turn_number,
+                u.c.requests,
+                u.c.input_tokens,
+                u.c.output_tokens,
+                u.c.total_tokens,
+                u.c.input_tokens_details,
+                u.c.output_tokens_details,
+            )
+            .where(u.c.session_id == session_id, u.c.branch_id == branch_id)
+            .order_by(u.c.user_turn_number)
+        )
+        if user_turn_number is not None:
+            stmt = stmt.where(u.c.user_turn_number == user_turn_number)
+        async with self._handle.reading() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [StoredTurnUsage(*row) for row in rows]
+
+    # -- branches ------------------------------------------------------------------------
+
+    async def branch_generation(self, session_id: str, branch_id: str) -> int | None:
+        """The session's clear generation if ``branch_id`` has items, else ``None``."""
+        s = self._t.structure
+        has_items = exists().where(s.c.session_id == session_id, s.c.branch_id == branch_id)
+        async with self._handle.reading() as conn:
+            found, generation = (
+                await conn.execute(
+                    select(has_items.label("found"), self._q.generation), {"sid": session_id}
+                )
+            ).one()
+        return int(generation or 0) if found else None
+
+    async def create_branch(
+        self,
+        session_id: str,
+        source: BranchPointer,
+        turn: int,
+        branch_name: str | None,
+        auto_name: str,
+    ) -> CreatedBranch:
+        """Fork a branch holding every item of the source branch before user turn ``turn``.
+
+        Structure rows are copied inside the database by one INSERT ... SELECT; message bodies
+        are shared, never copied. The new name is reserved for good.
+
+        Args:
+            session_id: The session.
+            source: The branch to fork and the clear generation it was seen with (after a clear
+                by another instance, ``main`` is forked instead).
+            turn: The branch turn number of the user message to fork at.
+            branch_name: The new branch's name, or ``None`` for ``auto_name``.
+            auto_name: Base for a generated name; ``_2``, ``_3``... are appended if taken.
+
+        Raises:
+            TurnNotFoundError: The source branch has no user message at ``turn``.
+            BranchNameTakenError: ``branch_name`` was used before in this session.
+        """
+        q, t = self._q, self._t
+        s = t.structure
+        async with self._handle.writing() as conn:
+            await conn.execute(q.lock_session, {"sid": session_id})
+            generation = int(await conn.scalar(select(q.generation), {"sid": session_id}) or 0)
+            source_branch = source.branch_id
+            if generation != source.generation and source_branch != MAIN_BRANCH:
+                source_branch = MAIN_BRANCH
+            has_turn = exists().where(
+                s.c.session_id == session_id,
+                s.c.branch_id == source_branch,
+                s.c.branch_turn_number == turn,
+                s.c.message_type == "user",
+            )
+            if not await conn.scalar(select(has_turn)):
+                raise TurnNotFoundError(
+                    f"Turn {turn} does not contain a user message in branch '{source_branch}'"
+                )
+            new_branch = await self._reserve_branch_name(conn, session_id, branch_name, auto_name)
+            max_sequence = await conn.scalar(select(q.max_sequence), {"sid": session_id}) or 0
+            copied = await conn.execute(
+                insert(s).from_select(
+                    [
+                        "session_id",
+                        "message_id",
+                        "branch_id",
+                        "message_type",
+                        "sequence_number",
+                        "user_turn_number",
+                        "branch_turn_number",
+                        "tool_name",
+                    ],
+                    select(
+                        s.c.session_id,
+                        s.c.message_id,
+                        literal(new_branch, s.c.branch_id.type),
+                        s.c.message_type,
+                        literal(max_sequence, Integer)
+                        + func.row_number().over(order_by=s.c.sequence_number),
+                        s.c.user_turn_number,
+                        s.c.branch_turn_number,
+                        s.c.tool_name,
+                    ).where(
+                        s.c.session_id == session_id,
+                        s.c.branch_id == source_branch,
+                        s.c.branch_turn_number < turn,
+                    ),
+                )
+            )
+        return CreatedBranch(new_branch, source_branch, generation, copied.rowcount)
+
+    async def _reserve_branch_name(
+        self, conn: AsyncConnection, session_id: str, branch_name: str | None, auto_name: str
+    ) -> str:
+        """Reserve a branch name inside the caller's (session-locked) transaction."""
+        r, s = self._t.reservations, self._t.structure
+        wanted = auto_name if branch_name is None else branch_name
+        # Names in use: reserved ones, plus branches written before reservations existed.
+        candidates: Select[tuple[str]] = union_all(
+            select(r.c.branch_id).where(r.c.session_id == session_id),
+            select(s.c.branch_id).where(s.c.session_id == session_id).distinct(),
+        ).subquery().select()
+        name_column = candidates.selected_columns[0]
+        if branch_name is None:
+            candidates = candidates.where(
+                or_(name_column == wanted, name_column.startswith(f"{wanted}_", autoescape=True))
+            )
+        else:
+            candidates = candidates.where(name_column == wanted)
+        taken = set((await conn.execute(candidates)).scalars())
+        taken.add(MAIN_BRANCH)
+        if wanted in taken:
+            if branch_name is not None:
+                raise BranchNameTakenError(
+                    f"Branch ID '{branch_name}' has already been used. Choose a new branch ID."
+                )
+            suffix = 2
+            while f"{auto_name}_{suffix}" in taken:
+                suffix += 1
+            wanted = f"{auto_name}_{suffix}"
+        await conn.execute(insert(r).values(session_id=session_id, branch_id=wanted))
+        return wanted
+
+    async def delete_branch(self, session_id: str, branch_id: str) -> DeletedBranch:
+        """Delete a branch: its structure rows, its usage, and messages no other branch shares.
+
+        The name stays reserved.
+
+        Raises:
+            BranchNotFoundError: The branch has no items.
+        """
+        t, profile = self._t, self._profile
+        s, m, u = t.structure, t.messages, t.usage
+        in_branch = (s.c.session_id == session_id, s.c.branch_id == branch_id)
+        async with self._handle.writing() as conn:
+            await conn.execute(self._q.lock_session, {"sid": session_id})
+            structure_rows = await conn.scalar(select(func.count()).where(*in_branch)) or 0
+            if not structure_rows:
+                raise BranchNotFoundError(f"Branch '{branch_id}' does not exist")
+            await conn.execute(
+                profile.insert_if_absent(t.reservations, ["session_id", "branch_id"]).values(
+                    session_id=session_id, branch_id=branch_id
+                )
+            )
+            usage_rows = (
+                await conn.execute(
+                    delete(u).where(u.c.session_id == session_id, u.c.branch_id == branch_id)
+                )
+            ).rowcount
+            other = s.alias("other_branches")
+            messages = (
+                await conn.execute(
+                    delete(m).where(
+                        m.c.session_id == session_id,
+                        m.c.id.in_(select(s.c.message_id).where(*in_branch)),
+                        ~exists().where(
+                            other.c.session_id == session_id,
+                            other.c.message_id == m.c.id,
+                            other.c.branch_id != branch_id,
+                        ),
+                    )
+                )
+            ).rowcount
+            await conn.execute(delete(s).where(*in_branch))
+        return DeletedBranch(int(structure_rows), usage_rows, messages)
+
+    async def list_branches(self, session_id: str) -> list[BranchSummary]:
+        """Every branch of a session with its counts, in order of creation."""
+        s = self._t.structure
+        created = func.min(s.c.created_at)
+        stmt = (
+            select(
+                s.c.branch_id,
+                func.count(),
+                func.sum(case((s.c.message_type == "user", 1), else_=0)),
+                created,
+            )
+            .where(s.c.session_id == session_id)
+            .group_by(s.c.branch_id)
+            .order_by(created, func.min(s.c.id))
+        )
+        async with self._handle.reading() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [
+            BranchSummary(branch, int(count), int(users or 0), format_timestamp(created_at))
+            for branch, count, users, created_at in rows
+        ]
+
+    # -- structure queries ---------------------------------------------------------------
+
+    async def user_turns(
+        self, session_id: str, branch_id: str, containing: str | None = None
+    ) -> list[UserTurn]:
+        """The user messages of a branch by turn, optionally only texts containing a string.
+
+        ``containing`` is matched case-insensitively as a literal (``%`` and ``_`` included)
+        against the stored text; callers refine the match on the decoded content.
+        """
+        s, m = self._t.structure, self._t.messages
+        stmt = (
+            select(s.c.branch_turn_number, m.c.message_data, s.c.created_at)
+            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
+            .where(
+                s.c.session_id == session_id,
+                s.c.branch_id == branch_id,
+                s.c.message_type == "user",
+            )
+            .order_by(s.c.branch_turn_number, s.c.sequence_number)
+        )
+        if containing is not None:
+            stmt = stmt.where(m.c.message_data.icontains(containing, autoescape=True))
+        async with self._handle.reading() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [UserTurn(turn, data, format_timestamp(created)) for turn, data, created in rows]
+
+    async def structure(
+        self, session_id: str, branch_id: str
+    ) -> list[tuple[int | None, str, str | None]]:
+        """``(user_turn_number, message_type, tool_name)`` of a branch's items, in order."""
+        s = self._t.structure
+        stmt = (
+            select(s.c.user_turn_number, s.c.message_type, s.c.tool_name)
+            .where(s.c.session_id == session_id, s.c.branch_id == branch_id)
+            .order_by(s.c.sequence_number)
+        )
+        async with self._handle.reading() as conn:
+            return [tuple(row) for row in (await conn.execute(stmt)).all()]  # type: ignore[misc]
+
+    async def tool_usage(
+        self, session_id: str, branch_id: str, rule: ToolCountRule
+    ) -> list[tuple[str, int, int]]:
+        """``(tool_name, invocations, user_turn_number)`` of a branch, by turn then tool."""
+        s = self._t.structure
+        on_branch = (s.c.session_id == session_id, s.c.branch_id == branch_id)
+        label = func.coalesce(
+            s.c.tool_name,
+            case((s.c.message_type.in_(sorted(rule.named_by_type)), s.c.message_type)),
+        )
+        parts: list[Select[Any]] = [
+            select(label.label("tool_name"), s.c.user_turn_number.label("turn")).where(
+                *on_branch, s.c.message_type.in_(sorted(rule.call_types))
+            )
+        ]
+        if rule.unpaired_outputs is not None:
+            output_type, call_type = rule.unpaired_outputs
+            calls = s.alias("calls")
+            parts.append(
+                select(s.c.tool_name, s.c.user_turn_number).where(
+                    *on_branch,
+                    s.c.message_type == output_type,
+                    ~exists().where(
+                        calls.c.session_id == s.c.session_id,
+                        calls.c.branch_id == s.c.branch_id,
+                        calls.c.user_turn_number == s.c.user_turn_number,
+                        calls.c.tool_name == s.c.tool_name,
+                        calls.c.message_type == call_type,
+                    ),
+                )
+            )
+        invocations = union_all(*parts).subquery()
+        stmt = (
+            select(invocations.c.tool_name, func.count(), invocations.c.turn)
+            .group_by(invocations.c.tool_name, invocations.c.turn)
+            .order_by(invocations.c.turn, invocations.c.tool_name)
+        )
+        async with self._handle.reading() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [(name, int(count), turn) for name, count, turn in rows]

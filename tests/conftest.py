@@ -1,0 +1,130 @@
+"""Backends for the test suite: every test that takes ``backend`` runs on each database.
+
+A backend's URL comes from an environment variable first (``TURNSTORE_TEST_POSTGRES_URL``),
+then from a testcontainers container when a Docker engine answers; otherwise its tests are
+skipped with the reason. Backends named in ``TURNSTORE_REQUIRE_BACKENDS`` (all of them when
+``CI`` is set) must be available: a skip becomes a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+import turnstore
+from turnstore import AdvancedSession
+
+ALL_BACKENDS = ("sqlite", "postgres")
+POSTGRES_URL_VARIABLE = "TURNSTORE_TEST_POSTGRES_URL"
+
+
+def required_backends() -> set[str]:
+    """Backends that must not be skipped in this run."""
+    named = os.environ.get("TURNSTORE_REQUIRE_BACKENDS", "")
+    required = {name.strip() for name in named.split(",") if name.strip()}
+    if not required and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        required = set(ALL_BACKENDS)
+    return required
+
+
+def unavailable(backend: str, reason: str) -> None:
+    """Skip a test for a missing backend, or fail it when the backend is required."""
+    if backend in required_backends():
+        pytest.fail(f"{backend} backend is required but unavailable: {reason}", pytrace=False)
+    pytest.skip(f"{backend} backend unavailable: {reason}")
+
+
+def _docker_answers() -> str | None:
+    """``None`` if a Docker engine answers, else why not."""
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+    except Exception as exc:
+        return f"no {POSTGRES_URL_VARIABLE} set and no Docker engine for testcontainers ({exc})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """An asyncpg URL of a Postgres server for the whole run."""
+    url = os.environ.get(POSTGRES_URL_VARIABLE)
+    if url:
+        yield url
+        return
+    reason = _docker_answers()
+    if reason is not None:
+        unavailable("postgres", reason)
+    from testcontainers.postgres import PostgresContainer
+
+    with PostgresContainer("postgres:16-alpine", driver="asyncpg") as container:
+        yield container.get_connection_url()
+
+
+@dataclass
+class Backend:
+    """A database for one test: a URL, an engine on a private schema, and session factory."""
+
+    name: str
+    url: str
+    engine: AsyncEngine
+
+    def session(self, session_id: str | None = None, **options: Any) -> AdvancedSession:
+        """A new session on this backend's engine (tables created unless told otherwise)."""
+        options.setdefault("create_tables", True)
+        return AdvancedSession(
+            session_id=session_id or f"s-{uuid.uuid4().hex[:12]}", engine=self.engine, **options
+        )
+
+
+async def _postgres_backend(base_url: str) -> AsyncIterator[Backend]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(base_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    except OSError as exc:
+        await admin.dispose()
+        unavailable("postgres", f"cannot connect to {base_url}: {exc}")
+    engine = create_async_engine(
+        base_url, connect_args={"server_settings": {"search_path": schema}}
+    )
+    try:
+        yield Backend("postgres", base_url, engine)
+    finally:
+        await engine.dispose()
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        await admin.dispose()
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each supported database in turn, empty at the start of the test."""
+    name: str = request.param
+    if name == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+        engine = create_async_engine(url)
+        try:
+            yield Backend(name, url, engine)
+        finally:
+            await engine.dispose()
+    else:
+        base_url: str = request.getfixturevalue("postgres_url")
+        async for ready in _postgres_backend(base_url):
+            yield ready
+    await turnstore.dispose_engines()
+
+
+@pytest.fixture
+async def sqlite_path(tmp_path: Path) -> AsyncIterator[Path]:
+    """A fresh SQLite file path; engines turnstore opened are disposed afterwards."""
+    yield tmp_path / "conversations.db"
+    await turnstore.dispose_engines()
