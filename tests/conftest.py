@@ -75,6 +75,11 @@ class Backend:
     name: str
     url: str
     engine: AsyncEngine
+    engine_options: dict[str, Any]
+
+    def new_engine(self) -> AsyncEngine:
+        """Another engine on the same database (as a separate process would open)."""
+        return create_async_engine(self.url, **self.engine_options)
 
     def session(self, session_id: str | None = None, **options: Any) -> AdvancedSession:
         """A new session on this backend's engine (tables created unless told otherwise)."""
@@ -93,11 +98,10 @@ async def _postgres_backend(base_url: str) -> AsyncIterator[Backend]:
     except OSError as exc:
         await admin.dispose()
         unavailable("postgres", f"cannot connect to {base_url}: {exc}")
-    engine = create_async_engine(
-        base_url, connect_args={"server_settings": {"search_path": schema}}
-    )
+    options: dict[str, Any] = {"connect_args": {"server_settings": {"search_path": schema}}}
+    engine = create_async_engine(base_url, **options)
     try:
-        yield Backend("postgres", base_url, engine)
+        yield Backend("postgres", base_url, engine, options)
     finally:
         await engine.dispose()
         async with admin.connect() as conn:
@@ -113,7 +117,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
         engine = create_async_engine(url)
         try:
-            yield Backend(name, url, engine)
+            yield Backend(name, url, engine, {})
         finally:
             await engine.dispose()
     else:

@@ -49,7 +49,7 @@ def run_result(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         total_tokens=input_tokens + output_tokens,
-        input_tokens_details=InputTokensDetails(cached_tokens=cached_tokens),
+        input_tokens_details=InputTokensDetails(cached_tokens=cached_tokens, cache_write_tokens=0),
         output_tokens_details=OutputTokensDetails(reasoning_tokens=reasoning_tokens),
     )
     return SimpleNamespace(context_wrapper=SimpleNamespace(usage=usage))

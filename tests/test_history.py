@@ -15,7 +15,6 @@ from turnstore import (
     InvalidItemError,
     SessionClosedError,
     SessionSettings,
-    TurnstoreError,
 )
 from turnstore.models import DEFAULT_TABLES
 
@@ -35,7 +34,7 @@ async def test_items_round_trip_in_order(backend: Backend) -> None:
 
 async def test_unicode_round_trips_exactly(backend: Backend) -> None:
     session = backend.session()
-    text = "naïve 東京 🚀 \"quoted\" back\\slash %_ \u0000 nul"
+    text = 'naïve 東京 🚀 "quoted" back\\slash %_ \u0000 nul'
     await session.add_items([user(text)])
     assert await session.get_items() == [user(text)]
 

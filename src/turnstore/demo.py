@@ -7,10 +7,10 @@ of the SDK's documentation, with a function tool, usage stored after every run.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from turnstore.session import AdvancedSQLiteSession
 
@@ -31,34 +31,30 @@ BRANCH_TURN: _Script = (
 BACK_ON_MAIN: _Script = ("How expensive is it to visit?", None, "Around €150 a day.", 77, 8)
 
 
-def _require_sdk() -> Any:
-    try:
-        import agents
-        import agents.testing
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise SystemExit(
-            "The demo needs the Agents SDK: pip install 'turnstore[agents]'"
-        ) from exc
-    return agents
+def _fresh_file(db_path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
 
 
 async def run_demo(db_path: Path, out: Callable[[str], None] = print) -> None:
     """Play the workflow on ``db_path`` (replacing it) and print branches and usage."""
-    agents = _require_sdk()
-    from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
-    from agents.usage import Usage
+    try:
+        from agents import Agent, Runner, function_tool
+        from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
+        from agents.usage import Usage
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise SystemExit("The demo needs the Agents SDK: pip install 'turnstore[agents]'") from exc
 
     os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    await asyncio.to_thread(_fresh_file, db_path)
 
-    @agents.function_tool
+    @function_tool
     def get_weather(city: str) -> str:
         """Current weather for a city."""
         return f"Sunny and 21°C in {city}"
 
     model = ScriptedModel()
-    agent = agents.Agent(
+    agent = Agent(
         name="Travel assistant",
         instructions="Reply very concisely.",
         model=model,
@@ -80,7 +76,7 @@ async def run_demo(db_path: Path, out: Callable[[str], None] = print) -> None:
 
     async def ask(session: AdvancedSQLiteSession, step: _Script) -> None:
         script(step)
-        result = await agents.Runner.run(agent, step[0], session=session)
+        result = await Runner.run(agent, step[0], session=session)
         await session.store_run_usage(result)
         out(f"  user: {step[0]}\n  assistant: {result.final_output}")
 

@@ -140,13 +140,13 @@ class DialectProfile:
         """Keyword arguments for ``create_async_engine`` when turnstore creates the engine."""
         return {}
 
-    def prepare_engine(self, engine: AsyncEngine) -> None:  # noqa: B027 - optional hook
+    def prepare_engine(self, engine: AsyncEngine) -> None:
         """Install per-connection set-up on an engine (idempotent)."""
 
-    async def begin_write(self, conn: AsyncConnection) -> None:  # noqa: B027 - optional hook
+    async def begin_write(self, conn: AsyncConnection) -> None:
         """Start a write transaction that cannot interleave with another writer's."""
 
-    async def lock_schema(self, conn: AsyncConnection) -> None:  # noqa: B027 - optional hook
+    async def lock_schema(self, conn: AsyncConnection) -> None:
         """Serialize schema changes across processes for the rest of the transaction."""
 
 

@@ -167,16 +167,31 @@ async def release(handle: EngineHandle) -> None:
     if handle.users or not (handle.owned and handle.dispose_when_unused):
         return
     handles = _loop_handles()
-    keys = [key for key, candidate in handles.items() if candidate is handle]
-    if not keys:
-        return  # dispose_engines() has taken it already
-    for key in keys:
+    for key in [key for key, candidate in handles.items() if candidate is handle]:
         del handles[key]
     await handle.engine.dispose()
 
 
+def release_soon(handle: EngineHandle) -> asyncio.Task[None]:
+    """Release ``handle`` in a background task of the running loop (for synchronous close).
+
+    :func:`dispose_engines` waits for such tasks, so shutting down cleanly needs no more.
+    """
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(release(handle))
+    pending = _pending_releases.setdefault(loop, set())
+    pending.add(task)
+    task.add_done_callback(pending.discard)
+    return task
+
+
+_pending_releases: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[asyncio.Task[None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 async def dispose_engines(url: str | URL | None = None) -> None:
-    """Dispose the engines turnstore created in the running event loop.
+    """Close the pooled connections of the engines turnstore created in the running loop.
 
     Call it when an application shuts down (or between test cases). Sessions still open keep
     working: their next operation opens fresh connections. In-memory SQLite databases belong
@@ -185,10 +200,10 @@ async def dispose_engines(url: str | URL | None = None) -> None:
     Args:
         url: Only the engine for this URL; all of them when ``None``.
     """
-    handles = _loop_handles()
+    pending = _pending_releases.get(asyncio.get_running_loop())
+    if pending:
+        await asyncio.gather(*pending)
     wanted = None if url is None else _url_key(make_url(url))
-    for key, handle in list(handles.items()):
-        if not handle.owned or handle.private or (wanted is not None and key != wanted):
-            continue
-        del handles[key]
-        await handle.engine.dispose()
+    for key, handle in list(_loop_handles().items()):
+        if handle.owned and not handle.private and wanted in (None, key):
+            await handle.engine.dispose()

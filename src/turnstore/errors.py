@@ -18,7 +18,7 @@ class SessionClosedError(TurnstoreError, RuntimeError):
 
 
 class InvalidItemError(TurnstoreError, TypeError):
-    """An item passed to ``add_items`` cannot be stored (not a mapping, or not JSON-serializable)."""
+    """An item given to ``add_items`` cannot be stored: not a mapping, or not serializable."""
 
 
 class InvalidArgumentError(TurnstoreError, ValueError):

@@ -109,7 +109,9 @@ def to_new_messages(items: Sequence[Any]) -> list[NewMessage]:
             data = json.dumps(item)
         except (TypeError, ValueError) as exc:
             raise InvalidItemError(f"Item {index} is not JSON serializable: {exc}") from exc
-        messages.append(NewMessage(data, message_type(item), tool_name(item), is_user_message(item)))
+        messages.append(
+            NewMessage(data, message_type(item), tool_name(item), is_user_message(item))
+        )
     return messages
 
 

@@ -34,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Select
+from sqlalchemy.sql.elements import BindParameter
 
 from turnstore.dialects import DialectProfile, utc_now
 from turnstore.engines import EngineHandle
@@ -169,7 +170,8 @@ class _Statements:
 
     def __init__(self, tables: StoreTables, profile: DialectProfile) -> None:
         s, m, g = tables.structure, tables.messages, tables.generations
-        sid, bid = bindparam("sid"), bindparam("bid")
+        sid: BindParameter[str] = bindparam("sid", type_=s.c.session_id.type)
+        bid: BindParameter[str] = bindparam("bid", type_=s.c.branch_id.type)
         history = (
             select(m.c.message_data)
             .join_from(s, m, and_(s.c.message_id == m.c.id, m.c.session_id == s.c.session_id))
@@ -310,9 +312,7 @@ class ConversationRepository:
             generation = generation or 0
             if generation != pointer.generation and branch_id != MAIN_BRANCH:
                 branch_id = MAIN_BRANCH
-                turn = await conn.scalar(
-                    select(q.max_turn), {"sid": session_id, "bid": branch_id}
-                )
+                turn = await conn.scalar(select(q.max_turn), {"sid": session_id, "bid": branch_id})
             message_ids = (
                 await conn.execute(
                     q.insert_messages,
@@ -440,9 +440,7 @@ class ConversationRepository:
         async with self._handle.writing() as conn:
             if await conn.scalar(q.lock_session, params) is None:
                 return None
-            turn, generation = (
-                await conn.execute(select(q.max_turn, q.generation), params)
-            ).one()
+            turn, generation = (await conn.execute(select(q.max_turn, q.generation), params)).one()
             if turn is None or (generation or 0) != pointer.generation:
                 return None
             values = {
@@ -609,10 +607,14 @@ class ConversationRepository:
         r, s = self._t.reservations, self._t.structure
         wanted = auto_name if branch_name is None else branch_name
         # Names in use: reserved ones, plus branches written before reservations existed.
-        candidates: Select[tuple[str]] = union_all(
-            select(r.c.branch_id).where(r.c.session_id == session_id),
-            select(s.c.branch_id).where(s.c.session_id == session_id).distinct(),
-        ).subquery().select()
+        candidates: Select[tuple[str]] = (
+            union_all(
+                select(r.c.branch_id).where(r.c.session_id == session_id),
+                select(s.c.branch_id).where(s.c.session_id == session_id).distinct(),
+            )
+            .subquery()
+            .select()
+        )
         name_column = candidates.selected_columns[0]
         if branch_name is None:
             candidates = candidates.where(
@@ -620,7 +622,7 @@ class ConversationRepository:
             )
         else:
             candidates = candidates.where(name_column == wanted)
-        taken = set((await conn.execute(candidates)).scalars())
+        taken: set[str] = {str(name) for name in (await conn.execute(candidates)).scalars()}
         taken.add(MAIN_BRANCH)
         if wanted in taken:
             if branch_name is not None:
@@ -737,7 +739,7 @@ class ConversationRepository:
             .order_by(s.c.sequence_number)
         )
         async with self._handle.reading() as conn:
-            return [tuple(row) for row in (await conn.execute(stmt)).all()]  # type: ignore[misc]
+            return [tuple(row) for row in (await conn.execute(stmt)).all()]
 
     async def tool_usage(
         self, session_id: str, branch_id: str, rule: ToolCountRule

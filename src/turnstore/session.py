@@ -97,7 +97,9 @@ def _check_branch_name(branch_name: object, argument: str = "branch_name") -> st
     name = _check_text(branch_name, argument)
     if not name.strip():
         raise InvalidArgumentError(
-            "Branch name cannot be empty" if argument == "branch_name" else "Branch ID cannot be empty"
+            "Branch name cannot be empty"
+            if argument == "branch_name"
+            else "Branch ID cannot be empty"
         )
     return name
 
@@ -250,9 +252,7 @@ class AdvancedSession:
 
     # -- the SDK Session protocol --------------------------------------------------------
 
-    async def get_items(
-        self, limit: int | None = None, branch_id: str | None = None
-    ) -> list[Any]:
+    async def get_items(self, limit: int | None = None, branch_id: str | None = None) -> list[Any]:
         """Items of the current (or given) branch, oldest first.
 
         Args:
@@ -576,7 +576,7 @@ class AdvancedSession:
             running = None
         for loop, binding in bindings.items():
             if loop is running:
-                task = loop.create_task(engines.release(binding.handle))
+                task = engines.release_soon(binding.handle)
                 self._pending_releases.add(task)
                 task.add_done_callback(self._pending_releases.discard)
             elif not loop.is_closed() and not loop.is_running():
