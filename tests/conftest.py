@@ -2,8 +2,9 @@
 
 A backend's URL comes from an environment variable first (``TURNSTORE_TEST_POSTGRES_URL``,
 ``TURNSTORE_TEST_MYSQL_URL``), then from a testcontainers container when a Docker engine
-answers; otherwise its tests are skipped with the reason. Backends named in ``TURNSTORE_REQUIRE_BACKENDS`` (all of them when
-``CI`` is set) must be available: a skip becomes a failure.
+answers; otherwise its tests are skipped with the reason. Backends named in
+``TURNSTORE_REQUIRE_BACKENDS`` (all of them when ``CI`` is set) must be available: a skip
+becomes a failure.
 """
 
 from __future__ import annotations

@@ -473,6 +473,9 @@ class MySQLProfile(DialectProfile):
         Raises:
             SchemaLockTimeoutError: Another process kept the lock past the timeout.
         """
+        # Callers such as migration scripts may hand over an engine no session prepared;
+        # without the release hook the lock would outlive the connection's checkout.
+        self.prepare_engine(conn.engine)
         acquired = await conn.scalar(
             select(
                 func.get_lock(literal_column(self._LOCK_NAME_SQL), self.schema_lock_timeout_seconds)
