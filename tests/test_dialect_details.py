@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, func, literal_column, select
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.sql import ColumnElement
 
 from tests.conftest import Backend
 from tests.helpers import assistant, function_call, function_output, turn, user
@@ -110,7 +111,7 @@ async def test_ids_without_returning_keep_batch_order(
 async def test_schema_lock_is_released_with_the_connection(mysql_backend: Backend) -> None:
     profile = profile_for("mysql")
     assert isinstance(profile, MySQLProfile)
-    lock_name = literal_column(MySQLProfile._LOCK_NAME_SQL)
+    lock_name: ColumnElement[str] = literal_column(MySQLProfile._LOCK_NAME_SQL)
     engine = mysql_backend.engine
     async with engine.connect() as holder:
         await profile.lock_schema(holder)
