@@ -11,6 +11,7 @@ nox.options.error_on_missing_interpreters = True
 PASSED_ENV = (
     "CI",
     "TURNSTORE_TEST_POSTGRES_URL",
+    "TURNSTORE_TEST_MYSQL_URL",
     "TURNSTORE_REQUIRE_BACKENDS",
     "DOCKER_HOST",
 )

@@ -1,9 +1,10 @@
 """Backends for the test suite: every test that takes ``backend`` runs on each database.
 
-A backend's URL comes from an environment variable first (``TURNSTORE_TEST_POSTGRES_URL``),
-then from a testcontainers container when a Docker engine answers; otherwise its tests are
-skipped with the reason. Backends named in ``TURNSTORE_REQUIRE_BACKENDS`` (all of them when
-``CI`` is set) must be available: a skip becomes a failure.
+A backend's URL comes from an environment variable first (``TURNSTORE_TEST_POSTGRES_URL``,
+``TURNSTORE_TEST_MYSQL_URL``), then from a testcontainers container when a Docker engine
+answers; otherwise its tests are skipped with the reason. Backends named in
+``TURNSTORE_REQUIRE_BACKENDS`` (all of them when ``CI`` is set) must be available: a skip
+becomes a failure.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import turnstore
 from turnstore import AdvancedSession
 
-ALL_BACKENDS = ("sqlite", "postgres")
+ALL_BACKENDS = ("sqlite", "postgres", "mysql")
 POSTGRES_URL_VARIABLE = "TURNSTORE_TEST_POSTGRES_URL"
+MYSQL_URL_VARIABLE = "TURNSTORE_TEST_MYSQL_URL"
 
 
 def required_backends() -> set[str]:
@@ -41,14 +45,14 @@ def unavailable(backend: str, reason: str) -> None:
     pytest.skip(f"{backend} backend unavailable: {reason}")
 
 
-def _docker_answers() -> str | None:
-    """``None`` if a Docker engine answers, else why not."""
+def _docker_answers(variable: str) -> str | None:
+    """``None`` if a Docker engine answers, else why not (``variable`` was not set either)."""
     try:
         import docker
 
         docker.from_env(timeout=3).ping()
     except Exception as exc:
-        return f"no {POSTGRES_URL_VARIABLE} set and no Docker engine for testcontainers ({exc})"
+        return f"no {variable} set and no Docker engine for testcontainers ({exc})"
     return None
 
 
@@ -59,13 +63,30 @@ def postgres_url() -> Iterator[str]:
     if url:
         yield url
         return
-    reason = _docker_answers()
+    reason = _docker_answers(POSTGRES_URL_VARIABLE)
     if reason is not None:
         unavailable("postgres", reason)
     from testcontainers.postgres import PostgresContainer
 
     with PostgresContainer("postgres:16-alpine", driver="asyncpg") as container:
         yield container.get_connection_url()
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> Iterator[str]:
+    """An asyncmy URL of a MySQL or MariaDB server for the whole run."""
+    url = os.environ.get(MYSQL_URL_VARIABLE)
+    if url:
+        yield url
+        return
+    reason = _docker_answers(MYSQL_URL_VARIABLE)
+    if reason is not None:
+        unavailable("mysql", reason)
+    from testcontainers.mysql import MySqlContainer
+
+    with MySqlContainer("mysql:8.4", dialect="asyncmy") as container:
+        # The container's own user may not create databases; root may.
+        yield str(make_url(container.get_connection_url()).set(username="root"))
 
 
 @dataclass
@@ -109,6 +130,30 @@ async def _postgres_backend(base_url: str) -> AsyncIterator[Backend]:
         await admin.dispose()
 
 
+async def _mysql_backend(base_url: str) -> AsyncIterator[Backend]:
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(base_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            # latin1 and a case-insensitive collation, the defaults of older servers, so the
+            # tests prove that turnstore's tables carry their own character set and collation.
+            await conn.exec_driver_sql(
+                f"CREATE DATABASE {database} CHARACTER SET latin1 COLLATE latin1_swedish_ci"
+            )
+    except (OSError, OperationalError) as exc:
+        await admin.dispose()
+        unavailable("mysql", f"cannot connect to {base_url}: {exc}")
+    url = make_url(base_url).set(database=database).render_as_string(hide_password=False)
+    engine = create_async_engine(url)
+    try:
+        yield Backend("mysql", url, engine, {})
+    finally:
+        await engine.dispose()
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f"DROP DATABASE {database}")
+        await admin.dispose()
+
+
 @pytest.fixture(params=ALL_BACKENDS)
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     """Each supported database in turn, empty at the start of the test."""
@@ -120,9 +165,13 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             yield Backend(name, url, engine, {})
         finally:
             await engine.dispose()
-    else:
+    elif name == "postgres":
         base_url: str = request.getfixturevalue("postgres_url")
         async for ready in _postgres_backend(base_url):
+            yield ready
+    else:
+        base_url = request.getfixturevalue("mysql_url")
+        async for ready in _mysql_backend(base_url):
             yield ready
     await turnstore.dispose_engines()
 

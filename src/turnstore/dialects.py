@@ -15,7 +15,19 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from sqlalchemy import TIMESTAMP, BigInteger, Integer, String, Table, Text, event, func
+from sqlalchemy import (
+    TIMESTAMP,
+    BigInteger,
+    Column,
+    Integer,
+    Table,
+    Text,
+    event,
+    func,
+    insert,
+    literal_column,
+    select,
+)
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Dialect
@@ -27,6 +39,8 @@ from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.type_api import TypeEngine
 from sqlalchemy.types import TypeDecorator
 
+from turnstore.errors import SchemaLockTimeoutError
+
 logger = logging.getLogger(__name__)
 
 _MYSQL_NAMES = ("mysql", "mariadb")
@@ -35,17 +49,41 @@ _MYSQL_NAMES = ("mysql", "mariadb")
 # alias (and AUTOINCREMENT); servers get 64 bits because message tables grow without bound.
 ROW_ID: TypeEngine[int] = BigInteger().with_variant(Integer(), "sqlite")
 
-# Session and branch identifiers. MySQL cannot index or key an unbounded TEXT column.
-IDENTIFIER: TypeEngine[str] = Text().with_variant(String(255), *_MYSQL_NAMES)
+# MySQL text compares case- and accent-insensitively under its default collations, so "Main"
+# would collide with "main" in a unique key; a binary utf8mb4 collation keeps the exact,
+# code-point equality SQLite and Postgres give, and 4-byte UTF-8 stores any character (emoji).
+_MYSQL_CHARSET = "utf8mb4"
+_MYSQL_COLLATION = "utf8mb4_bin"
+
+# Session and branch identifiers. MySQL cannot index or key an unbounded TEXT column; 255
+# four-byte characters keep a three-column key (2 x 1020 bytes + an int) under InnoDB's 3072.
+IDENTIFIER: TypeEngine[str] = Text().with_variant(
+    mysql.VARCHAR(255, charset=_MYSQL_CHARSET, collation=_MYSQL_COLLATION), *_MYSQL_NAMES
+)
 
 # A serialized conversation item. MySQL's TEXT stops at 64 KiB; items can be megabytes.
-DOCUMENT: TypeEngine[str] = Text().with_variant(mysql.LONGTEXT(), *_MYSQL_NAMES)
+DOCUMENT: TypeEngine[str] = Text().with_variant(
+    mysql.LONGTEXT(charset=_MYSQL_CHARSET, collation=_MYSQL_COLLATION), *_MYSQL_NAMES
+)
 
 # Server-stamped creation times. Postgres stores an absolute instant so the server's TimeZone
 # setting cannot shift what CURRENT_TIMESTAMP means; SQLite's CURRENT_TIMESTAMP is UTC already.
-TIMESTAMP_UTC: TypeEngine[Any] = TIMESTAMP().with_variant(
-    postgresql.TIMESTAMP(timezone=True), "postgresql"
+# MySQL's TIMESTAMP ends in 2038, so it gets DATETIME; MySQLProfile pins every connection's
+# time_zone to UTC, which makes CURRENT_TIMESTAMP (and so the stored wall time) UTC.
+TIMESTAMP_UTC: TypeEngine[Any] = (
+    TIMESTAMP()
+    .with_variant(postgresql.TIMESTAMP(timezone=True), "postgresql")
+    .with_variant(mysql.DATETIME(), *_MYSQL_NAMES)
 )
+
+# Keyword arguments for every ``Table``: table-level defaults that only MySQL reads (other
+# dialects ignore ``mysql_*`` options). They cover the plain Text columns too, whatever the
+# database's own default character set is.
+TABLE_OPTIONS: Mapping[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": _MYSQL_CHARSET,
+    "mysql_collate": _MYSQL_COLLATION,
+}
 
 
 class _JSONDeclaredText(Text):
@@ -136,9 +174,37 @@ class DialectProfile:
         """INSERT that silently skips rows whose ``conflict_columns`` already exist."""
         raise NotImplementedError
 
+    def private_engine(self, url: URL) -> bool:
+        """Whether every session opening ``url`` must get an engine of its own.
+
+        True where the URL names a database that lives inside one connection (SQLite's
+        ``:memory:``): sharing the engine would share the database between sessions.
+        """
+        return False
+
     def engine_options(self, url: URL) -> dict[str, Any]:
         """Keyword arguments for ``create_async_engine`` when turnstore creates the engine."""
         return {}
+
+    async def insert_returning_ids(
+        self,
+        conn: AsyncConnection,
+        table: Table,
+        rows: Sequence[Mapping[str, Any]],
+        locked_scope: Mapping[str, Any],
+    ) -> list[int]:
+        """INSERT ``rows`` and return their generated primary keys in the order of ``rows``.
+
+        Args:
+            conn: A connection inside the caller's write transaction.
+            table: A table whose primary key is a single autoincrement column.
+            rows: Column values of the new rows.
+            locked_scope: Column values shared by every row, naming a scope the caller's lock
+                keeps other writers out of (say, one session). Dialects that cannot return ids
+                from the INSERT use it to find the new rows again.
+        """
+        stmt = insert(table).returning(_row_id_column(table), sort_by_parameter_order=True)
+        return [int(value) for value in (await conn.execute(stmt, list(rows))).scalars()]
 
     def prepare_engine(self, engine: AsyncEngine) -> None:
         """Install per-connection set-up on an engine (idempotent)."""
@@ -182,9 +248,13 @@ class SQLiteProfile(DialectProfile):
             index_elements=list(conflict_columns)
         )
 
+    def private_engine(self, url: URL) -> bool:
+        """Every in-memory database is its own database, as with the SDK's class."""
+        return url.database in (None, "", ":memory:")
+
     def engine_options(self, url: URL) -> dict[str, Any]:
         """One shared connection for in-memory databases; a busy timeout for files."""
-        if url.database in (None, "", ":memory:"):
+        if self.private_engine(url):
             return {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
         return {"connect_args": {"timeout": self.busy_timeout_seconds}}
 
@@ -274,9 +344,197 @@ class PostgresProfile(DialectProfile):
         await conn.execute(func.pg_advisory_xact_lock(self.schema_lock_key).select())
 
 
+class MySQLProfile(DialectProfile):
+    """MySQL and MariaDB (InnoDB): row locks serialize writers of one session.
+
+    Every connection gets ``time_zone = '+00:00'`` so ``CURRENT_TIMESTAMP`` is UTC, like on
+    the other dialects. Reads run in autocommit, so each sees the latest committed state.
+
+    Attributes:
+        schema_lock_timeout_seconds: How long :meth:`lock_schema` waits for another process.
+        prefer_returning: Use ``INSERT ... RETURNING`` where the server has it (MariaDB 10.5+);
+            MySQL has none and always takes the fallback of :meth:`insert_returning_ids`.
+    """
+
+    name = "mysql"
+    read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
+    schema_lock_timeout_seconds: ClassVar[int] = 300
+    prefer_returning: bool = True
+    # Key in a pooled connection's ``info``: how many schema locks it holds.
+    _LOCK_COUNT_KEY: ClassVar[str] = "turnstore_schema_locks"
+    # GET_LOCK names are server-wide and at most 64 characters; hashing the database name
+    # scopes the lock to one database without running into that limit.
+    _LOCK_NAME_SQL: ClassVar[str] = "CONCAT('turnstore_schema_', MD5(COALESCE(DATABASE(), '')))"
+
+    def insert(self, table: Table) -> Insert:
+        """Return MySQL's INSERT construct."""
+        return mysql.insert(table)
+
+    def upsert(
+        self,
+        table: Table,
+        values: Mapping[str, Any],
+        conflict_columns: Sequence[str],
+        updates: Mapping[str, Any] | None = None,
+        *,
+        take_new_values: Sequence[str] = (),
+    ) -> Insert:
+        """INSERT ... ON DUPLICATE KEY UPDATE (takes the row lock on conflict).
+
+        MySQL matches the new row against every unique key of the table, not a chosen one;
+        turnstore's upsert targets have a single unique key besides an autoincrement id, so
+        ``conflict_columns`` names the only key that can conflict.
+        """
+        stmt = mysql.insert(table).values(**values)
+        assignments = dict(updates or {})
+        assignments.update({column: stmt.inserted[column] for column in take_new_values})
+        return stmt.on_duplicate_key_update(assignments)
+
+    def insert_if_absent(self, table: Table, conflict_columns: Sequence[str]) -> Insert:
+        """INSERT ... ON DUPLICATE KEY UPDATE with an assignment that changes nothing.
+
+        ``INSERT IGNORE`` would be shorter, but it also downgrades other errors (foreign keys,
+        truncation) to warnings, and the warning it raises for every skipped row is noise.
+        """
+        if not conflict_columns:
+            raise ValueError("insert_if_absent needs the columns of the key that may conflict")
+        first = conflict_columns[0]
+        return mysql.insert(table).on_duplicate_key_update({first: table.c[first]})
+
+    def engine_options(self, url: URL) -> dict[str, Any]:
+        """Pool like Postgres; recycle and ping because servers drop idle connections."""
+        options: dict[str, Any] = {
+            "pool_size": 10,
+            "max_overflow": 20,
+            "pool_recycle": 3600,
+            "pool_pre_ping": True,
+        }
+        if "charset" not in url.query:
+            # utf8mb4 is the only MySQL charset that holds all of Unicode; say so explicitly
+            # rather than trusting each driver's default.
+            options["connect_args"] = {"charset": _MYSQL_CHARSET}
+        return options
+
+    def prepare_engine(self, engine: AsyncEngine) -> None:
+        """Pin each connection to UTC; release a schema lock when a connection is returned."""
+        target = engine.sync_engine
+        if not event.contains(target, "connect", _configure_mysql_connection):
+            event.listen(target, "connect", _configure_mysql_connection)
+        if not event.contains(target, "reset", _release_mysql_schema_lock):
+            event.listen(target, "reset", _release_mysql_schema_lock)
+
+    async def insert_returning_ids(
+        self,
+        conn: AsyncConnection,
+        table: Table,
+        rows: Sequence[Mapping[str, Any]],
+        locked_scope: Mapping[str, Any],
+    ) -> list[int]:
+        """RETURNING on MariaDB; elsewhere one multi-row INSERT, then read the ids back.
+
+        Without RETURNING: one INSERT statement numbers its rows in increasing order, and its
+        ``lastrowid`` is the first of them. Under the caller's lock nobody else adds rows to
+        ``locked_scope``, so the scope's rows from that id on, by id, are exactly the new rows
+        in order, whatever ``innodb_autoinc_lock_mode`` interleaves with other scopes.
+        """
+        if self.prefer_returning and conn.dialect.insert_returning:
+            return await super().insert_returning_ids(conn, table, rows, locked_scope)
+        if not rows:
+            return []
+        id_column = _row_id_column(table)
+        result = await conn.execute(insert(table).values(list(rows)))
+        first_id = result.lastrowid
+        scope = [table.c[column] == value for column, value in locked_scope.items()]
+        ids = [
+            int(value)
+            for value in (
+                await conn.execute(
+                    select(id_column)
+                    .where(id_column >= first_id, *scope)
+                    .order_by(id_column)
+                    .limit(len(rows))
+                )
+            ).scalars()
+        ]
+        if len(ids) != len(rows):
+            raise RuntimeError(
+                f"Inserted {len(rows)} rows into {table.name} but found {len(ids)} of them "
+                f"again from id {first_id}: locked_scope {dict(locked_scope)!r} does not cover "
+                "the inserted rows, or the caller does not hold the lock that protects it"
+            )
+        return ids
+
+    async def lock_schema(self, conn: AsyncConnection) -> None:
+        """A named server lock; DDL commits implicitly, so no transactional lock survives it.
+
+        The lock belongs to the connection, not the transaction: it is released when the
+        connection goes back to the pool (or closes).
+
+        Raises:
+            SchemaLockTimeoutError: Another process kept the lock past the timeout.
+        """
+        # Callers such as migration scripts may hand over an engine no session prepared;
+        # without the release hook the lock would outlive the connection's checkout.
+        self.prepare_engine(conn.engine)
+        acquired = await conn.scalar(
+            select(
+                func.get_lock(literal_column(self._LOCK_NAME_SQL), self.schema_lock_timeout_seconds)
+            )
+        )
+        if acquired != 1:
+            raise SchemaLockTimeoutError(
+                f"Waited {self.schema_lock_timeout_seconds}s for the turnstore schema lock of "
+                "this database; another process is creating or migrating tables. Retry when "
+                "it is done, or find the connection holding it with "
+                "SELECT IS_USED_LOCK(<name>)."
+            )
+        info = conn.info
+        info[self._LOCK_COUNT_KEY] = info.get(self._LOCK_COUNT_KEY, 0) + 1
+
+
+def _configure_mysql_connection(dbapi_connection: Any, _connection_record: Any) -> None:
+    """Per-connection MySQL settings; runs inside the driver's connect."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SET time_zone = '+00:00'")
+    finally:
+        cursor.close()
+
+
+def _release_mysql_schema_lock(
+    dbapi_connection: Any, connection_record: Any, _reset_state: Any
+) -> None:
+    """Release the schema locks a connection took before it serves anyone else."""
+    held = connection_record.info.pop(MySQLProfile._LOCK_COUNT_KEY, 0)
+    if not held:
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        for _ in range(held):
+            cursor.execute(f"DO RELEASE_LOCK({MySQLProfile._LOCK_NAME_SQL})")
+    finally:
+        cursor.close()
+
+
+def _row_id_column(table: Table) -> Column[Any]:
+    """The single autoincrement primary key column of ``table``."""
+    key = list(table.primary_key.columns)
+    if len(key) != 1:
+        raise ValueError(
+            f"{table.name} needs a single-column autoincrement primary key to return new ids; "
+            f"its primary key is {[column.name for column in key]}"
+        )
+    return key[0]
+
+
+_MYSQL_PROFILE = MySQLProfile()
+
 _PROFILES: dict[str, DialectProfile] = {
-    profile.name: profile for profile in (SQLiteProfile(), PostgresProfile())
+    profile.name: profile for profile in (SQLiteProfile(), PostgresProfile(), _MYSQL_PROFILE)
 }
+# SQLAlchemy names the dialect "mariadb" for mariadb:// URLs and "mysql" for mysql:// ones,
+# whichever server answers; both speak the same SQL here.
+_PROFILES["mariadb"] = _MYSQL_PROFILE
 
 
 def profile_for(dialect_name: str) -> DialectProfile:

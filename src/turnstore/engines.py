@@ -118,8 +118,8 @@ def _url_key(url: URL) -> str:
 def acquire_for_url(url: str | URL) -> EngineHandle:
     """Return the shared handle for ``url`` in the running loop, creating its engine if needed.
 
-    A ``sqlite`` URL naming ``:memory:`` gets a private engine: every in-memory database is its
-    own database, as with the SDK's class.
+    A URL whose profile asks for a private engine (SQLite's ``:memory:``) gets one of its own:
+    every in-memory database is its own database, as with the SDK's class.
 
     Raises:
         InvalidArgumentError: The URL cannot be parsed.
@@ -129,7 +129,7 @@ def acquire_for_url(url: str | URL) -> EngineHandle:
     except Exception as exc:
         raise InvalidArgumentError(f"Not a database URL: {url!r} ({exc})") from exc
     profile = profile_for(parsed.get_backend_name())
-    private = parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+    private = profile.private_engine(parsed)
     handles = _loop_handles()
     key: Hashable = object() if private else _url_key(parsed)
     handle = handles.get(key)

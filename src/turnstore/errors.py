@@ -47,3 +47,7 @@ class ProtectedBranchError(TurnstoreError, ValueError):
 
 class SchemaMissingError(TurnstoreError, ValueError):
     """The database lacks turnstore's tables and the session was told not to create them."""
+
+
+class SchemaLockTimeoutError(TurnstoreError, TimeoutError):
+    """Another process held the schema lock for longer than turnstore waits for it."""

@@ -33,7 +33,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped
 
-from turnstore.dialects import DOCUMENT, IDENTIFIER, ROW_ID, TIMESTAMP_UTC, JSONDocument
+from turnstore.dialects import (
+    DOCUMENT,
+    IDENTIFIER,
+    ROW_ID,
+    TABLE_OPTIONS,
+    TIMESTAMP_UTC,
+    JSONDocument,
+)
 from turnstore.errors import InvalidArgumentError
 
 DEFAULT_SESSIONS_TABLE = "agent_sessions"
@@ -92,6 +99,7 @@ def define_tables(
         Column("session_id", IDENTIFIER, primary_key=True),
         Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
         Column("updated_at", TIMESTAMP_UTC, server_default=_NOW),
+        **TABLE_OPTIONS,
     )
     messages = Table(
         messages_table,
@@ -107,6 +115,7 @@ def define_tables(
         Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
         Index(f"idx_{messages_table}_session_id", "session_id", "id"),
         sqlite_autoincrement=True,
+        **TABLE_OPTIONS,
     )
     structure = Table(
         STRUCTURE_TABLE,
@@ -139,6 +148,7 @@ def define_tables(
         # find structure rows by message without scanning the session.
         Index("idx_structure_message", "message_id"),
         sqlite_autoincrement=True,
+        **TABLE_OPTIONS,
     )
     usage = Table(
         USAGE_TABLE,
@@ -162,18 +172,21 @@ def define_tables(
         UniqueConstraint("session_id", "branch_id", "user_turn_number"),
         Index("idx_turn_usage_session_turn", "session_id", "branch_id", "user_turn_number"),
         sqlite_autoincrement=True,
+        **TABLE_OPTIONS,
     )
     reservations = Table(
         RESERVATIONS_TABLE,
         metadata,
         Column("session_id", IDENTIFIER, primary_key=True),
         Column("branch_id", IDENTIFIER, primary_key=True),
+        **TABLE_OPTIONS,
     )
     generations = Table(
         GENERATIONS_TABLE,
         metadata,
         Column("session_id", IDENTIFIER, primary_key=True),
         Column("generation", Integer, nullable=False, server_default=text("0")),
+        **TABLE_OPTIONS,
     )
     return StoreTables(sessions, messages, structure, usage, reservations, generations)
 

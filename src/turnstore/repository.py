@@ -204,7 +204,6 @@ class _Statements:
             self.max_turn.label("max_turn"),
             self.generation.label("generation"),
         )
-        self.insert_messages = insert(m).returning(m.c.id, sort_by_parameter_order=True)
         self.insert_structure = insert(s)
 
 
@@ -313,12 +312,12 @@ class ConversationRepository:
             if generation != pointer.generation and branch_id != MAIN_BRANCH:
                 branch_id = MAIN_BRANCH
                 turn = await conn.scalar(select(q.max_turn), {"sid": session_id, "bid": branch_id})
-            message_ids = (
-                await conn.execute(
-                    q.insert_messages,
-                    [{"session_id": session_id, "message_data": m.data} for m in messages],
-                )
-            ).scalars()
+            message_ids = await self._profile.insert_returning_ids(
+                conn,
+                self._t.messages,
+                [{"session_id": session_id, "message_data": m.data} for m in messages],
+                {"session_id": session_id},
+            )
             sequence, turn = max_sequence or 0, turn or 0
             rows = []
             for message, message_id in zip(messages, message_ids, strict=True):
