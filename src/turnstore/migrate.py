@@ -212,6 +212,9 @@ async def _engine(target: Target) -> AsyncIterator[tuple[AsyncEngine, DialectPro
 @asynccontextmanager
 async def _connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     where = engine.url.render_as_string(hide_password=True)
+    reason = profile_for(engine.dialect.name).unreachable_reason(engine.url)
+    if reason is not None:
+        raise DatabaseUnavailableError(f"Cannot open {where}: {reason}")
     try:
         conn = await engine.connect()
     except (OSError, DBAPIError, TimeoutError) as exc:
