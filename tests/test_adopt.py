@@ -20,7 +20,7 @@ SESSIONS = ("alpha", "beta")
 async def build_sdk_database(path: Path) -> None:
     """Several turns, tool calls, usage and branches, written by the SDK itself."""
     for index, session_id in enumerate(SESSIONS):
-        sdk = SDKSession(session_id=session_id, db_path=path, create_tables=True)
+        sdk: Any = SDKSession(session_id=session_id, db_path=path, create_tables=True)
         try:
             await sdk.add_items(turn(f"hello {session_id}"))
             await sdk.store_run_usage(usage_result(input_tokens=10 + index, cached_tokens=2))
@@ -115,7 +115,8 @@ async def turnstore_snapshots(path: Path) -> dict[str, Any]:
 
 def row_counts(path: Path) -> dict[str, int]:
     with sqlite3.connect(path) as conn:
-        names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        listed = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        names = [row[0] for row in listed]
         return {name: conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0] for name in names}
 
 

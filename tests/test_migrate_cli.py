@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from tests.migration_helpers import fresh_postgres_database, run_cli
@@ -12,12 +13,14 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite+aiosqlite:///{path}"
 
 
-def assert_one_line_error(result: object, code: int, fragment: str) -> None:
-    assert getattr(result, "returncode") == code, getattr(result, "stderr")
-    stderr: str = getattr(result, "stderr")
-    assert stderr.count("\n") == 1 and stderr.endswith("\n"), stderr
-    assert fragment in stderr
-    assert getattr(result, "stdout") == ""
+def assert_one_line_error(
+    result: subprocess.CompletedProcess[str], code: int, fragment: str
+) -> None:
+    assert result.returncode == code, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.endswith("\n")
+    assert fragment in result.stderr
+    assert result.stdout == ""
 
 
 def test_upgrade_current_downgrade_on_sqlite(tmp_path: Path) -> None:

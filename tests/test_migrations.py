@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sqlite3
 import subprocess
@@ -212,8 +213,12 @@ async def test_offline_sql_applies_with_sqlite3(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert not (Path.cwd() / "unused.db").exists()
     path = tmp_path / "offline.db"
-    applied = subprocess.run(
-        ["sqlite3", "-bail", str(path)], input=result.stdout, capture_output=True, text=True
+    applied = await asyncio.to_thread(
+        subprocess.run,
+        ["sqlite3", "-bail", str(path)],
+        input=result.stdout,
+        capture_output=True,
+        text=True,
     )
     assert applied.returncode == 0, applied.stderr
     engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
@@ -231,7 +236,8 @@ async def test_offline_sql_applies_with_psql(postgres_url: str) -> None:
         from sqlalchemy.engine import make_url
 
         target = make_url(url)
-        applied = subprocess.run(
+        applied = await asyncio.to_thread(
+            subprocess.run,
             [
                 "psql",
                 "-X",
@@ -266,7 +272,8 @@ async def test_offline_sql_applies_with_psql(postgres_url: str) -> None:
 async def test_plain_alembic_upgrades_with_the_ini_file(tmp_path: Path) -> None:
     alembic = Path(sys.executable).with_name("alembic")
     url = f"sqlite+aiosqlite:///{tmp_path / 'plain.db'}"
-    result = subprocess.run(
+    result = await asyncio.to_thread(
+        subprocess.run,
         [str(alembic), "-c", str(ROOT / "alembic.ini"), "upgrade", "head"],
         capture_output=True,
         text=True,

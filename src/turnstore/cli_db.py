@@ -88,7 +88,8 @@ def _dispatch(args: argparse.Namespace) -> None:
     if command == "history":
         for info in migrate.history():
             marker = " (head)" if info.is_head else ""
-            print(f"{info.down_revision or '<base>'} -> {info.revision}{marker}: {info.description}")
+            origin = info.down_revision or "<base>"
+            print(f"{origin} -> {info.revision}{marker}: {info.description}")
         return
     url: str | None = args.url
     if not url:

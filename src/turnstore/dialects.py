@@ -12,8 +12,8 @@ import json
 import logging
 import sqlite3
 import time
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import TIMESTAMP, BigInteger, Integer, String, Table, Text, event, func

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -139,8 +139,8 @@ def history() -> list[MigrationInfo]:
     return infos[::-1]
 
 
-def _single(value: str | tuple[str, ...] | None) -> str | None:
-    if isinstance(value, tuple):
+def _single(value: str | Sequence[str] | None) -> str | None:
+    if value is not None and not isinstance(value, str):
         return ", ".join(value)
     return value
 
@@ -230,11 +230,10 @@ async def _connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
 
 async def _run(target: Target, work: Callable[[Connection], _T], *, lock: bool = True) -> _T:
     """Run ``work`` on a connection in one transaction, under the schema lock if ``lock``."""
-    async with _engine(target) as (engine, profile), _connection(engine) as conn:
-        async with conn.begin():
-            if lock:
-                await profile.lock_schema(conn)
-            return await conn.run_sync(work)
+    async with _engine(target) as (engine, profile), _connection(engine) as conn, conn.begin():
+        if lock:
+            await profile.lock_schema(conn)
+        return await conn.run_sync(work)
 
 
 def _recorded(connection: Connection) -> tuple[str, ...]:
