@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from turnstore.cli_db import add_db_commands, run_db
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turnstore", description=__doc__)
@@ -22,6 +24,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=Path("turnstore-demo.db"),
         help="SQLite file to write (replaced if present; default: %(default)s)",
     )
+    add_db_commands(commands)
     return parser
 
 
@@ -33,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         asyncio.run(run_demo(args.db))
         return 0
+    if args.command == "db":
+        return run_db(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 

@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -215,6 +216,10 @@ class DialectProfile:
     async def lock_schema(self, conn: AsyncConnection) -> None:
         """Serialize schema changes across processes for the rest of the transaction."""
 
+    def unreachable_reason(self, url: URL) -> str | None:
+        """Why connecting to ``url`` must fail, when that is knowable without connecting."""
+        return None
+
 
 class SQLiteProfile(DialectProfile):
     """SQLite: one writer at a time, WAL for concurrent readers, foreign keys switched on."""
@@ -272,6 +277,17 @@ class SQLiteProfile(DialectProfile):
     async def lock_schema(self, conn: AsyncConnection) -> None:
         """The database write lock also serializes DDL."""
         await self.begin_write(conn)
+
+    def unreachable_reason(self, url: URL) -> str | None:
+        """A file in a missing directory cannot be created.
+
+        Checked up front because a failed aiosqlite connect leaves its worker thread reporting
+        to the event loop after ``asyncio.run`` has closed it, which prints a stray traceback.
+        """
+        if url.database in (None, "", ":memory:") or url.database.startswith("file:"):
+            return None
+        directory = Path(url.database).expanduser().resolve().parent
+        return None if directory.is_dir() else f"directory {directory} does not exist"
 
 
 def _configure_sqlite_connection(dbapi_connection: Any, _connection_record: Any) -> None:

@@ -51,3 +51,19 @@ class SchemaMissingError(TurnstoreError, ValueError):
 
 class SchemaLockTimeoutError(TurnstoreError, TimeoutError):
     """Another process held the schema lock for longer than turnstore waits for it."""
+
+
+class MigrationError(TurnstoreError, RuntimeError):
+    """A schema migration could not run; the message says what to fix."""
+
+
+class DatabaseUnavailableError(MigrationError):
+    """The database server could not be reached or the database file could not be opened."""
+
+
+class UnknownRevisionError(MigrationError):
+    """A revision (asked for, or recorded in the database) is not among turnstore's migrations."""
+
+
+class ForeignDatabaseError(MigrationError):
+    """The database holds tables that are neither turnstore's nor the Agents SDK's."""

@@ -44,7 +44,8 @@ from turnstore.errors import (
     SchemaMissingError,
     TurnNotFoundError,
 )
-from turnstore.models import StoreTables
+from turnstore.migrate import bring_to_head
+from turnstore.models import DEFAULT_TABLES, StoreTables
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +255,11 @@ class ConversationRepository:
         return [name for name in self._t.names if name not in present]
 
     def _create_missing(self, conn: Connection) -> None:
+        if self._t is DEFAULT_TABLES:
+            # The migrations own the default table set: create through them (and stamp), so a
+            # database made here can be upgraded later like any other.
+            bring_to_head(conn)
+            return
         metadata = self._t.metadata
         metadata.create_all(conn, checkfirst=True)
         # create_all skips tables that exist (say, written by the SDK) and so their indexes;

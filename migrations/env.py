@@ -1,0 +1,96 @@
+"""Alembic environment for turnstore's schema.
+
+Three ways in:
+
+* from :mod:`turnstore.migrate` (and ``turnstore db ...``), which opens the connection, takes
+  the schema lock and passes the connection in ``config.attributes["connection"]``;
+* plain ``alembic upgrade head`` with this folder as script location, which connects here to
+  ``sqlalchemy.url`` (or ``TURNSTORE_DATABASE_URL``) with an async engine, under the same lock;
+* offline (``--sql``), which needs only the URL's dialect and prints the DDL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from turnstore.dialects import profile_for
+from turnstore.migrate import URL_VARIABLE, VERSION_TABLE
+from turnstore.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+if config.config_file_name is not None and not config.attributes.get("connection"):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+
+def _url() -> str:
+    url = config.attributes.get("url") or os.environ.get(URL_VARIABLE)
+    url = url or config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError(f"No database URL: set {URL_VARIABLE} or sqlalchemy.url")
+    return str(url)
+
+
+def _options(dialect_name: str) -> dict[str, object]:
+    return {
+        "target_metadata": target_metadata,
+        "version_table": VERSION_TABLE,
+        # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
+        "render_as_batch": dialect_name == "sqlite",
+        "compare_type": True,
+    }
+
+
+def run_migrations_offline() -> None:
+    """Print the DDL for the requested revisions without connecting."""
+    url = make_url(_url())
+    context.configure(
+        url=url,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        **_options(url.get_backend_name()),
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _run_on(connection: Connection) -> None:
+    context.configure(connection=connection, **_options(connection.dialect.name))
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_async(url: str) -> None:
+    parsed = make_url(url)
+    profile = profile_for(parsed.get_backend_name())
+    engine = create_async_engine(parsed, **profile.engine_options(parsed))
+    profile.prepare_engine(engine)
+    try:
+        async with engine.begin() as conn:
+            # Held to COMMIT: a second deployer waits here, then finds nothing left to do.
+            await profile.lock_schema(conn)
+            await conn.run_sync(_run_on)
+    finally:
+        await engine.dispose()
+
+
+def run_migrations_online() -> None:
+    """Migrate through the caller's connection, or one opened here."""
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run_on(connection)
+    else:
+        asyncio.run(_run_async(_url()))
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

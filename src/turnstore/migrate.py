@@ -1,0 +1,409 @@
+"""Run turnstore's schema migrations from code: upgrade, downgrade, stamp, inspect, adopt.
+
+Every function that changes the schema opens one transaction, takes the dialect's schema lock
+(:meth:`turnstore.dialects.DialectProfile.lock_schema`) and only then lets Alembic read the
+version table, so processes that upgrade at the same time run one after the other: the first
+migrates, the rest find the database at head and do nothing. That makes :func:`upgrade` safe to
+await at application start-up.
+
+The Alembic scripts ship inside the package (``turnstore/migrations``) and are found there
+first, then in a source checkout's top-level ``migrations/`` folder.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TypeVar
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidRequestError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from turnstore import adoption
+from turnstore.dialects import DialectProfile, profile_for
+from turnstore.errors import (
+    DatabaseUnavailableError,
+    ForeignDatabaseError,
+    InvalidArgumentError,
+    MigrationError,
+    UnknownRevisionError,
+)
+
+# Not Alembic's default name, so an application's own migrations can share the database.
+VERSION_TABLE = "turnstore_alembic_version"
+URL_VARIABLE = "TURNSTORE_DATABASE_URL"
+
+Target = str | URL | AsyncEngine
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class MigrationInfo:
+    """One migration script.
+
+    Attributes:
+        revision: Its revision id.
+        down_revision: The revision it upgrades from (``None`` for the first).
+        description: Its one-line summary.
+        is_head: Whether it is the newest revision.
+    """
+
+    revision: str
+    down_revision: str | None
+    description: str
+    is_head: bool
+
+
+# -- scripts -------------------------------------------------------------------------------
+
+
+def script_location() -> Path:
+    """The folder holding ``env.py`` and ``versions/``: the installed copy, else the checkout's.
+
+    Raises:
+        MigrationError: Neither copy exists (a broken installation).
+    """
+    packaged = resources.files("turnstore") / "migrations"
+    candidates = [Path(str(packaged)), Path(__file__).resolve().parents[2] / "migrations"]
+    for candidate in candidates:
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise MigrationError(
+        "turnstore's migration scripts are missing (looked in "
+        f"{', '.join(str(c) for c in candidates)}); reinstall the turnstore package"
+    )
+
+
+def alembic_config(
+    *,
+    url: str | None = None,
+    connection: Connection | None = None,
+    output: io.StringIO | None = None,
+) -> Config:
+    """An Alembic ``Config`` for turnstore's scripts, built without an ini file.
+
+    Args:
+        url: Database URL for offline (``--sql``) runs.
+        connection: An open connection, in a transaction, that migrations run on.
+        output: Where offline SQL and command output go (standard output if ``None``).
+    """
+    config = Config(output_buffer=output, stdout=output or sys.stdout)
+    # ConfigParser interpolates '%'; paths may contain it.
+    config.set_main_option("script_location", str(script_location()).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    config.attributes["url"] = url
+    config.attributes["connection"] = connection
+    return config
+
+
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head() -> str:
+    """The newest revision id.
+
+    Raises:
+        MigrationError: The scripts have more than one head (a packaging mistake).
+    """
+    heads = _scripts().get_heads()
+    if len(heads) != 1:
+        raise MigrationError(f"turnstore's migrations have {len(heads)} heads: {heads}")
+    return heads[0]
+
+
+def history() -> list[MigrationInfo]:
+    """Every migration script, oldest first."""
+    scripts = _scripts()
+    heads = set(scripts.get_heads())
+    infos = [
+        MigrationInfo(
+            revision=script.revision,
+            down_revision=_single(script.down_revision),
+            description=(script.doc or "").strip(),
+            is_head=script.revision in heads,
+        )
+        for script in scripts.walk_revisions()
+    ]
+    return infos[::-1]
+
+
+def _single(value: str | Sequence[str] | None) -> str | None:
+    if value is not None and not isinstance(value, str):
+        return ", ".join(value)
+    return value
+
+
+def _check_revision_exists(revision: str) -> None:
+    if revision in ("head", "heads", "base") or ":" in revision:
+        return
+    try:
+        found = _scripts().get_revisions(revision)
+    except CommandError as exc:
+        raise UnknownRevisionError(_revision_hint(revision, exc)) from exc
+    if not found:
+        raise UnknownRevisionError(_revision_hint(revision, None))
+
+
+def _revision_hint(revision: str, exc: Exception | None) -> str:
+    known = ", ".join(info.revision for info in history())
+    detail = f" ({_one_line(exc)})" if exc is not None else ""
+    return f"Unknown revision {revision!r}{detail}; known revisions: base, {known}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# -- database access -----------------------------------------------------------------------
+
+
+def _parse(target: str | URL) -> URL:
+    try:
+        return make_url(target)
+    except ArgumentError as exc:
+        raise InvalidArgumentError(
+            f"Not a database URL: {target!r}; expected e.g. sqlite+aiosqlite:///file.db or "
+            "postgresql+asyncpg://user@host/db"
+        ) from exc
+
+
+def _profile(url: URL) -> DialectProfile:
+    try:
+        return profile_for(url.get_backend_name())
+    except NotImplementedError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
+
+
+@asynccontextmanager
+async def _engine(target: Target) -> AsyncIterator[tuple[AsyncEngine, DialectProfile]]:
+    if isinstance(target, AsyncEngine):
+        profile = profile_for(target.dialect.name)
+        profile.prepare_engine(target)
+        yield target, profile
+        return
+    url = _parse(target)
+    profile = _profile(url)
+    try:
+        engine = create_async_engine(url, **profile.engine_options(url))
+    except (ImportError, InvalidRequestError, ArgumentError) as exc:
+        raise InvalidArgumentError(
+            f"Cannot use {url.render_as_string(hide_password=True)!r}: {_one_line(exc)}; use an "
+            "async driver such as sqlite+aiosqlite or postgresql+asyncpg"
+        ) from exc
+    profile.prepare_engine(engine)
+    try:
+        yield engine, profile
+    finally:
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def _connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    where = engine.url.render_as_string(hide_password=True)
+    reason = profile_for(engine.dialect.name).unreachable_reason(engine.url)
+    if reason is not None:
+        raise DatabaseUnavailableError(f"Cannot open {where}: {reason}")
+    try:
+        conn = await engine.connect()
+    except (OSError, DBAPIError, TimeoutError) as exc:
+        raise DatabaseUnavailableError(
+            f"Cannot connect to {where}: {_one_line(exc)}; check the URL and that the database "
+            "is running and reachable"
+        ) from exc
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def _run(target: Target, work: Callable[[Connection], _T], *, lock: bool = True) -> _T:
+    """Run ``work`` on a connection in one transaction, under the schema lock if ``lock``."""
+    async with _engine(target) as (engine, profile), _connection(engine) as conn, conn.begin():
+        if lock:
+            await profile.lock_schema(conn)
+        return await conn.run_sync(work)
+
+
+def _recorded(connection: Connection) -> tuple[str, ...]:
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return tuple(context.get_current_heads())
+
+
+def _check_recorded_known(connection: Connection) -> tuple[str, ...]:
+    recorded = _recorded(connection)
+    scripts = _scripts()
+    for revision in recorded:
+        try:
+            scripts.get_revision(revision)
+        except CommandError as exc:
+            raise UnknownRevisionError(
+                f"The database is at revision {revision!r}, which this turnstore version does "
+                "not know; install the turnstore version that migrated it"
+            ) from exc
+    return recorded
+
+
+def _alembic(action: Callable[[Config], None], connection: Connection) -> None:
+    try:
+        action(alembic_config(connection=connection))
+    except CommandError as exc:
+        raise MigrationError(_one_line(exc)) from exc
+
+
+# -- public API ----------------------------------------------------------------------------
+
+
+async def upgrade(target: Target, revision: str = "head") -> None:
+    """Upgrade the database to ``revision`` (serialized against concurrent upgrades).
+
+    Args:
+        target: Database URL or an ``AsyncEngine`` you own (left open).
+        revision: Target revision; ``head`` for the newest.
+
+    Raises:
+        InvalidArgumentError: The URL is malformed or names an unsupported driver.
+        DatabaseUnavailableError: The database cannot be reached.
+        UnknownRevisionError: ``revision``, or the database's recorded revision, is unknown.
+        MigrationError: Alembic refused the upgrade.
+    """
+    _check_revision_exists(revision)
+
+    def work(connection: Connection) -> None:
+        _check_recorded_known(connection)
+        _alembic(lambda config: command.upgrade(config, revision), connection)
+
+    await _run(target, work)
+
+
+async def downgrade(target: Target, revision: str) -> None:
+    """Downgrade the database to ``revision`` (``base`` drops every turnstore table).
+
+    Raises:
+        InvalidArgumentError: The URL is malformed or names an unsupported driver.
+        DatabaseUnavailableError: The database cannot be reached.
+        UnknownRevisionError: ``revision``, or the database's recorded revision, is unknown.
+        MigrationError: Alembic refused the downgrade.
+    """
+    _check_revision_exists(revision)
+
+    def work(connection: Connection) -> None:
+        _check_recorded_known(connection)
+        _alembic(lambda config: command.downgrade(config, revision), connection)
+
+    await _run(target, work)
+
+
+async def stamp(target: Target, revision: str = "head") -> None:
+    """Record ``revision`` as the database's revision without running any migration.
+
+    Raises:
+        InvalidArgumentError: The URL is malformed or names an unsupported driver.
+        DatabaseUnavailableError: The database cannot be reached.
+        UnknownRevisionError: ``revision`` is unknown.
+    """
+    _check_revision_exists(revision)
+
+    def work(connection: Connection) -> None:
+        _alembic(lambda config: command.stamp(config, revision, purge=True), connection)
+
+    await _run(target, work)
+
+
+async def current(target: Target) -> tuple[str, ...]:
+    """The revisions recorded in the database (empty if it was never migrated).
+
+    Raises:
+        InvalidArgumentError: The URL is malformed or names an unsupported driver.
+        DatabaseUnavailableError: The database cannot be reached.
+        UnknownRevisionError: The recorded revision is not one of turnstore's.
+    """
+    return await _run(target, _check_recorded_known, lock=False)
+
+
+def upgrade_sql(url: str | URL, revision: str = "head", *, from_revision: str | None = None) -> str:
+    """The DDL that upgrades a database at ``from_revision`` (default: empty) to ``revision``.
+
+    Nothing connects: only the URL's dialect matters. Hand the output to a DBA or apply it
+    with ``psql`` / ``sqlite3``.
+
+    Raises:
+        InvalidArgumentError: The URL is malformed or names an unsupported dialect.
+        UnknownRevisionError: A revision is unknown.
+    """
+    parsed = _parse(url)
+    _profile(parsed)
+    _check_revision_exists(revision)
+    if from_revision is not None:
+        _check_revision_exists(from_revision)
+    span = f"{from_revision}:{revision}" if from_revision else revision
+    output = io.StringIO()
+    config = alembic_config(url=parsed.render_as_string(hide_password=False), output=output)
+    try:
+        command.upgrade(config, span, sql=True)
+    except CommandError as exc:
+        raise MigrationError(_one_line(exc)) from exc
+    return output.getvalue()
+
+
+async def adopt(target: Target) -> adoption.Inspection:
+    """Bring an empty, turnstore or Agents-SDK database to the current schema, in place.
+
+    An SDK database gets its missing tables and indexes and a backfilled
+    ``branch_reservations`` table, then is stamped at head; no row is changed or removed.
+
+    Returns:
+        What the database looked like before.
+
+    Raises:
+        ForeignDatabaseError: The database holds other tables, or store tables whose columns
+            differ from the SDK's; it is left untouched.
+        DatabaseUnavailableError: The database cannot be reached.
+        UnknownRevisionError: The database is at a revision turnstore does not know.
+    """
+
+    def work(connection: Connection) -> adoption.Inspection:
+        found = adoption.inspect_database(connection, VERSION_TABLE)
+        if found.kind is adoption.DatabaseKind.FOREIGN:
+            raise ForeignDatabaseError(
+                f"Refusing to adopt: {found.reason}. Point --url at an empty database, a "
+                "turnstore database, or one written by the Agents SDK's AdvancedSQLiteSession"
+            )
+        bring_to_head(connection)
+        return found
+
+    return await _run(target, work)
+
+
+def bring_to_head(connection: Connection) -> None:
+    """Bring the default table set to head on ``connection`` (caller holds the schema lock).
+
+    Versioned databases are upgraded; databases with some store tables but no version (written
+    by the SDK, or by turnstore before migrations) are completed in place and stamped; others
+    get the migrations from scratch. Unrelated tables are ignored.
+
+    Raises:
+        UnknownRevisionError: The database is at a revision turnstore does not know.
+        ForeignDatabaseError: A store table lacks columns turnstore needs.
+    """
+    found = adoption.inspect_database(connection, VERSION_TABLE)
+    if found.kind is adoption.DatabaseKind.TURNSTORE:
+        _check_recorded_known(connection)
+    elif found.incompatible:
+        raise ForeignDatabaseError(f"Cannot use this database: {found.reason}")
+    elif found.store_tables:
+        adoption.complete_schema(connection)
+        _alembic(lambda config: command.stamp(config, "head"), connection)
+        return
+    _alembic(lambda config: command.upgrade(config, "head"), connection)
