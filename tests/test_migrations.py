@@ -43,8 +43,20 @@ def test_scripts_have_a_single_head() -> None:
     assert migrate.history()[0].down_revision is None
 
 
-def test_scripts_are_found_in_the_checkout_when_not_installed() -> None:
-    assert migrate.script_location() == ROOT / "migrations"
+def test_the_scripts_found_are_the_checkouts_scripts() -> None:
+    # Installed from a wheel (as nox does) this finds the packaged copy; in an editable
+    # install, the checkout's. Either way it must be the same scripts, file for file.
+    found, checkout = migrate.script_location(), ROOT / "migrations"
+
+    def scripts(folder: Path) -> dict[str, str]:
+        return {
+            str(path.relative_to(folder)): path.read_text()
+            for path in sorted(folder.rglob("*"))
+            if path.suffix in (".py", ".mako") and "__pycache__" not in path.parts
+        }
+
+    assert scripts(found) == scripts(checkout)
+    assert "versions/0001_initial_schema.py" in scripts(found)
 
 
 async def test_round_trip_keeps_data_on_the_way_up(backend: Backend) -> None:
