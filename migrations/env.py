@@ -71,11 +71,11 @@ async def _run_async(url: str) -> None:
     parsed = make_url(url)
     profile = profile_for(parsed.get_backend_name())
     engine = create_async_engine(parsed, **profile.engine_options(parsed))
-    profile.prepare_engine(engine)
+    profile.prepare_engine(engine.sync_engine)
     try:
         async with engine.begin() as conn:
             # Held to COMMIT: a second deployer waits here, then finds nothing left to do.
-            await profile.lock_schema(conn)
+            await conn.run_sync(profile.lock_schema)
             await conn.run_sync(_run_on)
     finally:
         await engine.dispose()

@@ -115,7 +115,7 @@ async def test_schema_lock_is_released_with_the_connection(mysql_backend: Backen
     lock_name: ColumnElement[str] = literal_column(MySQLProfile._LOCK_NAME_SQL)
     engine = mysql_backend.engine
     async with engine.connect() as holder:
-        await profile.lock_schema(holder)
+        await holder.run_sync(profile.lock_schema)
         async with engine.connect() as other:
             assert await other.scalar(select(func.is_free_lock(lock_name))) == 0
     async with engine.connect() as after:
@@ -129,7 +129,7 @@ async def test_schema_lock_times_out_with_a_clear_error(
     monkeypatch.setattr(profile, "schema_lock_timeout_seconds", 1)
     engine = mysql_backend.engine
     async with engine.connect() as holder:
-        await profile.lock_schema(holder)
+        await holder.run_sync(profile.lock_schema)
         async with engine.connect() as waiter:
             with pytest.raises(SchemaLockTimeoutError, match="schema lock"):
-                await profile.lock_schema(waiter)
+                await waiter.run_sync(profile.lock_schema)

@@ -194,5 +194,7 @@ async def test_file_uses_wal_and_enforces_foreign_keys(sqlite_path: Path) -> Non
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     async with AdvancedSQLiteSession(session_id="t", db_path=sqlite_path) as session:
         store = await session._store()
-        async with store._handle.reading() as conn:
-            assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+        pragma = await store._handle.read(
+            lambda conn: conn.exec_driver_sql("PRAGMA foreign_keys").scalar()
+        )
+        assert pragma == 1

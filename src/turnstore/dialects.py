@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,8 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import URL, Dialect
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import URL, Connection, Dialect, Engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql import ColumnElement
@@ -132,6 +132,21 @@ class JSONDocument(TypeDecorator[Any]):
             return None
 
 
+@dataclass(frozen=True)
+class ThreadedEngine:
+    """How to build a synchronous engine whose units of work run on worker threads.
+
+    Attributes:
+        url: The synchronous driver's URL.
+        engine_options: Keyword arguments for ``create_engine``.
+        reader_threads: Threads serving reads beside the single writer thread.
+    """
+
+    url: URL
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    reader_threads: int = 0
+
+
 class DialectProfile:
     """How one SQL dialect does the handful of things dialects disagree on.
 
@@ -187,9 +202,17 @@ class DialectProfile:
         """Keyword arguments for ``create_async_engine`` when turnstore creates the engine."""
         return {}
 
-    async def insert_returning_ids(
+    def threaded_engine(self, url: URL) -> ThreadedEngine | None:
+        """A synchronous engine to run units of work on threads, instead of asyncio, if any.
+
+        Returned where a synchronous driver on a worker thread is much cheaper than the
+        asyncio driver (one thread hop per transaction instead of several per statement).
+        """
+        return None
+
+    def insert_returning_ids(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         table: Table,
         rows: Sequence[Mapping[str, Any]],
         locked_scope: Mapping[str, Any],
@@ -205,15 +228,19 @@ class DialectProfile:
                 from the INSERT use it to find the new rows again.
         """
         stmt = insert(table).returning(_row_id_column(table), sort_by_parameter_order=True)
-        return [int(value) for value in (await conn.execute(stmt, list(rows))).scalars()]
+        return [int(value) for value in conn.execute(stmt, list(rows)).scalars()]
 
-    def prepare_engine(self, engine: AsyncEngine) -> None:
-        """Install per-connection set-up on an engine (idempotent)."""
+    def prepare_engine(self, engine: Engine) -> None:
+        """Install per-connection set-up on an engine (idempotent).
 
-    async def begin_write(self, conn: AsyncConnection) -> None:
+        Args:
+            engine: The engine, or an ``AsyncEngine``'s ``sync_engine``.
+        """
+
+    def begin_write(self, conn: Connection) -> None:
         """Start a write transaction that cannot interleave with another writer's."""
 
-    async def lock_schema(self, conn: AsyncConnection) -> None:
+    def lock_schema(self, conn: Connection) -> None:
         """Serialize schema changes across processes for the rest of the transaction."""
 
     def unreachable_reason(self, url: URL) -> str | None:
@@ -227,6 +254,9 @@ class SQLiteProfile(DialectProfile):
     name = "sqlite"
     serializes_writers_in_process = True
     busy_timeout_seconds: ClassVar[float] = 30.0
+    # Readers beside the single writer thread; WAL lets them run while it writes. More than
+    # the machine's cores buys nothing: the driver holds the GIL outside SQLite's own code.
+    reader_threads: ClassVar[int] = 4
 
     def insert(self, table: Table) -> Insert:
         """Return SQLite's INSERT construct."""
@@ -263,20 +293,45 @@ class SQLiteProfile(DialectProfile):
             return {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
         return {"connect_args": {"timeout": self.busy_timeout_seconds}}
 
-    def prepare_engine(self, engine: AsyncEngine) -> None:
+    def threaded_engine(self, url: URL) -> ThreadedEngine:
+        """SQLite's own driver on threads: a transaction costs one hop, not several per statement.
+
+        Connections move between the writer and reader threads (one thread at a time), so the
+        driver's same-thread check is off. A database held in one connection (``:memory:``)
+        gets no reader threads: reads queue on the writer thread behind writes.
+        """
+        sync_url = url.set(drivername="sqlite+pysqlite")
+        if self.private_engine(url):
+            return ThreadedEngine(
+                sync_url,
+                {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}},
+                reader_threads=0,
+            )
+        readers = self.reader_threads
+        return ThreadedEngine(
+            sync_url,
+            {
+                "connect_args": {"timeout": self.busy_timeout_seconds, "check_same_thread": False},
+                # A connection per thread, and a spare for schema work and disposal.
+                "pool_size": readers + 2,
+                "max_overflow": readers,
+            },
+            reader_threads=readers,
+        )
+
+    def prepare_engine(self, engine: Engine) -> None:
         """Switch on WAL, foreign keys and a busy timeout on every new connection."""
-        if not event.contains(engine.sync_engine, "connect", _configure_sqlite_connection):
-            event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
+        if not event.contains(engine, "connect", _configure_sqlite_connection):
+            event.listen(engine, "connect", _configure_sqlite_connection)
 
-    async def begin_write(self, conn: AsyncConnection) -> None:
+    def begin_write(self, conn: Connection) -> None:
         """BEGIN IMMEDIATE: take the write lock up front, so no read-then-write upgrade fails."""
-        raw = await conn.get_raw_connection()
-        if not getattr(raw.driver_connection, "in_transaction", False):
-            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if not getattr(conn.connection.driver_connection, "in_transaction", False):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-    async def lock_schema(self, conn: AsyncConnection) -> None:
+    def lock_schema(self, conn: Connection) -> None:
         """The database write lock also serializes DDL."""
-        await self.begin_write(conn)
+        self.begin_write(conn)
 
     def unreachable_reason(self, url: URL) -> str | None:
         """A file in a missing directory cannot be created.
@@ -355,9 +410,9 @@ class PostgresProfile(DialectProfile):
         """A pool sized for many concurrent conversations on a small server."""
         return {"pool_size": 10, "max_overflow": 20}
 
-    async def lock_schema(self, conn: AsyncConnection) -> None:
+    def lock_schema(self, conn: Connection) -> None:
         """Transaction-scoped advisory lock, released by COMMIT or ROLLBACK."""
-        await conn.execute(func.pg_advisory_xact_lock(self.schema_lock_key).select())
+        conn.execute(func.pg_advisory_xact_lock(self.schema_lock_key).select())
 
 
 class MySQLProfile(DialectProfile):
@@ -431,17 +486,17 @@ class MySQLProfile(DialectProfile):
             options["connect_args"] = {"charset": _MYSQL_CHARSET}
         return options
 
-    def prepare_engine(self, engine: AsyncEngine) -> None:
+    def prepare_engine(self, engine: Engine) -> None:
         """Pin each connection to UTC; release a schema lock when a connection is returned."""
-        target = engine.sync_engine
+        target = engine
         if not event.contains(target, "connect", _configure_mysql_connection):
             event.listen(target, "connect", _configure_mysql_connection)
         if not event.contains(target, "reset", _release_mysql_schema_lock):
             event.listen(target, "reset", _release_mysql_schema_lock)
 
-    async def insert_returning_ids(
+    def insert_returning_ids(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         table: Table,
         rows: Sequence[Mapping[str, Any]],
         locked_scope: Mapping[str, Any],
@@ -454,17 +509,17 @@ class MySQLProfile(DialectProfile):
         in order, whatever ``innodb_autoinc_lock_mode`` interleaves with other scopes.
         """
         if self.prefer_returning and conn.dialect.insert_returning:
-            return await super().insert_returning_ids(conn, table, rows, locked_scope)
+            return super().insert_returning_ids(conn, table, rows, locked_scope)
         if not rows:
             return []
         id_column = _row_id_column(table)
-        result = await conn.execute(insert(table).values(list(rows)))
+        result = conn.execute(insert(table).values(list(rows)))
         first_id = result.lastrowid
         scope = [table.c[column] == value for column, value in locked_scope.items()]
         ids = [
             int(value)
             for value in (
-                await conn.execute(
+                conn.execute(
                     select(id_column)
                     .where(id_column >= first_id, *scope)
                     .order_by(id_column)
@@ -480,7 +535,7 @@ class MySQLProfile(DialectProfile):
             )
         return ids
 
-    async def lock_schema(self, conn: AsyncConnection) -> None:
+    def lock_schema(self, conn: Connection) -> None:
         """A named server lock; DDL commits implicitly, so no transactional lock survives it.
 
         The lock belongs to the connection, not the transaction: it is released when the
@@ -492,7 +547,7 @@ class MySQLProfile(DialectProfile):
         # Callers such as migration scripts may hand over an engine no session prepared;
         # without the release hook the lock would outlive the connection's checkout.
         self.prepare_engine(conn.engine)
-        acquired = await conn.scalar(
+        acquired = conn.scalar(
             select(
                 func.get_lock(literal_column(self._LOCK_NAME_SQL), self.schema_lock_timeout_seconds)
             )

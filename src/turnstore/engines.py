@@ -1,25 +1,44 @@
-"""Engines shared by sessions: one per database URL and event loop, plus transaction scopes.
+"""Engines shared by sessions, and how a unit of work reaches the database.
 
-An ``AsyncEngine`` and its pooled driver connections belong to the event loop that opened them,
-so the registry keys engines by (event loop, URL). Sessions on the same URL in the same loop
-share one engine and pool; :func:`dispose_engines` releases them.
+The repository writes every operation as a synchronous function of a SQLAlchemy
+``Connection`` (a *unit of work*); an :class:`EngineHandle` runs it as one transaction:
+
+* on asyncio drivers (asyncpg, asyncmy, a caller's own ``AsyncEngine``), inside
+  ``AsyncConnection.run_sync``, so the function's statements are awaited one by one;
+* on SQLite files and in-memory databases that turnstore opens itself, as one call on a worker
+  thread with SQLite's own driver. A whole transaction then costs one thread hop, where an
+  asyncio SQLite driver pays several hops per statement. One writer thread per database
+  serializes this process's writers without polling SQLite's busy handler; readers have a small
+  pool of their own, which WAL lets run beside the writer.
+
+Handles are kept per (event loop, URL): an ``AsyncEngine``'s pooled connections belong to the
+loop that opened them. Sessions on one URL in one loop share a handle;
+:func:`dispose_engines` releases their connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy import create_engine
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from turnstore.dialects import DialectProfile, profile_for
 from turnstore.errors import InvalidArgumentError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: A unit of work: a synchronous function of a connection, run inside one transaction.
+Work = Callable[Concatenate[Connection, P], T]
 
 
 class _NoGate:
@@ -37,16 +56,18 @@ _NO_GATE = _NoGate()
 
 @dataclass(eq=False)
 class EngineHandle:
-    """An engine with what turnstore keeps beside it: dialect profile, gates, schema state.
+    """An engine with what turnstore keeps beside it: dialect profile, schema state, users.
 
     Attributes:
-        engine: The SQLAlchemy async engine.
         profile: How this engine's dialect differs.
         owned: Whether turnstore created the engine and may dispose of it.
         dispose_when_unused: Whether releasing the last session disposes the engine.
+        private: Whether the engine serves one session only (an in-memory database).
+        users: Sessions currently holding the handle.
+        ready_schemas: Table sets known to exist on this database.
+        schema_lock: Serializes schema preparation within the loop.
     """
 
-    engine: AsyncEngine
     profile: DialectProfile
     owned: bool
     dispose_when_unused: bool = False
@@ -54,35 +75,130 @@ class EngineHandle:
     users: int = 0
     ready_schemas: set[Hashable] = field(default_factory=set)
     schema_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _write_gate: asyncio.Lock | None = None
-    _read_gate: asyncio.Lock | None = None
 
-    def __post_init__(self) -> None:
-        self.profile.prepare_engine(self.engine)
-        if self.profile.serializes_writers_in_process:
+    @property
+    def engine(self) -> object:
+        """The underlying SQLAlchemy engine (identity only; callers must not use it)."""
+        raise NotImplementedError
+
+    async def write(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``work`` in a write transaction: committed if it returns, rolled back if not."""
+        raise NotImplementedError
+
+    async def read(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run read-only ``work`` on a connection that sees the latest committed state."""
+        raise NotImplementedError
+
+    async def dispose(self, *, final: bool = False) -> None:
+        """Close pooled connections; with ``final``, also stop whatever the handle runs."""
+        raise NotImplementedError
+
+
+class AsyncEngineHandle(EngineHandle):
+    """Runs units of work on an ``AsyncEngine`` through ``run_sync``."""
+
+    def __init__(self, engine: AsyncEngine, profile: DialectProfile, **options: Any) -> None:
+        super().__init__(profile, **options)
+        self._engine = engine
+        profile.prepare_engine(engine.sync_engine)
+        self._write_gate: asyncio.Lock | None = None
+        self._read_gate: asyncio.Lock | None = None
+        if profile.serializes_writers_in_process:
+            # In-process writers queue on a cheap lock instead of SQLite's busy handler.
             self._write_gate = asyncio.Lock()
-        if isinstance(self.engine.pool, StaticPool):
+        if isinstance(engine.pool, StaticPool):
             # One connection for everything: readers must queue behind writers too.
             self._write_gate = self._write_gate or asyncio.Lock()
             self._read_gate = self._write_gate
         self._read_engine = (
-            self.engine.execution_options(**self.profile.read_execution_options)
-            if self.profile.read_execution_options
-            else self.engine
+            engine.execution_options(**profile.read_execution_options)
+            if profile.read_execution_options
+            else engine
         )
 
-    @asynccontextmanager
-    async def writing(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction: committed when the block exits, rolled back if it raises."""
-        async with self._write_gate or _NO_GATE, self.engine.begin() as conn:
-            await self.profile.begin_write(conn)
-            yield conn
+    @property
+    def engine(self) -> AsyncEngine:
+        """The wrapped ``AsyncEngine``."""
+        return self._engine
 
-    @asynccontextmanager
-    async def reading(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for read-only statements."""
+    async def write(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``work`` in a write transaction: committed if it returns, rolled back if not."""
+        profile = self.profile
+
+        def transaction(conn: Connection) -> T:
+            profile.begin_write(conn)
+            return work(conn, *args, **kwargs)
+
+        async with self._write_gate or _NO_GATE, self._engine.begin() as conn:
+            return await conn.run_sync(transaction)
+
+    async def read(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run read-only ``work`` on a connection that sees the latest committed state."""
         async with self._read_gate or _NO_GATE, self._read_engine.connect() as conn:
-            yield conn
+            return await conn.run_sync(lambda sync_conn: work(sync_conn, *args, **kwargs))
+
+    async def dispose(self, *, final: bool = False) -> None:
+        """Close the pool's connections (the engine stays usable)."""
+        await self._engine.dispose()
+
+
+class ThreadedEngineHandle(EngineHandle):
+    """Runs each unit of work as one call on a worker thread, with a synchronous driver.
+
+    Args:
+        engine: A synchronous engine whose connections may move between threads.
+        profile: The dialect profile.
+        reader_threads: Threads for reads; ``0`` sends reads to the writer thread (a
+            database held in one connection has nothing to read concurrently).
+    """
+
+    def __init__(
+        self, engine: Engine, profile: DialectProfile, *, reader_threads: int, **options: Any
+    ) -> None:
+        super().__init__(profile, **options)
+        self._engine = engine
+        profile.prepare_engine(engine)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="turnstore-writer")
+        self._readers = (
+            ThreadPoolExecutor(reader_threads, thread_name_prefix="turnstore-reader")
+            if reader_threads
+            else self._writer
+        )
+
+    @property
+    def engine(self) -> Engine:
+        """The wrapped synchronous engine."""
+        return self._engine
+
+    async def write(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``work`` in a write transaction on the writer thread."""
+        profile, engine = self.profile, self._engine
+
+        def transaction() -> T:
+            with engine.begin() as conn:
+                profile.begin_write(conn)
+                return work(conn, *args, **kwargs)
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer, transaction)
+
+    async def read(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run read-only ``work`` on a reader thread."""
+        engine = self._engine
+
+        def read_only() -> T:
+            with engine.connect() as conn:
+                return work(conn, *args, **kwargs)
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, read_only)
+
+    async def dispose(self, *, final: bool = False) -> None:
+        """Close the pool's connections; with ``final``, stop the worker threads too."""
+        loop = asyncio.get_running_loop()
+        # On the writer thread, so no transaction is mid-flight on a connection being closed.
+        await loop.run_in_executor(self._writer, self._engine.dispose)
+        if final:
+            self._writer.shutdown(wait=False)
+            self._readers.shutdown(wait=False)
 
 
 _registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, EngineHandle]] = (
@@ -115,6 +231,27 @@ def _url_key(url: URL) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def _new_handle(url: URL, profile: DialectProfile, *, private: bool) -> EngineHandle:
+    # Thread-run engines are cheap to reopen and hold file handles; server pools are
+    # expensive to rebuild, so they live until dispose_engines().
+    threaded = profile.threaded_engine(url)
+    options: dict[str, Any] = {
+        "owned": True,
+        "private": private,
+        "dispose_when_unused": private or threaded is not None,
+    }
+    if threaded is not None:
+        return ThreadedEngineHandle(
+            create_engine(threaded.url, **threaded.engine_options),
+            profile,
+            reader_threads=threaded.reader_threads,
+            **options,
+        )
+    return AsyncEngineHandle(
+        create_async_engine(url, **profile.engine_options(url)), profile, **options
+    )
+
+
 def acquire_for_url(url: str | URL) -> EngineHandle:
     """Return the shared handle for ``url`` in the running loop, creating its engine if needed.
 
@@ -134,17 +271,7 @@ def acquire_for_url(url: str | URL) -> EngineHandle:
     key: Hashable = object() if private else _url_key(parsed)
     handle = handles.get(key)
     if handle is None:
-        engine = create_async_engine(parsed, **profile.engine_options(parsed))
-        handle = EngineHandle(
-            engine,
-            profile,
-            owned=True,
-            # Thread-per-connection SQLite engines are cheap to reopen and hold file handles;
-            # server pools are expensive to rebuild, so they live until dispose_engines().
-            dispose_when_unused=private or profile.serializes_writers_in_process,
-            private=private,
-        )
-        handles[key] = handle
+        handle = handles[key] = _new_handle(parsed, profile, private=private)
     handle.users += 1
     return handle
 
@@ -154,7 +281,7 @@ def acquire_for_engine(engine: AsyncEngine) -> EngineHandle:
     handles = _loop_handles()
     handle = handles.get(engine)
     if handle is None:
-        handle = handles[engine] = EngineHandle(
+        handle = handles[engine] = AsyncEngineHandle(
             engine, profile_for(engine.dialect.name), owned=False
         )
     handle.users += 1
@@ -169,7 +296,7 @@ async def release(handle: EngineHandle) -> None:
     handles = _loop_handles()
     for key in [key for key, candidate in handles.items() if candidate is handle]:
         del handles[key]
-    await handle.engine.dispose()
+    await handle.dispose(final=True)
 
 
 def release_soon(handle: EngineHandle) -> asyncio.Task[None]:
@@ -206,4 +333,4 @@ async def dispose_engines(url: str | URL | None = None) -> None:
     wanted = None if url is None else _url_key(make_url(url))
     for key, handle in list(_loop_handles().items()):
         if handle.owned and not handle.private and wanted in (None, key):
-            await handle.engine.dispose()
+            await handle.dispose()

@@ -190,7 +190,7 @@ def _profile(url: URL) -> DialectProfile:
 async def _engine(target: Target) -> AsyncIterator[tuple[AsyncEngine, DialectProfile]]:
     if isinstance(target, AsyncEngine):
         profile = profile_for(target.dialect.name)
-        profile.prepare_engine(target)
+        profile.prepare_engine(target.sync_engine)
         yield target, profile
         return
     url = _parse(target)
@@ -202,7 +202,7 @@ async def _engine(target: Target) -> AsyncIterator[tuple[AsyncEngine, DialectPro
             f"Cannot use {url.render_as_string(hide_password=True)!r}: {_one_line(exc)}; use an "
             "async driver such as sqlite+aiosqlite or postgresql+asyncpg"
         ) from exc
-    profile.prepare_engine(engine)
+    profile.prepare_engine(engine.sync_engine)
     try:
         yield engine, profile
     finally:
@@ -232,7 +232,7 @@ async def _run(target: Target, work: Callable[[Connection], _T], *, lock: bool =
     """Run ``work`` on a connection in one transaction, under the schema lock if ``lock``."""
     async with _engine(target) as (engine, profile), _connection(engine) as conn, conn.begin():
         if lock:
-            await profile.lock_schema(conn)
+            await conn.run_sync(profile.lock_schema)
         return await conn.run_sync(work)
 
 

@@ -10,7 +10,7 @@ write lock on SQLite.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -32,8 +32,7 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import Executable, Select
 from sqlalchemy.sql.elements import BindParameter
 
 from turnstore.dialects import DialectProfile, utc_now
@@ -237,12 +236,9 @@ class ConversationRepository:
             if key in handle.ready_schemas:
                 return
             if create:
-                async with handle.writing() as conn:
-                    await self._profile.lock_schema(conn)
-                    await conn.run_sync(self._create_missing)
+                await handle.write(self._create_missing)
             else:
-                async with handle.reading() as conn:
-                    missing = await conn.run_sync(self._missing_tables)
+                missing = await handle.read(self._missing_tables)
                 if missing:
                     raise SchemaMissingError(
                         f"The database lacks turnstore's tables ({', '.join(missing)}). Pass "
@@ -255,6 +251,7 @@ class ConversationRepository:
         return [name for name in self._t.names if name not in present]
 
     def _create_missing(self, conn: Connection) -> None:
+        self._profile.lock_schema(conn)
         if self._t is DEFAULT_TABLES:
             # The migrations own the default table set: create through them (and stamp), so a
             # database made here can be upgraded later like any other.
@@ -285,11 +282,10 @@ class ConversationRepository:
         if limit == 0:
             return []
         params: dict[str, Any] = {"sid": session_id, "bid": branch_id}
-        async with self._handle.reading() as conn:
-            if limit is None or limit < 0:
-                return list((await conn.execute(self._q.history, params)).scalars())
-            params["limit"] = limit
-            newest_first = list((await conn.execute(self._q.latest, params)).scalars())
+        if limit is None or limit < 0:
+            return await self._handle.read(_all_scalars, self._q.history, params)
+        params["limit"] = limit
+        newest_first = await self._handle.read(_all_scalars, self._q.latest, params)
         newest_first.reverse()
         return newest_first
 
@@ -308,41 +304,49 @@ class ConversationRepository:
         Returns:
             The branch written to and the session's current clear generation.
         """
+        return await self._handle.write(self._append, session_id, pointer, messages)
+
+    def _append(
+        self,
+        conn: Connection,
+        session_id: str,
+        pointer: BranchPointer,
+        messages: Sequence[NewMessage],
+    ) -> BranchPointer:
         q = self._q
         branch_id = pointer.branch_id
-        async with self._handle.writing() as conn:
-            params = {"sid": session_id, "bid": branch_id}
-            await conn.execute(q.touch_session, params)
-            max_sequence, turn, generation = (await conn.execute(q.append_counters, params)).one()
-            generation = generation or 0
-            if generation != pointer.generation and branch_id != MAIN_BRANCH:
-                branch_id = MAIN_BRANCH
-                turn = await conn.scalar(select(q.max_turn), {"sid": session_id, "bid": branch_id})
-            message_ids = await self._profile.insert_returning_ids(
-                conn,
-                self._t.messages,
-                [{"session_id": session_id, "message_data": m.data} for m in messages],
-                {"session_id": session_id},
+        params = {"sid": session_id, "bid": branch_id}
+        conn.execute(q.touch_session, params)
+        max_sequence, turn, generation = conn.execute(q.append_counters, params).one()
+        generation = generation or 0
+        if generation != pointer.generation and branch_id != MAIN_BRANCH:
+            branch_id = MAIN_BRANCH
+            turn = conn.scalar(select(q.max_turn), {"sid": session_id, "bid": branch_id})
+        message_ids = self._profile.insert_returning_ids(
+            conn,
+            self._t.messages,
+            [{"session_id": session_id, "message_data": m.data} for m in messages],
+            {"session_id": session_id},
+        )
+        sequence, turn = max_sequence or 0, turn or 0
+        rows = []
+        for message, message_id in zip(messages, message_ids, strict=True):
+            sequence += 1
+            if message.is_user_message:
+                turn += 1
+            rows.append(
+                {
+                    "session_id": session_id,
+                    "message_id": message_id,
+                    "branch_id": branch_id,
+                    "message_type": message.message_type,
+                    "sequence_number": sequence,
+                    "user_turn_number": turn,
+                    "branch_turn_number": turn,
+                    "tool_name": message.tool_name,
+                }
             )
-            sequence, turn = max_sequence or 0, turn or 0
-            rows = []
-            for message, message_id in zip(messages, message_ids, strict=True):
-                sequence += 1
-                if message.is_user_message:
-                    turn += 1
-                rows.append(
-                    {
-                        "session_id": session_id,
-                        "message_id": message_id,
-                        "branch_id": branch_id,
-                        "message_type": message.message_type,
-                        "sequence_number": sequence,
-                        "user_turn_number": turn,
-                        "branch_turn_number": turn,
-                        "tool_name": message.tool_name,
-                    }
-                )
-            await conn.execute(q.insert_structure, rows)
+        conn.execute(q.insert_structure, rows)
         return BranchPointer(branch_id, generation)
 
     async def pop_latest(self, session_id: str, branch_id: str) -> PoppedItem | None:
@@ -351,43 +355,43 @@ class ConversationRepository:
         The message row itself is deleted only when no other branch shares it, and the turn's
         usage row goes when its last item does.
         """
+        return await self._handle.write(self._pop_latest, session_id, branch_id)
+
+    def _pop_latest(self, conn: Connection, session_id: str, branch_id: str) -> PoppedItem | None:
         s, m, u = self._t.structure, self._t.messages, self._t.usage
-        async with self._handle.writing() as conn:
-            if await conn.scalar(self._q.lock_session, {"sid": session_id}) is None:
-                return None
-            row = (
-                await conn.execute(
-                    select(s.c.id, s.c.message_id, s.c.user_turn_number, m.c.message_data)
-                    .outerjoin(m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
-                    .where(s.c.session_id == session_id, s.c.branch_id == branch_id)
-                    .order_by(s.c.sequence_number.desc())
-                    .limit(1)
-                )
-            ).first()
-            if row is None:
-                return None
-            await conn.execute(delete(s).where(s.c.session_id == session_id, s.c.id == row.id))
-            await conn.execute(
-                delete(m).where(
-                    m.c.session_id == session_id,
-                    m.c.id == row.message_id,
-                    ~exists().where(s.c.session_id == session_id, s.c.message_id == row.message_id),
+        if conn.scalar(self._q.lock_session, {"sid": session_id}) is None:
+            return None
+        row = conn.execute(
+            select(s.c.id, s.c.message_id, s.c.user_turn_number, m.c.message_data)
+            .outerjoin(m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
+            .where(s.c.session_id == session_id, s.c.branch_id == branch_id)
+            .order_by(s.c.sequence_number.desc())
+            .limit(1)
+        ).first()
+        if row is None:
+            return None
+        conn.execute(delete(s).where(s.c.session_id == session_id, s.c.id == row.id))
+        conn.execute(
+            delete(m).where(
+                m.c.session_id == session_id,
+                m.c.id == row.message_id,
+                ~exists().where(s.c.session_id == session_id, s.c.message_id == row.message_id),
+            )
+        )
+        if row.user_turn_number is not None:
+            in_turn = (
+                s.c.session_id == session_id,
+                s.c.branch_id == branch_id,
+                s.c.user_turn_number == row.user_turn_number,
+            )
+            conn.execute(
+                delete(u).where(
+                    u.c.session_id == session_id,
+                    u.c.branch_id == branch_id,
+                    u.c.user_turn_number == row.user_turn_number,
+                    ~exists().where(*in_turn),
                 )
             )
-            if row.user_turn_number is not None:
-                in_turn = (
-                    s.c.session_id == session_id,
-                    s.c.branch_id == branch_id,
-                    s.c.user_turn_number == row.user_turn_number,
-                )
-                await conn.execute(
-                    delete(u).where(
-                        u.c.session_id == session_id,
-                        u.c.branch_id == branch_id,
-                        u.c.user_turn_number == row.user_turn_number,
-                        ~exists().where(*in_turn),
-                    )
-                )
         return PoppedItem(row.message_data)
 
     async def clear(self, session_id: str) -> int:
@@ -396,35 +400,37 @@ class ConversationRepository:
         Returns:
             The session's new clear generation.
         """
+        return await self._handle.write(self._clear, session_id)
+
+    def _clear(self, conn: Connection, session_id: str) -> int:
         t, profile = self._t, self._profile
         s = t.structure
-        async with self._handle.writing() as conn:
-            await conn.execute(self._q.lock_session, {"sid": session_id})
-            await conn.execute(
-                profile.insert_if_absent(t.reservations, ["session_id", "branch_id"]).from_select(
-                    ["session_id", "branch_id"],
-                    select(s.c.session_id, s.c.branch_id)
-                    .where(s.c.session_id == session_id)
-                    .distinct(),
-                )
+        conn.execute(self._q.lock_session, {"sid": session_id})
+        conn.execute(
+            profile.insert_if_absent(t.reservations, ["session_id", "branch_id"]).from_select(
+                ["session_id", "branch_id"],
+                select(s.c.session_id, s.c.branch_id)
+                .where(s.c.session_id == session_id)
+                .distinct(),
             )
-            for table in (t.structure, t.usage, t.messages, t.sessions):
-                await conn.execute(delete(table).where(table.c.session_id == session_id))
-            await conn.execute(
-                profile.upsert(
-                    t.generations,
-                    {"session_id": session_id, "generation": 1},
-                    ["session_id"],
-                    {"generation": t.generations.c.generation + 1},
-                )
+        )
+        for table in (t.structure, t.usage, t.messages, t.sessions):
+            conn.execute(delete(table).where(table.c.session_id == session_id))
+        conn.execute(
+            profile.upsert(
+                t.generations,
+                {"session_id": session_id, "generation": 1},
+                ["session_id"],
+                {"generation": t.generations.c.generation + 1},
             )
-            generation = await conn.scalar(select(self._q.generation), {"sid": session_id})
-        return int(generation or 0)
+        )
+        return int(conn.scalar(select(self._q.generation), {"sid": session_id}) or 0)
 
     async def current_generation(self, session_id: str) -> int:
         """The session's clear generation (0 if it was never cleared)."""
-        async with self._handle.reading() as conn:
-            generation = await conn.scalar(select(self._q.generation), {"sid": session_id})
+        generation = await self._handle.read(
+            _scalar, select(self._q.generation), {"sid": session_id}
+        )
         return int(generation or 0)
 
     # -- usage ---------------------------------------------------------------------------
@@ -440,34 +446,38 @@ class ConversationRepository:
         Returns:
             The turn number written, or ``None`` if nothing was stored.
         """
+        return await self._handle.write(self._record_usage, session_id, pointer, usage)
+
+    def _record_usage(
+        self, conn: Connection, session_id: str, pointer: BranchPointer, usage: UsageRecord
+    ) -> int | None:
         q, u = self._q, self._t.usage
         params = {"sid": session_id, "bid": pointer.branch_id}
-        async with self._handle.writing() as conn:
-            if await conn.scalar(q.lock_session, params) is None:
-                return None
-            turn, generation = (await conn.execute(select(q.max_turn, q.generation), params)).one()
-            if turn is None or (generation or 0) != pointer.generation:
-                return None
-            values = {
-                "session_id": session_id,
-                "branch_id": pointer.branch_id,
-                "user_turn_number": turn,
-                "requests": usage.requests,
-                "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens,
-                "total_tokens": usage.total_tokens,
-                "input_tokens_details": usage.input_tokens_details,
-                "output_tokens_details": usage.output_tokens_details,
-            }
-            await conn.execute(
-                self._profile.upsert(
-                    u,
-                    values,
-                    ["session_id", "branch_id", "user_turn_number"],
-                    {"created_at": utc_now()},
-                    take_new_values=[c for c in values if c not in ("session_id", "branch_id")],
-                )
+        if conn.scalar(q.lock_session, params) is None:
+            return None
+        turn, generation = conn.execute(select(q.max_turn, q.generation), params).one()
+        if turn is None or (generation or 0) != pointer.generation:
+            return None
+        values = {
+            "session_id": session_id,
+            "branch_id": pointer.branch_id,
+            "user_turn_number": turn,
+            "requests": usage.requests,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "total_tokens": usage.total_tokens,
+            "input_tokens_details": usage.input_tokens_details,
+            "output_tokens_details": usage.output_tokens_details,
+        }
+        conn.execute(
+            self._profile.upsert(
+                u,
+                values,
+                ["session_id", "branch_id", "user_turn_number"],
+                {"created_at": utc_now()},
+                take_new_values=[c for c in values if c not in ("session_id", "branch_id")],
             )
+        )
         return int(turn)
 
     async def session_usage(
@@ -484,8 +494,7 @@ class ConversationRepository:
         ).where(u.c.session_id == session_id)
         if branch_id is not None:
             stmt = stmt.where(u.c.branch_id == branch_id)
-        async with self._handle.reading() as conn:
-            row = (await conn.execute(stmt)).one()
+        row = await self._handle.read(_one_row, stmt)
         if row[0] is None:
             return None
         requests, input_tokens, output_tokens, total_tokens, turns = (int(v or 0) for v in row)
@@ -511,9 +520,7 @@ class ConversationRepository:
         )
         if user_turn_number is not None:
             stmt = stmt.where(u.c.user_turn_number == user_turn_number)
-        async with self._handle.reading() as conn:
-            rows = (await conn.execute(stmt)).all()
-        return [StoredTurnUsage(*row) for row in rows]
+        return [StoredTurnUsage(*row) for row in await self._handle.read(_all_rows, stmt)]
 
     # -- branches ------------------------------------------------------------------------
 
@@ -521,12 +528,9 @@ class ConversationRepository:
         """The session's clear generation if ``branch_id`` has items, else ``None``."""
         s = self._t.structure
         has_items = exists().where(s.c.session_id == session_id, s.c.branch_id == branch_id)
-        async with self._handle.reading() as conn:
-            found, generation = (
-                await conn.execute(
-                    select(has_items.label("found"), self._q.generation), {"sid": session_id}
-                )
-            ).one()
+        found, generation = await self._handle.read(
+            _one_row, select(has_items.label("found"), self._q.generation), {"sid": session_id}
+        )
         return int(generation or 0) if found else None
 
     async def create_branch(
@@ -554,59 +558,70 @@ class ConversationRepository:
             TurnNotFoundError: The source branch has no user message at ``turn``.
             BranchNameTakenError: ``branch_name`` was used before in this session.
         """
-        q, t = self._q, self._t
-        s = t.structure
-        async with self._handle.writing() as conn:
-            await conn.execute(q.lock_session, {"sid": session_id})
-            generation = int(await conn.scalar(select(q.generation), {"sid": session_id}) or 0)
-            source_branch = source.branch_id
-            if generation != source.generation and source_branch != MAIN_BRANCH:
-                source_branch = MAIN_BRANCH
-            has_turn = exists().where(
-                s.c.session_id == session_id,
-                s.c.branch_id == source_branch,
-                s.c.branch_turn_number == turn,
-                s.c.message_type == "user",
+        return await self._handle.write(
+            self._create_branch, session_id, source, turn, branch_name, auto_name
+        )
+
+    def _create_branch(
+        self,
+        conn: Connection,
+        session_id: str,
+        source: BranchPointer,
+        turn: int,
+        branch_name: str | None,
+        auto_name: str,
+    ) -> CreatedBranch:
+        q, s = self._q, self._t.structure
+        conn.execute(q.lock_session, {"sid": session_id})
+        generation = int(conn.scalar(select(q.generation), {"sid": session_id}) or 0)
+        source_branch = source.branch_id
+        if generation != source.generation and source_branch != MAIN_BRANCH:
+            source_branch = MAIN_BRANCH
+        has_turn = exists().where(
+            s.c.session_id == session_id,
+            s.c.branch_id == source_branch,
+            s.c.branch_turn_number == turn,
+            s.c.message_type == "user",
+        )
+        if not conn.scalar(select(has_turn)):
+            raise TurnNotFoundError(
+                f"Turn {turn} does not contain a user message in branch '{source_branch}'"
             )
-            if not await conn.scalar(select(has_turn)):
-                raise TurnNotFoundError(
-                    f"Turn {turn} does not contain a user message in branch '{source_branch}'"
-                )
-            new_branch = await self._reserve_branch_name(conn, session_id, branch_name, auto_name)
-            max_sequence = await conn.scalar(select(q.max_sequence), {"sid": session_id}) or 0
-            copied = await conn.execute(
-                insert(s).from_select(
-                    [
-                        "session_id",
-                        "message_id",
-                        "branch_id",
-                        "message_type",
-                        "sequence_number",
-                        "user_turn_number",
-                        "branch_turn_number",
-                        "tool_name",
-                    ],
-                    select(
-                        s.c.session_id,
-                        s.c.message_id,
-                        literal(new_branch, s.c.branch_id.type),
-                        s.c.message_type,
-                        literal(max_sequence, Integer)
-                        + func.row_number().over(order_by=s.c.sequence_number),
-                        s.c.user_turn_number,
-                        s.c.branch_turn_number,
-                        s.c.tool_name,
-                    ).where(
-                        s.c.session_id == session_id,
-                        s.c.branch_id == source_branch,
-                        s.c.branch_turn_number < turn,
-                    ),
-                )
+        new_branch = self._reserve_branch_name(conn, session_id, branch_name, auto_name)
+        max_sequence = conn.scalar(select(q.max_sequence), {"sid": session_id}) or 0
+        copied = conn.execute(
+            insert(s).from_select(
+                [
+                    "session_id",
+                    "message_id",
+                    "branch_id",
+                    "message_type",
+                    "sequence_number",
+                    "user_turn_number",
+                    "branch_turn_number",
+                    "tool_name",
+                ],
+                select(
+                    s.c.session_id,
+                    s.c.message_id,
+                    literal(new_branch, s.c.branch_id.type),
+                    s.c.message_type,
+                    literal(max_sequence, Integer)
+                    + func.row_number().over(order_by=s.c.sequence_number),
+                    s.c.user_turn_number,
+                    s.c.branch_turn_number,
+                    s.c.tool_name,
+                ).where(
+                    s.c.session_id == session_id,
+                    s.c.branch_id == source_branch,
+                    s.c.branch_turn_number < turn,
+                ),
             )
+        )
         return CreatedBranch(new_branch, source_branch, generation, copied.rowcount)
 
-    async def _reserve_branch_name(
-        self, conn: AsyncConnection, session_id: str, branch_name: str | None, auto_name: str
+    def _reserve_branch_name(
+        self, conn: Connection, session_id: str, branch_name: str | None, auto_name: str
     ) -> str:
         """Reserve a branch name inside the caller's (session-locked) transaction."""
         r, s = self._t.reservations, self._t.structure
@@ -627,7 +642,7 @@ class ConversationRepository:
             )
         else:
             candidates = candidates.where(name_column == wanted)
-        taken: set[str] = {str(name) for name in (await conn.execute(candidates)).scalars()}
+        taken: set[str] = {str(name) for name in conn.execute(candidates).scalars()}
         taken.add(MAIN_BRANCH)
         if wanted in taken:
             if branch_name is not None:
@@ -638,7 +653,7 @@ class ConversationRepository:
             while f"{auto_name}_{suffix}" in taken:
                 suffix += 1
             wanted = f"{auto_name}_{suffix}"
-        await conn.execute(insert(r).values(session_id=session_id, branch_id=wanted))
+        conn.execute(insert(r).values(session_id=session_id, branch_id=wanted))
         return wanted
 
     async def delete_branch(self, session_id: str, branch_id: str) -> DeletedBranch:
@@ -649,39 +664,37 @@ class ConversationRepository:
         Raises:
             BranchNotFoundError: The branch has no items.
         """
+        return await self._handle.write(self._delete_branch, session_id, branch_id)
+
+    def _delete_branch(self, conn: Connection, session_id: str, branch_id: str) -> DeletedBranch:
         t, profile = self._t, self._profile
         s, m, u = t.structure, t.messages, t.usage
         in_branch = (s.c.session_id == session_id, s.c.branch_id == branch_id)
-        async with self._handle.writing() as conn:
-            await conn.execute(self._q.lock_session, {"sid": session_id})
-            structure_rows = await conn.scalar(select(func.count()).where(*in_branch)) or 0
-            if not structure_rows:
-                raise BranchNotFoundError(f"Branch '{branch_id}' does not exist")
-            await conn.execute(
-                profile.insert_if_absent(t.reservations, ["session_id", "branch_id"]).values(
-                    session_id=session_id, branch_id=branch_id
-                )
+        conn.execute(self._q.lock_session, {"sid": session_id})
+        structure_rows = conn.scalar(select(func.count()).where(*in_branch)) or 0
+        if not structure_rows:
+            raise BranchNotFoundError(f"Branch '{branch_id}' does not exist")
+        conn.execute(
+            profile.insert_if_absent(t.reservations, ["session_id", "branch_id"]).values(
+                session_id=session_id, branch_id=branch_id
             )
-            usage_rows = (
-                await conn.execute(
-                    delete(u).where(u.c.session_id == session_id, u.c.branch_id == branch_id)
-                )
-            ).rowcount
-            other = s.alias("other_branches")
-            messages = (
-                await conn.execute(
-                    delete(m).where(
-                        m.c.session_id == session_id,
-                        m.c.id.in_(select(s.c.message_id).where(*in_branch)),
-                        ~exists().where(
-                            other.c.session_id == session_id,
-                            other.c.message_id == m.c.id,
-                            other.c.branch_id != branch_id,
-                        ),
-                    )
-                )
-            ).rowcount
-            await conn.execute(delete(s).where(*in_branch))
+        )
+        usage_rows = conn.execute(
+            delete(u).where(u.c.session_id == session_id, u.c.branch_id == branch_id)
+        ).rowcount
+        other = s.alias("other_branches")
+        messages = conn.execute(
+            delete(m).where(
+                m.c.session_id == session_id,
+                m.c.id.in_(select(s.c.message_id).where(*in_branch)),
+                ~exists().where(
+                    other.c.session_id == session_id,
+                    other.c.message_id == m.c.id,
+                    other.c.branch_id != branch_id,
+                ),
+            )
+        ).rowcount
+        conn.execute(delete(s).where(*in_branch))
         return DeletedBranch(int(structure_rows), usage_rows, messages)
 
     async def list_branches(self, session_id: str) -> list[BranchSummary]:
@@ -699,11 +712,9 @@ class ConversationRepository:
             .group_by(s.c.branch_id)
             .order_by(created, func.min(s.c.id))
         )
-        async with self._handle.reading() as conn:
-            rows = (await conn.execute(stmt)).all()
         return [
             BranchSummary(branch, int(count), int(users or 0), format_timestamp(created_at))
-            for branch, count, users, created_at in rows
+            for branch, count, users, created_at in await self._handle.read(_all_rows, stmt)
         ]
 
     # -- structure queries ---------------------------------------------------------------
@@ -729,9 +740,10 @@ class ConversationRepository:
         )
         if containing is not None:
             stmt = stmt.where(m.c.message_data.icontains(containing, autoescape=True))
-        async with self._handle.reading() as conn:
-            rows = (await conn.execute(stmt)).all()
-        return [UserTurn(turn, data, format_timestamp(created)) for turn, data, created in rows]
+        return [
+            UserTurn(turn, data, format_timestamp(created))
+            for turn, data, created in await self._handle.read(_all_rows, stmt)
+        ]
 
     async def structure(
         self, session_id: str, branch_id: str
@@ -743,8 +755,7 @@ class ConversationRepository:
             .where(s.c.session_id == session_id, s.c.branch_id == branch_id)
             .order_by(s.c.sequence_number)
         )
-        async with self._handle.reading() as conn:
-            return [tuple(row) for row in (await conn.execute(stmt)).all()]
+        return [tuple(row) for row in await self._handle.read(_all_rows, stmt)]
 
     async def tool_usage(
         self, session_id: str, branch_id: str, rule: ToolCountRule
@@ -783,6 +794,28 @@ class ConversationRepository:
             .group_by(invocations.c.tool_name, invocations.c.turn)
             .order_by(invocations.c.turn, invocations.c.tool_name)
         )
-        async with self._handle.reading() as conn:
-            rows = (await conn.execute(stmt)).all()
+        rows = await self._handle.read(_all_rows, stmt)
         return [(name, int(count), turn) for name, count, turn in rows]
+
+
+# Units of work shared by the read paths: run one statement, shape its result.
+
+
+def _all_scalars(
+    conn: Connection, stmt: Executable, params: Mapping[str, Any] | None = None
+) -> list[Any]:
+    return list(conn.execute(stmt, params).scalars())
+
+
+def _all_rows(
+    conn: Connection, stmt: Executable, params: Mapping[str, Any] | None = None
+) -> list[Any]:
+    return list(conn.execute(stmt, params).all())
+
+
+def _one_row(conn: Connection, stmt: Executable, params: Mapping[str, Any] | None = None) -> Any:
+    return conn.execute(stmt, params).one()
+
+
+def _scalar(conn: Connection, stmt: Executable, params: Mapping[str, Any] | None = None) -> Any:
+    return conn.scalar(stmt, params)
