@@ -210,10 +210,18 @@ class DialectProfile:
         """
         return None
 
+    def returning_insert(self, table: Table) -> Insert:
+        """The INSERT that :meth:`insert_returning_ids` runs on ``table``; build it once.
+
+        Args:
+            table: A table whose primary key is a single autoincrement column.
+        """
+        return insert(table).returning(_row_id_column(table), sort_by_parameter_order=True)
+
     def insert_returning_ids(
         self,
         conn: Connection,
-        table: Table,
+        stmt: Insert,
         rows: Sequence[Mapping[str, Any]],
         locked_scope: Mapping[str, Any],
     ) -> list[int]:
@@ -221,13 +229,12 @@ class DialectProfile:
 
         Args:
             conn: A connection inside the caller's write transaction.
-            table: A table whose primary key is a single autoincrement column.
+            stmt: The table's :meth:`returning_insert`.
             rows: Column values of the new rows.
             locked_scope: Column values shared by every row, naming a scope the caller's lock
                 keeps other writers out of (say, one session). Dialects that cannot return ids
                 from the INSERT use it to find the new rows again.
         """
-        stmt = insert(table).returning(_row_id_column(table), sort_by_parameter_order=True)
         return [int(value) for value in conn.execute(stmt, list(rows)).scalars()]
 
     def prepare_engine(self, engine: Engine) -> None:
@@ -497,7 +504,7 @@ class MySQLProfile(DialectProfile):
     def insert_returning_ids(
         self,
         conn: Connection,
-        table: Table,
+        stmt: Insert,
         rows: Sequence[Mapping[str, Any]],
         locked_scope: Mapping[str, Any],
     ) -> list[int]:
@@ -509,9 +516,11 @@ class MySQLProfile(DialectProfile):
         in order, whatever ``innodb_autoinc_lock_mode`` interleaves with other scopes.
         """
         if self.prefer_returning and conn.dialect.insert_returning:
-            return super().insert_returning_ids(conn, table, rows, locked_scope)
+            return super().insert_returning_ids(conn, stmt, rows, locked_scope)
         if not rows:
             return []
+        table = stmt.table
+        assert isinstance(table, Table)
         id_column = _row_id_column(table)
         result = conn.execute(insert(table).values(list(rows)))
         first_id = result.lastrowid

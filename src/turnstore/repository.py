@@ -205,6 +205,26 @@ class _Statements:
             self.generation.label("generation"),
         )
         self.insert_structure = insert(s)
+        self.insert_messages = profile.returning_insert(tables.messages)
+        self.usage_counters = select(self.max_turn, self.generation)
+        self.current_generation = select(self.generation)
+        u = tables.usage
+        usage_columns = [
+            c.name
+            for c in u.columns
+            if c.name not in ("id", "session_id", "branch_id", "created_at")
+        ]
+        self.upsert_usage = profile.upsert(
+            u,
+            {
+                "session_id": sid,
+                "branch_id": bid,
+                **{name: bindparam(name, type_=u.c[name].type) for name in usage_columns},
+            },
+            ["session_id", "branch_id", "user_turn_number"],
+            {"created_at": utc_now()},
+            take_new_values=usage_columns,
+        )
 
 
 @cache
@@ -324,7 +344,7 @@ class ConversationRepository:
             turn = conn.scalar(select(q.max_turn), {"sid": session_id, "bid": branch_id})
         message_ids = self._profile.insert_returning_ids(
             conn,
-            self._t.messages,
+            q.insert_messages,
             [{"session_id": session_id, "message_data": m.data} for m in messages],
             {"session_id": session_id},
         )
@@ -429,7 +449,7 @@ class ConversationRepository:
     async def current_generation(self, session_id: str) -> int:
         """The session's clear generation (0 if it was never cleared)."""
         generation = await self._handle.read(
-            _scalar, select(self._q.generation), {"sid": session_id}
+            _scalar, self._q.current_generation, {"sid": session_id}
         )
         return int(generation or 0)
 
@@ -451,32 +471,25 @@ class ConversationRepository:
     def _record_usage(
         self, conn: Connection, session_id: str, pointer: BranchPointer, usage: UsageRecord
     ) -> int | None:
-        q, u = self._q, self._t.usage
+        q = self._q
         params = {"sid": session_id, "bid": pointer.branch_id}
         if conn.scalar(q.lock_session, params) is None:
             return None
-        turn, generation = conn.execute(select(q.max_turn, q.generation), params).one()
+        turn, generation = conn.execute(q.usage_counters, params).one()
         if turn is None or (generation or 0) != pointer.generation:
             return None
-        values = {
-            "session_id": session_id,
-            "branch_id": pointer.branch_id,
-            "user_turn_number": turn,
-            "requests": usage.requests,
-            "input_tokens": usage.input_tokens,
-            "output_tokens": usage.output_tokens,
-            "total_tokens": usage.total_tokens,
-            "input_tokens_details": usage.input_tokens_details,
-            "output_tokens_details": usage.output_tokens_details,
-        }
         conn.execute(
-            self._profile.upsert(
-                u,
-                values,
-                ["session_id", "branch_id", "user_turn_number"],
-                {"created_at": utc_now()},
-                take_new_values=[c for c in values if c not in ("session_id", "branch_id")],
-            )
+            q.upsert_usage,
+            {
+                **params,
+                "user_turn_number": turn,
+                "requests": usage.requests,
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "total_tokens": usage.total_tokens,
+                "input_tokens_details": usage.input_tokens_details,
+                "output_tokens_details": usage.output_tokens_details,
+            },
         )
         return int(turn)
 
