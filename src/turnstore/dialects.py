@@ -139,12 +139,12 @@ class ThreadedEngine:
     Attributes:
         url: The synchronous driver's URL.
         engine_options: Keyword arguments for ``create_engine``.
-        reader_threads: Threads serving reads beside the single writer thread.
+        separate_reader: Whether reads get a thread of their own beside the writer thread.
     """
 
     url: URL
     engine_options: dict[str, Any] = field(default_factory=dict)
-    reader_threads: int = 0
+    separate_reader: bool = True
 
 
 class DialectProfile:
@@ -261,9 +261,6 @@ class SQLiteProfile(DialectProfile):
     name = "sqlite"
     serializes_writers_in_process = True
     busy_timeout_seconds: ClassVar[float] = 30.0
-    # Readers beside the single writer thread; WAL lets them run while it writes. More than
-    # the machine's cores buys nothing: the driver holds the GIL outside SQLite's own code.
-    reader_threads: ClassVar[int] = 4
 
     def insert(self, table: Table) -> Insert:
         """Return SQLite's INSERT construct."""
@@ -305,25 +302,23 @@ class SQLiteProfile(DialectProfile):
 
         Connections move between the writer and reader threads (one thread at a time), so the
         driver's same-thread check is off. A database held in one connection (``:memory:``)
-        gets no reader threads: reads queue on the writer thread behind writes.
+        gets no reader thread: reads queue on the writer thread behind writes.
         """
         sync_url = url.set(drivername="sqlite+pysqlite")
         if self.private_engine(url):
             return ThreadedEngine(
                 sync_url,
                 {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}},
-                reader_threads=0,
+                separate_reader=False,
             )
-        readers = self.reader_threads
         return ThreadedEngine(
             sync_url,
+            # Writer and reader hold one connection each; schema checks may take a third.
             {
                 "connect_args": {"timeout": self.busy_timeout_seconds, "check_same_thread": False},
-                # A connection per thread, and a spare for schema work and disposal.
-                "pool_size": readers + 2,
-                "max_overflow": readers,
+                "pool_size": 3,
+                "max_overflow": 2,
             },
-            reader_threads=readers,
         )
 
     def prepare_engine(self, engine: Engine) -> None:

@@ -1,0 +1,133 @@
+"""Group commit on SQLite: writes queued behind a busy writer thread share one transaction.
+
+Each unit keeps its own outcome: a failing unit is rolled back alone (savepoint), the others
+commit; a caller is answered only after the group has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Connection
+
+from tests.helpers import turn
+from turnstore import AdvancedSQLiteSession, BranchNameTakenError
+from turnstore.batching import GroupRunner, Job, Outcome
+from turnstore.engines import ThreadedEngineHandle
+
+
+class _RecordingGroups:
+    """A group function that records group sizes and can hold the first group."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.release_first = threading.Event()
+        self.first_started = threading.Event()
+
+    def __call__(self, jobs: list[Job]) -> list[Outcome]:
+        self.sizes.append(len(jobs))
+        if len(self.sizes) == 1:
+            self.first_started.set()
+            self.release_first.wait(timeout=10)
+        return [Outcome.of(job, None) for job in jobs]  # type: ignore[arg-type]
+
+
+async def _wait_for(event: threading.Event) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, event.wait, 10)
+
+
+async def test_jobs_queued_while_busy_run_as_one_group() -> None:
+    groups = _RecordingGroups()
+    runner = GroupRunner(groups, "test-runner")
+    first = asyncio.ensure_future(runner.run(lambda _conn: "first"))
+    await _wait_for(groups.first_started)
+
+    def job(n: int) -> Job:
+        return lambda _conn: n
+
+    rest = [asyncio.ensure_future(runner.run(job(n))) for n in range(5)]
+    await asyncio.sleep(0)
+    groups.release_first.set()
+    assert await first == "first"
+    assert await asyncio.gather(*rest) == [0, 1, 2, 3, 4]
+    assert groups.sizes == [1, 5]
+    runner.shutdown()
+
+
+async def test_a_failing_job_fails_alone_and_a_failing_group_fails_everyone() -> None:
+    def fail(_conn: Connection) -> None:
+        raise ValueError("this job fails")
+
+    groups = _RecordingGroups()
+    groups.release_first.set()
+    runner = GroupRunner(groups, "test-runner")
+    outcomes = await asyncio.gather(
+        runner.run(lambda _conn: 1),
+        runner.run(fail),
+        runner.run(lambda _conn: 3),
+        return_exceptions=True,
+    )
+    assert outcomes[0] == 1
+    assert outcomes[2] == 3
+    assert isinstance(outcomes[1], ValueError)
+    runner.shutdown()
+
+    def broken_commit(jobs: list[Job]) -> list[Outcome]:
+        raise OSError("disk full")
+
+    broken = GroupRunner(broken_commit, "test-broken")
+    results = await asyncio.gather(
+        broken.run(lambda _conn: 1), broken.run(lambda _conn: 2), return_exceptions=True
+    )
+    assert all(isinstance(result, OSError) for result in results)
+    broken.shutdown()
+
+
+async def test_failing_unit_in_a_group_is_rolled_back_alone(
+    sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    group_sizes: list[int] = []
+    write_group = ThreadedEngineHandle._write_group
+
+    def recording_write_group(self: ThreadedEngineHandle, jobs: list[Job]) -> list[Outcome]:
+        group_sizes.append(len(jobs))
+        return write_group(self, jobs)
+
+    monkeypatch.setattr(ThreadedEngineHandle, "_write_group", recording_write_group)
+    sessions = [
+        AdvancedSQLiteSession(session_id=f"s{n}", db_path=sqlite_path, create_tables=True)
+        for n in range(12)
+    ]
+    for session in sessions:
+        await session.add_items(turn(f"opening {session.session_id}"))
+    await sessions[0].add_items(turn("second s0"))
+    await sessions[0].create_branch_from_turn(2, "taken")
+    await sessions[0].switch_to_branch("main")
+
+    # Many writers at once: whatever queues behind the first runs as one group, with one
+    # unit that must fail (the branch name is taken) in the middle.
+    outcomes = await asyncio.gather(
+        *(session.add_items(turn(f"second {session.session_id}")) for session in sessions[1:6]),
+        sessions[0].create_branch_from_turn(2, "taken"),
+        *(session.add_items(turn(f"second {session.session_id}")) for session in sessions[6:]),
+        return_exceptions=True,
+    )
+    # The first writer ran alone; the other eleven queued behind it and ran as one group.
+    assert group_sizes[-2:] == [1, 11]
+    failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    assert len(failures) == 1
+    assert isinstance(failures[0], BranchNameTakenError)
+    for session in sessions[1:]:
+        assert await session.get_items() == turn(f"opening {session.session_id}") + turn(
+            f"second {session.session_id}"
+        )
+    assert [branch["branch_id"] for branch in await sessions[0].list_branches()] == [
+        "main",
+        "taken",
+    ]
+    assert await sessions[0].get_items() == turn("opening s0") + turn("second s0")
+    for session in sessions:
+        await session.aclose()
