@@ -148,7 +148,7 @@ async def test_adopted_sdk_database_reads_back_identically(
         used = set(conn.execute("SELECT DISTINCT session_id, branch_id FROM message_structure"))
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert used <= reserved
-    assert "idx_structure_message" in indexes
+    assert "idx_structure_message_session" in indexes
 
     assert await turnstore_snapshots(sqlite_path) == before
     assert await migrate.current(url) == (migrate.head(),)

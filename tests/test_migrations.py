@@ -89,6 +89,53 @@ async def test_round_trip_keeps_data_on_the_way_up(backend: Backend) -> None:
     assert await engine_drift(backend.engine) == []
 
 
+async def structure_indexes(backend: Backend) -> dict[str, list[str]]:
+    async with backend.engine.connect() as conn:
+        found = await conn.run_sync(lambda sync: inspect(sync).get_indexes("message_structure"))
+    return {
+        index["name"]: [str(column) for column in index["column_names"]]
+        for index in found
+        if index["name"]
+    }
+
+
+async def test_each_revision_steps_up_and_down_with_data(backend: Backend) -> None:
+    """Every script, one at a time, with a conversation in the store at each step."""
+    revisions = [info.revision for info in migrate.history()]
+    await migrate.upgrade(backend.engine, revisions[0])
+    session = backend.session("stepped", create_tables=False)
+    await session.add_items([*turn("first"), function_call("lookup"), function_output()])
+    await session.add_items(turn("second"))
+    await session.create_branch_from_turn(2, "side")  # shares the first turn's messages
+    await session.add_items(turn("on the side"))
+    await session.switch_to_branch("main")
+    expected = {
+        "main": await session.get_items(),
+        "side": await session.get_items(branch_id="side"),
+    }
+
+    async def unchanged() -> None:
+        for branch, items in expected.items():
+            assert await session.get_items(branch_id=branch) == items
+
+    for revision in revisions[1:]:
+        await migrate.upgrade(backend.engine, revision)
+        assert await migrate.current(backend.engine) == (revision,)
+        await unchanged()
+    assert "idx_structure_message_session" in await structure_indexes(backend)
+    assert await engine_drift(backend.engine) == []
+    # Deleting a branch relies on the index: it must still find shared and unshared messages.
+    await session.delete_branch("side", force=True)
+    del expected["side"]
+    for revision in reversed(revisions[:-1]):
+        await migrate.downgrade(backend.engine, revision)
+        assert await migrate.current(backend.engine) == (revision,)
+        await unchanged()
+    indexes = await structure_indexes(backend)
+    assert indexes["idx_structure_message"] == ["message_id"]
+    assert "idx_structure_message_session" not in indexes
+
+
 async def test_migrated_schema_has_no_drift(backend: Backend) -> None:
     await migrate.upgrade(backend.engine)
     assert await engine_drift(backend.engine) == []

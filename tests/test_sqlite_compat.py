@@ -114,7 +114,7 @@ async def test_create_tables_on_sdk_file_adds_only_what_is_missing(sqlite_path: 
         assert await read_everything(ours) == before
     with sqlite3.connect(sqlite_path) as conn:
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-    assert "idx_structure_message" in indexes
+    assert "idx_structure_message_session" in indexes
 
 
 def test_constructor_matches_the_sdk() -> None:

@@ -2,7 +2,7 @@
 
 A database written by the SDK's ``AdvancedSQLiteSession`` already has turnstore's tables (the
 models reproduce the SDK's layout); depending on the SDK version it lacks the two bookkeeping
-tables, and it always lacks turnstore's ``idx_structure_message`` index. Completing it only
+tables, and it always lacks turnstore's ``idx_structure_message_session`` index. Completing it only
 adds: no existing table is rebuilt and no row is changed or removed.
 """
 

@@ -4,8 +4,9 @@ The four documented tables of the SDK's ``AdvancedSQLiteSession`` (``agent_sessi
 ``agent_messages``, ``message_structure``, ``turn_usage``) with their documented columns, defaults,
 foreign keys, unique constraint and index names, so a database written by the SDK opens and
 continues; plus the two bookkeeping tables newer SDK versions add (``branch_reservations``,
-``session_clear_generations``) and one index of turnstore's own (``idx_structure_message``) that
-keeps branch and message deletion from scanning a whole session.
+``session_clear_generations``) and one index of turnstore's own
+(``idx_structure_message_session``) that keeps branch and message deletion from scanning a
+whole session.
 
 Like the SDK, the two base tables may be renamed per session (``sessions_table`` /
 ``messages_table``); :func:`tables_for` builds the table set for such a pair. The declarative
@@ -144,9 +145,10 @@ def define_tables(
         Index("idx_structure_branch", "session_id", "branch_id"),
         Index("idx_structure_turn", "session_id", "branch_id", "user_turn_number"),
         Index("idx_structure_branch_seq", "session_id", "branch_id", "sequence_number"),
-        # Not in the SDK: lets ON DELETE CASCADE and "is this message still referenced?"
-        # find structure rows by message without scanning the session.
-        Index("idx_structure_message", "message_id"),
+        # Not in the SDK: lets ON DELETE CASCADE (by message alone) and "is this message
+        # still on another branch?" (by message and session) find structure rows without
+        # scanning the session.
+        Index("idx_structure_message_session", "message_id", "session_id"),
         sqlite_autoincrement=True,
         **TABLE_OPTIONS,
     )
