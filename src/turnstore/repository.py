@@ -695,17 +695,18 @@ class ConversationRepository:
         usage_rows = conn.execute(
             delete(u).where(u.c.session_id == session_id, u.c.branch_id == branch_id)
         ).rowcount
-        other = s.alias("other_branches")
+        # Messages every structure row of which is on this branch: one pass over the
+        # session's rows, grouped. A correlated "no other branch has it" check per message
+        # is faster with good statistics, but Postgres plans it as a session scan per message
+        # while a newly filled table has none (12 s for a 2,000-turn branch).
+        only_here = (
+            select(s.c.message_id)
+            .where(s.c.session_id == session_id)
+            .group_by(s.c.message_id)
+            .having(func.count() == func.count(case((s.c.branch_id == branch_id, 1))))
+        )
         messages = conn.execute(
-            delete(m).where(
-                m.c.session_id == session_id,
-                m.c.id.in_(select(s.c.message_id).where(*in_branch)),
-                ~exists().where(
-                    other.c.session_id == session_id,
-                    other.c.message_id == m.c.id,
-                    other.c.branch_id != branch_id,
-                ),
-            )
+            delete(m).where(m.c.session_id == session_id, m.c.id.in_(only_here))
         ).rowcount
         conn.execute(delete(s).where(*in_branch))
         return DeletedBranch(int(structure_rows), usage_rows, messages)
