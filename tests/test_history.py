@@ -210,3 +210,34 @@ async def test_second_instance_continues_the_conversation(backend: Backend) -> N
     await second.add_items(turn("two"))
     assert await first.get_items() == [*turn("one"), *turn("two")]
     assert [t["turn"] for t in await first.get_conversation_turns()] == [1, 2]
+
+
+async def test_iter_items_streams_every_branch_item_page_by_page(backend: Backend) -> None:
+    async with backend.session("streamed") as session:
+        for n in range(7):
+            await session.add_items(turn(f"turn {n}"))
+        await session.create_branch_from_turn(3, "side")
+        await session.add_items(turn("side only"))
+        await session.switch_to_branch("main")
+        # Main's later items are numbered after the side branch's: a gap to page across.
+        await session.add_items(turn("main again"))
+        for batch_size in (1, 3, 4, 500):
+            for branch in ("main", "side"):
+                streamed = [
+                    item async for item in session.iter_items(branch, batch_size=batch_size)
+                ]
+                assert streamed == await session.get_items(branch_id=branch)
+            current = [item async for item in session.iter_items(batch_size=batch_size)]
+            assert current == await session.get_items()
+        assert len(current) == 16
+        assert [item async for item in session.iter_items("no-such-branch")] == []
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, True, 2.5, "10"])
+async def test_iter_items_rejects_bad_batch_sizes(backend: Backend, batch_size: Any) -> None:
+    async with backend.session("bad-batch") as session:
+        await session.add_items(turn("kept"))
+        with pytest.raises(InvalidArgumentError, match="batch_size must be a positive int"):
+            async for _ in session.iter_items(batch_size=batch_size):
+                pass
+        assert await session.get_items() == turn("kept")

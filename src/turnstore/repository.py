@@ -179,6 +179,12 @@ class _Statements:
         )
         self.history = history.order_by(s.c.sequence_number)
         self.latest = history.order_by(s.c.sequence_number.desc()).limit(bindparam("limit"))
+        self.page = (
+            history.add_columns(s.c.sequence_number)
+            .where(s.c.sequence_number > bindparam("after", type_=Integer))
+            .order_by(s.c.sequence_number)
+            .limit(bindparam("limit"))
+        )
         self.touch_session = profile.upsert(
             tables.sessions,
             {"session_id": sid},
@@ -308,6 +314,18 @@ class ConversationRepository:
         newest_first = await self._handle.read(_all_scalars, self._q.latest, params)
         newest_first.reverse()
         return newest_first
+
+    async def fetch_page(
+        self, session_id: str, branch_id: str, after_sequence: int, limit: int
+    ) -> list[tuple[str, int]]:
+        """Up to ``limit`` ``(item text, sequence number)`` of a branch after a sequence number.
+
+        Pages follow one another by sequence number (keyset pagination), so each costs the
+        same however deep into the history it starts.
+        """
+        params = {"sid": session_id, "bid": branch_id, "after": after_sequence, "limit": limit}
+        rows = await self._handle.read(_all_rows, self._q.page, params)
+        return [(data, int(sequence)) for data, sequence in rows]
 
     async def append(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -273,6 +273,36 @@ class AdvancedSession:
             if len(items) >= limit or len(texts) < window:
                 return items[-limit:]
             window *= 2
+
+    async def iter_items(
+        self, branch_id: str | None = None, *, batch_size: int = 500
+    ) -> AsyncIterator[Any]:
+        """Stream the items of the current (or given) branch, oldest first, page by page.
+
+        For exports and long histories: only one page of decoded items is in memory at a
+        time. Items appended while iterating may be included (they come after the rest).
+
+        Args:
+            branch_id: Read this branch instead of the current one.
+            batch_size: Items fetched per database round trip.
+
+        Raises:
+            InvalidArgumentError: ``batch_size`` is not a positive int.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidArgumentError(f"batch_size must be a positive int; got {batch_size!r}")
+        store = await self._store()
+        branch = branch_id if branch_id is not None else await self._current_branch(store)
+        after = 0
+        while True:
+            page = await store.fetch_page(self.session_id, branch, after, batch_size)
+            for data, _sequence in page:
+                item = decode(data)
+                if item is not None:
+                    yield item
+            if len(page) < batch_size:
+                return
+            after = page[-1][1]
 
     async def add_items(self, items: list[Any]) -> None:
         """Append items to the current branch, in one transaction.
