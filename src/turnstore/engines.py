@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from turnstore.dialects import DialectProfile, profile_for
-from turnstore.errors import InvalidArgumentError
+from turnstore.errors import ConnectionLostError, InvalidArgumentError
 
 
 class _NoGate:
@@ -73,16 +74,49 @@ class EngineHandle:
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction: committed when the block exits, rolled back if it raises."""
-        async with self._write_gate or _NO_GATE, self.engine.begin() as conn:
-            await self.profile.begin_write(conn)
-            yield conn
+        """A write transaction: committed when the block exits, rolled back if it raises.
+
+        Raises:
+            ConnectionLostError: The connection broke during the transaction.
+        """
+        committing = False
+        try:
+            async with self._write_gate or _NO_GATE, self.engine.begin() as conn:
+                await self.profile.begin_write(conn)
+                yield conn
+                committing = True
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            raise _connection_lost(committing) from exc
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for read-only statements."""
-        async with self._read_gate or _NO_GATE, self._read_engine.connect() as conn:
-            yield conn
+        """A connection for read-only statements.
+
+        Raises:
+            ConnectionLostError: The connection broke during the read.
+        """
+        try:
+            async with self._read_gate or _NO_GATE, self._read_engine.connect() as conn:
+                yield conn
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            raise _connection_lost(False) from exc
+
+
+def _connection_lost(committing: bool) -> ConnectionLostError:
+    """The error for a connection that broke; SQLAlchemy has already discarded it."""
+    if committing:
+        return ConnectionLostError(
+            "The database connection was lost while committing; the server may or may not "
+            "have applied the operation. Check the session's state before you retry."
+        )
+    return ConnectionLostError(
+        "The database connection was lost during the operation, which was rolled back; "
+        "retry it (the next call opens a fresh connection)."
+    )
 
 
 _registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, EngineHandle]] = (
