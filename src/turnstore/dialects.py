@@ -462,6 +462,16 @@ class MySQLProfile(DialectProfile):
         if not event.contains(target, "reset", _release_mysql_schema_lock):
             event.listen(target, "reset", _release_mysql_schema_lock)
 
+    async def begin_write(self, conn: AsyncConnection) -> None:
+        """Run the write transaction at READ COMMITTED.
+
+        Under InnoDB's default REPEATABLE READ, the locking reads, upserts and deletes of a
+        write take next-key (gap) locks that reach into the index ranges of neighbouring
+        sessions, so writers of different sessions deadlock. The session row lock already
+        serializes writers of one session; READ COMMITTED drops the gap locks.
+        """
+        await conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
     async def insert_returning_ids(
         self,
         conn: AsyncConnection,
