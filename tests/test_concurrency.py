@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
+from scripts.stress import process_context
 from sqlalchemy import select
 
 from tests.concurrency_worker import append_turns
@@ -69,9 +69,9 @@ async def test_many_processes_write_one_session_at_once(backend: Backend) -> Non
     processes, turns_each = 4, 15
     session_id = "shared-by-processes"
     await backend.session(session_id).get_items()  # create the schema
-    context = multiprocessing.get_context("spawn")
     loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+    # The stress script's fork server: workers start without importing the SDK again.
+    with ProcessPoolExecutor(processes, mp_context=process_context()) as pool:
         await asyncio.gather(
             *(
                 loop.run_in_executor(

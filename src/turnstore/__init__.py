@@ -8,6 +8,7 @@ from turnstore.engines import dispose_engines
 from turnstore.errors import (
     BranchNameTakenError,
     BranchNotFoundError,
+    ConnectionLostError,
     ContentNotFoundError,
     InvalidArgumentError,
     InvalidItemError,
@@ -26,6 +27,7 @@ __all__ = [
     "AdvancedSession",
     "BranchNameTakenError",
     "BranchNotFoundError",
+    "ConnectionLostError",
     "ContentNotFoundError",
     "InvalidArgumentError",
     "InvalidItemError",

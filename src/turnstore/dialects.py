@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, Dialect, Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql import ColumnElement
@@ -412,9 +413,30 @@ class PostgresProfile(DialectProfile):
         """A pool sized for many concurrent conversations on a small server."""
         return {"pool_size": 10, "max_overflow": 20}
 
+    def prepare_engine(self, engine: Engine) -> None:
+        """Replace pooled connections the server has closed before handing them out.
+
+        A server restart, ``pg_terminate_backend`` or an idle timeout closes connections
+        that sit in the pool; the driver notices the close by itself, so checking costs no
+        round trip, unlike ``pool_pre_ping`` (three round trips per checkout on asyncpg).
+        """
+        if not event.contains(engine, "checkout", _replace_closed_connection):
+            event.listen(engine, "checkout", _replace_closed_connection)
+
     def lock_schema(self, conn: Connection) -> None:
         """Transaction-scoped advisory lock, released by COMMIT or ROLLBACK."""
         conn.execute(func.pg_advisory_xact_lock(self.schema_lock_key).select())
+
+
+def _replace_closed_connection(
+    dbapi_connection: Any, _connection_record: Any, _connection_proxy: Any
+) -> None:
+    """Make the pool reconnect instead of handing out a connection the driver knows is closed."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    is_closed = getattr(driver, "is_closed", None)  # asyncpg
+    closed = is_closed() if callable(is_closed) else getattr(driver, "closed", False)  # psycopg
+    if closed:
+        raise DisconnectionError("the server closed this pooled connection")
 
 
 class MySQLProfile(DialectProfile):
@@ -495,6 +517,16 @@ class MySQLProfile(DialectProfile):
             event.listen(target, "connect", _configure_mysql_connection)
         if not event.contains(target, "reset", _release_mysql_schema_lock):
             event.listen(target, "reset", _release_mysql_schema_lock)
+
+    def begin_write(self, conn: Connection) -> None:
+        """Run the write transaction at READ COMMITTED.
+
+        Under InnoDB's default REPEATABLE READ, the locking reads, upserts and deletes of a
+        write take next-key (gap) locks that reach into the index ranges of neighbouring
+        sessions, so writers of different sessions deadlock. The session row lock already
+        serializes writers of one session; READ COMMITTED drops the gap locks.
+        """
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
 
     def insert_returning_ids(
         self,

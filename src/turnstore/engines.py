@@ -27,12 +27,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from turnstore.batching import GroupRunner, Job, Outcome
 from turnstore.dialects import DialectProfile, profile_for
-from turnstore.errors import InvalidArgumentError
+from turnstore.errors import ConnectionLostError, InvalidArgumentError
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -95,7 +96,11 @@ class EngineHandle:
 
 
 class AsyncEngineHandle(EngineHandle):
-    """Runs units of work on an ``AsyncEngine`` through ``run_sync``."""
+    """Runs units of work on an ``AsyncEngine`` through ``run_sync``.
+
+    A unit whose server connection breaks raises :class:`ConnectionLostError`; SQLAlchemy
+    discards the broken connection, so the next call gets a fresh one.
+    """
 
     def __init__(self, engine: AsyncEngine, profile: DialectProfile, **options: Any) -> None:
         super().__init__(profile, **options)
@@ -129,17 +134,43 @@ class AsyncEngineHandle(EngineHandle):
             profile.begin_write(conn)
             return work(conn, *args, **kwargs)
 
-        async with self._write_gate or _NO_GATE, self._engine.begin() as conn:
-            return await conn.run_sync(transaction)
+        committing = False
+        try:
+            async with self._write_gate or _NO_GATE, self._engine.begin() as conn:
+                result = await conn.run_sync(transaction)
+                committing = True
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            raise _connection_lost(committing=committing) from exc
+        return result
 
     async def read(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run read-only ``work`` on a connection that sees the latest committed state."""
-        async with self._read_gate or _NO_GATE, self._read_engine.connect() as conn:
-            return await conn.run_sync(lambda sync_conn: work(sync_conn, *args, **kwargs))
+        try:
+            async with self._read_gate or _NO_GATE, self._read_engine.connect() as conn:
+                return await conn.run_sync(lambda sync_conn: work(sync_conn, *args, **kwargs))
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            raise _connection_lost(committing=False) from exc
 
     async def dispose(self, *, final: bool = False) -> None:
         """Close the pool's connections (the engine stays usable)."""
         await self._engine.dispose()
+
+
+def _connection_lost(*, committing: bool) -> ConnectionLostError:
+    """The error for a server connection that broke; SQLAlchemy has already discarded it."""
+    if committing:
+        return ConnectionLostError(
+            "The database connection was lost while committing; the server may or may not "
+            "have applied the operation. Check the session's state before you retry."
+        )
+    return ConnectionLostError(
+        "The database connection was lost during the operation, which was rolled back; "
+        "retry it (the next call opens a fresh connection)."
+    )
 
 
 class ThreadedEngineHandle(EngineHandle):

@@ -49,6 +49,16 @@ class SchemaMissingError(TurnstoreError, ValueError):
     """The database lacks turnstore's tables and the session was told not to create them."""
 
 
+class ConnectionLostError(TurnstoreError, ConnectionError):
+    """The connection to the database server broke while an operation was using it.
+
+    The server rolls back a transaction whose connection is gone, so the operation left
+    nothing behind and can be retried; the session stays usable and its next call opens a
+    fresh connection. Only if the connection broke during the final COMMIT is the outcome
+    unknown, and the message then says so. The driver's error is chained as ``__cause__``.
+    """
+
+
 class SchemaLockTimeoutError(TurnstoreError, TimeoutError):
     """Another process held the schema lock for longer than turnstore waits for it."""
 
