@@ -157,10 +157,16 @@ class DialectProfile:
             writer at a time (SQLite), so that in-process writers wait on a cheap lock instead
             of polling the database's busy handler.
         read_execution_options: Execution options for read-only connections.
+        lock_statement_may_read: Whether a write transaction's locking statement may also
+            return what it reads. True where :meth:`begin_write` already excludes every other
+            writer (SQLite), so nothing read can change before the transaction ends. Not on
+            servers: a statement that waited for a row lock still reads with the snapshot it
+            took before waiting, and would miss what the lock holder committed.
     """
 
     name: ClassVar[str] = "generic"
     serializes_writers_in_process: ClassVar[bool] = False
+    lock_statement_may_read: ClassVar[bool] = False
     read_execution_options: ClassVar[Mapping[str, Any]] = {}
 
     def insert(self, table: Table) -> Insert:
@@ -261,6 +267,7 @@ class SQLiteProfile(DialectProfile):
 
     name = "sqlite"
     serializes_writers_in_process = True
+    lock_statement_may_read = True
     busy_timeout_seconds: ClassVar[float] = 30.0
 
     def insert(self, table: Table) -> Insert:

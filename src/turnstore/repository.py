@@ -213,6 +213,23 @@ class _Statements:
         self.insert_structure = insert(s)
         self.insert_messages = profile.returning_insert(tables.messages)
         self.usage_counters = select(self.max_turn, self.generation)
+        # Where the write lock is database-wide, lock and read in one statement each.
+        self.touch_returning_counters = (
+            self.touch_session.returning(
+                self.max_sequence.label("max_sequence"),
+                self.max_turn.label("max_turn"),
+                self.generation.label("generation"),
+            )
+            if profile.lock_statement_may_read
+            else None
+        )
+        self.lock_returning_usage_counters = (
+            select(tables.sessions.c.session_id, self.max_turn, self.generation).where(
+                tables.sessions.c.session_id == sid
+            )
+            if profile.lock_statement_may_read
+            else None
+        )
         self.current_generation = select(self.generation)
         u = tables.usage
         usage_columns = [
@@ -354,8 +371,11 @@ class ConversationRepository:
         q = self._q
         branch_id = pointer.branch_id
         params = {"sid": session_id, "bid": branch_id}
-        conn.execute(q.touch_session, params)
-        max_sequence, turn, generation = conn.execute(q.append_counters, params).one()
+        if q.touch_returning_counters is not None:
+            max_sequence, turn, generation = conn.execute(q.touch_returning_counters, params).one()
+        else:
+            conn.execute(q.touch_session, params)
+            max_sequence, turn, generation = conn.execute(q.append_counters, params).one()
         generation = generation or 0
         if generation != pointer.generation and branch_id != MAIN_BRANCH:
             branch_id = MAIN_BRANCH
@@ -491,9 +511,15 @@ class ConversationRepository:
     ) -> int | None:
         q = self._q
         params = {"sid": session_id, "bid": pointer.branch_id}
-        if conn.scalar(q.lock_session, params) is None:
-            return None
-        turn, generation = conn.execute(q.usage_counters, params).one()
+        if q.lock_returning_usage_counters is not None:
+            locked = conn.execute(q.lock_returning_usage_counters, params).first()
+            if locked is None:
+                return None
+            _, turn, generation = locked
+        else:
+            if conn.scalar(q.lock_session, params) is None:
+                return None
+            turn, generation = conn.execute(q.usage_counters, params).one()
         if turn is None or (generation or 0) != pointer.generation:
             return None
         conn.execute(
