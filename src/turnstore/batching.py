@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -98,9 +99,18 @@ class GroupRunner:
         group, self._queued = self._queued, []
         self._busy = True
         running = self._thread.submit(self._run_group, [queued.job for queued in group])
-        running.add_done_callback(
-            lambda finished: loop.call_soon_threadsafe(self._finish, loop, group, finished)
-        )
+        running.add_done_callback(lambda finished: self._report(loop, group, finished))
+
+    def _report(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        group: list[_Queued[Any]],
+        finished: concurrent.futures.Future[list[Outcome]],
+    ) -> None:
+        """Hand a finished group back to its loop (runs on the worker thread)."""
+        # A loop that closed meanwhile has no one left to answer.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._finish, loop, group, finished)
 
     def _finish(
         self,
