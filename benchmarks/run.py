@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 # Measure the checkout this script lives in, even where another copy of turnstore is installed.
 SCRIPT = Path(__file__).resolve()
@@ -181,6 +182,28 @@ async def close(session: BenchSession) -> None:
         getattr(session, "close")()  # noqa: B009  # the SDK's close is synchronous
 
 
+async def analyze(db: Database) -> None:
+    """Refresh a server database's planner statistics after a history was built.
+
+    A server with autovacuum on does this by itself within a minute; without statistics
+    Postgres may pick plans that are quadratic in the session's size, which is not the
+    steady state a benchmark should describe. SQLite keeps no statistics unless asked, as in
+    production, so it is left alone.
+    """
+    if db.backend == "sqlite":
+        return
+    engine = create_async_engine(db.location, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            if db.backend == "postgres":
+                await conn.exec_driver_sql("ANALYZE")
+            else:
+                tables = (await conn.exec_driver_sql("SHOW TABLES")).scalars().all()
+                await conn.exec_driver_sql(f"ANALYZE TABLE {', '.join(tables)}")
+    finally:
+        await engine.dispose()
+
+
 Fresh = Callable[[], AbstractAsyncContextManager[Database]]
 
 
@@ -198,7 +221,8 @@ def database_factory(config: Config) -> Fresh:
             return
         assert config.url is not None
         name = f"bench_{uuid.uuid4().hex[:12]}"
-        admin = create_async_engine(config.url, isolation_level="AUTOCOMMIT")
+        # No pooling: the drop must still work if the server closed connections meanwhile.
+        admin = create_async_engine(config.url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
         try:
             async with admin.connect() as conn:
                 await conn.exec_driver_sql(f"CREATE DATABASE {name}")
@@ -410,6 +434,7 @@ async def turn_cycle(fresh: Fresh, impl: str, config: Config) -> Outcome:
         session = db.open(impl, "cycle")
         try:
             turn = await fill(session, 1, sizes.turns)
+            await analyze(db)
             for cycle in range(sizes.warmup + sizes.cycles):
                 start = time.perf_counter()
                 await session.get_items()
@@ -475,6 +500,7 @@ async def growth(fresh: Fresh, impl: str, config: Config) -> Outcome:
                 by_items, by_turns = checkpoints[items]
                 wanted = max(1, items // ITEMS_PER_TURN)
                 await fill(session, turns + 1, wanted - turns)
+                await analyze(db)
                 turns = wanted
                 branch_ms = await _branch_cost(session, turns, f"b{items}", sizes)
                 if by_items:
@@ -499,6 +525,7 @@ async def full_read(fresh: Fresh, impl: str, config: Config) -> Outcome:
         session = db.open(impl, "full-read")
         try:
             await fill(session, 1, sizes.full_read_items // ITEMS_PER_TURN)
+            await analyze(db)
             figure = await median_ms(session.get_items, sizes.full_read_reps, 1)
         finally:
             await close(session)
@@ -528,6 +555,7 @@ async def analytics(fresh: Fresh, impl: str, config: Config) -> Outcome:
                     max(1, sizes.analytics_turns * fork // 4), f"alt{fork}"
                 )
                 await session.switch_to_branch("main")
+            await analyze(db)
             queries: dict[str, Callable[[], Awaitable[object]]] = {
                 "get_session_usage_ms": session.get_session_usage,
                 "get_turn_usage_ms": session.get_turn_usage,
@@ -701,6 +729,7 @@ async def memory(fresh: Fresh, impls: Sequence[str], config: Config) -> dict[str
                 await fill(session, 1, sizes.memory_items // ITEMS_PER_TURN, chunk=250)
             finally:
                 await close(session)
+            await analyze(db)
             modes = ["baseline", "get_items"]
             if impl == TURNSTORE and streaming:
                 modes.append("iter_items")
@@ -1011,7 +1040,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(MEMORY_PREFIX + json.dumps(reports))
         return 0
     report = asyncio.run(run(config_from(args)))
-    print(JSON_PREFIX + json.dumps(report, sort_keys=True))
+    print(JSON_PREFIX + json.dumps(report))
     return 0
 
 
