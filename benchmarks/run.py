@@ -126,6 +126,9 @@ class Config:
     rounds: int
     rate: float
     compare_sdk: bool
+    # --quick on a server: one private database for the whole round (distinct session ids per
+    # workload) instead of one per workload, because creating databases dominates tiny runs.
+    share_database: bool = False
 
 
 # -- sessions and databases ---------------------------------------------------------------
@@ -240,6 +243,16 @@ def database_factory(config: Config) -> Fresh:
             await admin.dispose()
 
     return fresh
+
+
+def reuse(db: Database) -> Fresh:
+    """A factory that hands out the same database every time (and leaves it in place)."""
+
+    @asynccontextmanager
+    async def same() -> AsyncIterator[Database]:
+        yield db
+
+    return same
 
 
 async def pool_description(config: Config) -> str:
@@ -858,10 +871,13 @@ async def run_round(config: Config) -> Results:
     fresh = database_factory(config)
     impls = [TURNSTORE, SDK] if config.compare_sdk else [TURNSTORE]
     results: Results = {}
-    for name in config.workloads:
-        started = time.perf_counter()
-        results[name] = await WORKLOAD_FUNCTIONS[name](fresh, impls, config)
-        print(f"  {name:<12} {time.perf_counter() - started:6.1f} s", flush=True)
+    async with AsyncExitStack() as stack:
+        if config.share_database:
+            fresh = reuse(await stack.enter_async_context(fresh()))
+        for name in config.workloads:
+            started = time.perf_counter()
+            results[name] = await WORKLOAD_FUNCTIONS[name](fresh, impls, config)
+            print(f"  {name:<12} {time.perf_counter() - started:6.1f} s", flush=True)
     return results
 
 
@@ -953,6 +969,8 @@ async def run(config: Config) -> dict[str, Any]:
     print(f"backend: {config.backend}  url: {config.url or '(temporary SQLite files)'}")
     print(f"turnstore pool: {pool}")
     print(f"compared with the SDK: {'yes' if config.compare_sdk else 'no'}")
+    databases = "one for the whole round" if config.share_database else "a fresh one per workload"
+    print(f"databases: {databases}")
     print(f"sizes: {config.sizes}")
     rounds: list[Results] = []
     for number in range(1, config.rounds + 1):
@@ -1028,6 +1046,7 @@ def config_from(args: argparse.Namespace) -> Config:
         rounds=max(1, args.rounds),
         rate=args.rate,
         compare_sdk=HAVE_SDK and args.backend == "sqlite" and not args.no_sdk,
+        share_database=args.quick and args.backend != "sqlite",
     )
 
 
