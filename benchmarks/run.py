@@ -399,6 +399,13 @@ class ErrorLog(logging.Handler):
         """Keep the record."""
         self.records.append(record)
 
+    def by_logger(self) -> dict[str, int]:
+        """How many records each logger emitted (``turnstore``, ``openai.agents``, ...)."""
+        counts: dict[str, int] = {}
+        for record in self.records:
+            counts[record.name] = counts.get(record.name, 0) + 1
+        return counts
+
 
 ERRORS = ErrorLog()
 
@@ -998,7 +1005,7 @@ async def run(config: Config) -> dict[str, Any]:
         rounds=[as_json(results)["figures"] for results in rounds],
         sizes=vars(config.sizes),
         rate=config.rate,
-        logged_errors=len(ERRORS.records),
+        logged_errors=ERRORS.by_logger(),
     )
     return report
 
