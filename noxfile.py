@@ -45,3 +45,10 @@ def demo(session: nox.Session) -> None:
     """Play a branching conversation with a scripted model on a local SQLite file."""
     session.install(".[agents]")
     session.run("turnstore", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (``nox -s bench -- --backend postgres``); see README, Performance."""
+    session.install(".[test]")
+    session.run("python", "benchmarks/run.py", *session.posargs)

@@ -1,0 +1,104 @@
+"""The benchmark harness runs end to end on every backend and reports every workload.
+
+Only the shape of the report is checked (every workload, every figure a positive number, no
+failed turn), never a timing: the machine running the tests is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Backend
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+WORKLOADS = {"turn_cycle", "growth", "full_read", "analytics", "concurrency", "memory"}
+ANALYTICS = {
+    "get_session_usage_ms",
+    "get_turn_usage_ms",
+    "get_conversation_turns_ms",
+    "get_tool_usage_ms",
+    "find_turns_by_content_ms",
+    "list_branches_ms",
+}
+
+
+async def run_quick(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=300)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+def parse_report(stdout: str) -> dict[str, Any]:
+    lines = [line for line in stdout.splitlines() if line.startswith("BENCH_JSON ")]
+    assert len(lines) == 1, stdout
+    report: dict[str, Any] = json.loads(lines[0].removeprefix("BENCH_JSON "))
+    return report
+
+
+def is_positive_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+async def test_quick_benchmark_reports_every_workload(backend: Backend) -> None:
+    args = ["--backend", backend.name]
+    if backend.name != "sqlite":
+        args += ["--url", backend.url]
+    code, stdout, stderr = await run_quick(*args)
+    assert code == 0, stderr
+
+    report = parse_report(stdout)
+    figures = report["figures"]
+    assert set(figures) == WORKLOADS
+    # The SDK is in the test extra; its class only exists for SQLite.
+    impls = {"turnstore", "sdk"} if backend.name == "sqlite" else {"turnstore"}
+    for workload, by_impl in figures.items():
+        assert set(by_impl) == impls, workload
+        for impl, metrics in by_impl.items():
+            assert metrics, (workload, impl)
+            bad = {name: value for name, value in metrics.items() if not is_positive_number(value)}
+            assert not bad, (workload, impl, bad)
+
+    sizes = report["sizes"]
+    ours = {workload: by_impl["turnstore"] for workload, by_impl in figures.items()}
+    assert set(ours["turn_cycle"]) == {
+        "cycle_ms",
+        "get_items_ms",
+        "add_items_ms",
+        "store_run_usage_ms",
+    }
+    for items in sizes["growth_items"]:
+        for metric in ("add_items_ms", "get_items_20_ms", "branch_ms"):
+            assert f"{metric}@{items}_items" in ours["growth"]
+    for turns in sizes["branch_turns"]:
+        assert f"branch_ms@{turns}_turns" in ours["growth"]
+    assert set(ours["full_read"]) == {f"get_items_ms@{sizes['full_read_items']}_items"}
+    assert set(ours["analytics"]) == ANALYTICS
+
+    variants = {"closed", "wide"} if backend.name == "sqlite" else {"closed", "wide", "open"}
+    assert set(ours["concurrency"]) == {
+        f"{variant}_{figure}"
+        for variant in variants
+        for figure in ("turns_per_s", "p50_ms", "p95_ms")
+    }
+    # turnstore must not fail a single turn under concurrency, on any backend.
+    assert report["errors"]["concurrency"]["turnstore"] == {
+        variant: {"errors": 0, "locked": 0} for variant in variants
+    }
+
+    assert set(ours["memory"]) == {"baseline_peak_mb", "get_items_peak_mb", "iter_items_peak_mb"}
+    memory_notes = report["notes"]["memory"]["turnstore"]
+    assert {"get_items_delta_mb", "iter_items_delta_mb"} <= set(memory_notes)
+    # The SDK's class may log lock timeouts on a busy machine; turnstore must log nothing.
+    assert not any(name.startswith("turnstore") for name in report["logged_errors"])
