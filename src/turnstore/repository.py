@@ -862,7 +862,7 @@ class ConversationRepository:
 def _all_scalars(
     conn: Connection, stmt: Executable, params: Mapping[str, Any] | None = None
 ) -> list[Any]:
-    return list(conn.execute(stmt, params).scalars())
+    return list(conn.execute(stmt, params).scalars().all())
 
 
 def _all_rows(
