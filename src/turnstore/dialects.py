@@ -141,11 +141,14 @@ class DialectProfile:
             writer at a time (SQLite), so that in-process writers wait on a cheap lock instead
             of polling the database's busy handler.
         read_execution_options: Execution options for read-only connections.
+        max_identifier_length: Most characters a session or branch id column holds (``None``:
+            no limit).
     """
 
     name: ClassVar[str] = "generic"
     serializes_writers_in_process: ClassVar[bool] = False
     read_execution_options: ClassVar[Mapping[str, Any]] = {}
+    max_identifier_length: ClassVar[int | None] = None
 
     def insert(self, table: Table) -> Insert:
         """Return the dialect's INSERT construct (with its upsert extensions) for ``table``."""
@@ -374,6 +377,7 @@ class MySQLProfile(DialectProfile):
 
     name = "mysql"
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
+    max_identifier_length: ClassVar[int | None] = 255  # IDENTIFIER is VARCHAR(255) here
     schema_lock_timeout_seconds: ClassVar[int] = 300
     prefer_returning: bool = True
     # Key in a pooled connection's ``info``: how many schema locks it holds.
