@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -25,6 +26,26 @@ import turnstore
 from turnstore import AdvancedSession
 
 ALL_BACKENDS = ("sqlite", "postgres", "mysql")
+
+# Property-based tests talk to real databases on shared machines: no deadline, and no health
+# check that fails a test for being slow. "default" (active unless told otherwise; registering
+# it replaces Hypothesis's own) keeps a run short; `pytest --hypothesis-profile=long` searches
+# deeper.
+_SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile(
+    "default",
+    max_examples=6,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=_SLOW_IS_FINE,
+)
+settings.register_profile(
+    "long",
+    max_examples=500,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=_SLOW_IS_FINE,
+)
 POSTGRES_URL_VARIABLE = "TURNSTORE_TEST_POSTGRES_URL"
 MYSQL_URL_VARIABLE = "TURNSTORE_TEST_MYSQL_URL"
 

@@ -162,12 +162,15 @@ class DialectProfile:
             writer (SQLite), so nothing read can change before the transaction ends. Not on
             servers: a statement that waited for a row lock still reads with the snapshot it
             took before waiting, and would miss what the lock holder committed.
+        max_identifier_length: Most characters a session or branch id column holds (``None``:
+            no limit).
     """
 
     name: ClassVar[str] = "generic"
     serializes_writers_in_process: ClassVar[bool] = False
     lock_statement_may_read: ClassVar[bool] = False
     read_execution_options: ClassVar[Mapping[str, Any]] = {}
+    max_identifier_length: ClassVar[int | None] = None
 
     def insert(self, table: Table) -> Insert:
         """Return the dialect's INSERT construct (with its upsert extensions) for ``table``."""
@@ -460,6 +463,7 @@ class MySQLProfile(DialectProfile):
 
     name = "mysql"
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
+    max_identifier_length: ClassVar[int | None] = 255  # IDENTIFIER is VARCHAR(255) here
     schema_lock_timeout_seconds: ClassVar[int] = 300
     prefer_returning: bool = True
     # Key in a pooled connection's ``info``: how many schema locks it holds.

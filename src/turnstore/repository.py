@@ -40,6 +40,7 @@ from turnstore.engines import EngineHandle
 from turnstore.errors import (
     BranchNameTakenError,
     BranchNotFoundError,
+    InvalidArgumentError,
     SchemaMissingError,
     TurnNotFoundError,
 )
@@ -614,7 +615,16 @@ class ConversationRepository:
         Raises:
             TurnNotFoundError: The source branch has no user message at ``turn``.
             BranchNameTakenError: ``branch_name`` was used before in this session.
+            InvalidArgumentError: ``branch_name`` is longer than the database's id columns.
         """
+        limit = self._profile.max_identifier_length
+        if branch_name is not None and limit is not None and len(branch_name) > limit:
+            # Checked before any SQL: the server would refuse it mid-transaction with a
+            # driver error (or, outside strict mode, silently cut the name short).
+            raise InvalidArgumentError(
+                f"Branch names are at most {limit} characters on {self._profile.name}; "
+                f"got {len(branch_name)}"
+            )
         return await self._handle.write(
             self._create_branch, session_id, source, turn, branch_name, auto_name
         )
