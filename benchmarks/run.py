@@ -262,7 +262,15 @@ async def pool_description(config: Config) -> str:
     else:
         assert config.url is not None
         url = make_url(config.url)
-    options = profile_for(url.get_backend_name()).engine_options(url)
+    profile = profile_for(url.get_backend_name())
+    threaded = profile.threaded_engine(url)
+    if threaded is not None:
+        return (
+            f"{threaded.url.drivername} on worker threads (one writer with group commit, "
+            f"{'one reader' if threaded.separate_reader else 'no separate reader'}); "
+            f"engine options {threaded.engine_options}"
+        )
+    options = profile.engine_options(url)
     engine = create_async_engine(url, **options)
     try:
         return f"{type(engine.pool).__name__} ({engine.pool.status()}); engine options {options}"
