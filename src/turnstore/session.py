@@ -109,13 +109,15 @@ class AdvancedSession:
 
     Give it an engine you own (``engine=``) or a database URL (``url=``, or
     :meth:`from_url`); sessions on the same URL share one engine and connection pool per event
-    loop (see :func:`turnstore.dispose_engines`). Every public mutation is one transaction.
+    loop (see :func:`turnstore.dispose_engines`). Every public mutation is atomic: one
+    transaction, or on a SQLite database turnstore opens, one savepoint of a group commit.
 
     Args:
         session_id: Identifies the conversation.
         engine: An ``AsyncEngine`` you own; turnstore never disposes of it.
         url: A SQLAlchemy async URL (``sqlite+aiosqlite:///file.db``,
-            ``postgresql+asyncpg://user@host/db``), used instead of ``engine``.
+            ``postgresql+asyncpg://user@host/db``), used instead of ``engine``. For SQLite
+            URLs turnstore runs SQLite's own driver on worker threads instead of aiosqlite.
         create_tables: Create missing tables and indexes on first use. Leave it off where
             migrations manage the schema.
         logger: Logger for diagnostics; defaults to the ``turnstore`` logger.
@@ -631,7 +633,7 @@ class AdvancedSession:
 
 
 class AdvancedSQLiteSession(AdvancedSession):
-    """Drop-in replacement for the SDK's ``AdvancedSQLiteSession``, on SQLAlchemy and aiosqlite.
+    """Drop-in replacement for the SDK's ``AdvancedSQLiteSession``, on SQLAlchemy.
 
     Same constructor, methods, return shapes and errors; the database file is compatible both
     ways. ``db_path=":memory:"`` (the default) gives each session its own private database.
