@@ -131,3 +131,14 @@ async def test_failing_unit_in_a_group_is_rolled_back_alone(
     assert await sessions[0].get_items() == turn("opening s0") + turn("second s0")
     for session in sessions:
         await session.aclose()
+
+
+async def test_jobs_submitted_after_shutdown_fail_instead_of_waiting_forever() -> None:
+    groups = _RecordingGroups()
+    groups.release_first.set()
+    runner = GroupRunner(groups, "test-runner")
+    assert await runner.run(lambda _conn: "before") == "before"
+    runner.shutdown()
+    for _ in range(2):  # the runner must not be left thinking a group is running
+        with pytest.raises(RuntimeError, match="shutdown"):
+            await asyncio.wait_for(runner.run(lambda _conn: "after"), timeout=10)

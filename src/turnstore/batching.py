@@ -97,8 +97,14 @@ class GroupRunner:
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         group, self._queued = self._queued, []
+        try:
+            running = self._thread.submit(self._run_group, [queued.job for queued in group])
+        except RuntimeError as exc:  # shut down: nothing will run these
+            for queued in group:
+                if not queued.answer.done():
+                    queued.answer.set_exception(exc)
+            return
         self._busy = True
-        running = self._thread.submit(self._run_group, [queued.job for queued in group])
         running.add_done_callback(lambda finished: self._report(loop, group, finished))
 
     def _report(
