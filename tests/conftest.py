@@ -161,7 +161,8 @@ async def _postgres_backend(base_url: str) -> AsyncIterator[Backend]:
         await admin.dispose()
 
 
-async def _mysql_backend(base_url: str) -> AsyncIterator[Backend]:
+async def fresh_mysql_backend(base_url: str) -> AsyncIterator[Backend]:
+    """A MySQL backend on a database of its own, dropped afterwards."""
     database = f"t_{uuid.uuid4().hex[:12]}"
     admin = create_async_engine(base_url, isolation_level="AUTOCOMMIT")
     try:
@@ -202,7 +203,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             yield ready
     else:
         base_url = request.getfixturevalue("mysql_url")
-        async for ready in _mysql_backend(base_url):
+        async for ready in fresh_mysql_backend(base_url):
             yield ready
     await turnstore.dispose_engines()
 

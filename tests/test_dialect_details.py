@@ -7,6 +7,7 @@ the MySQL profile's own mechanisms on the MySQL/MariaDB backend.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +16,7 @@ from sqlalchemy import event, func, literal_column, select
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.sql import ColumnElement
 
-from tests.conftest import Backend
+from tests.conftest import Backend, fresh_mysql_backend
 from tests.helpers import assistant, function_call, function_output, turn, user
 from turnstore import AdvancedSession, BranchNameTakenError
 from turnstore.dialects import MySQLProfile, profile_for
@@ -61,10 +62,10 @@ async def test_unicode_in_every_column_round_trips(backend: Backend) -> None:
 
 
 @pytest.fixture
-def mysql_backend(backend: Backend) -> Backend:
-    if backend.name != "mysql":
-        pytest.skip("exercises the MySQL profile only")
-    return backend
+async def mysql_backend(mysql_url: str) -> AsyncIterator[Backend]:
+    """Only the MySQL backend: these tests exercise the MySQL profile alone."""
+    async for ready in fresh_mysql_backend(mysql_url):
+        yield ready
 
 
 async def test_created_at_is_utc_whatever_the_connection_time_zone(
