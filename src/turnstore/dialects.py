@@ -265,17 +265,16 @@ class DialectProfile:
         return None
 
 
-class SQLiteProfile(DialectProfile):
-    """SQLite: one writer at a time, WAL for concurrent readers, foreign keys switched on."""
+class _OnConflictProfile(DialectProfile):
+    """Dialects that spell upserts ``INSERT ... ON CONFLICT`` (SQLite and PostgreSQL).
 
-    name = "sqlite"
-    serializes_writers_in_process = True
-    lock_statement_may_read = True
-    busy_timeout_seconds: ClassVar[float] = 30.0
+    On PostgreSQL the DO UPDATE branch takes the existing row's lock, which is what makes the
+    session upsert serialize writers of one session.
+    """
 
-    def insert(self, table: Table) -> Insert:
-        """Return SQLite's INSERT construct."""
-        return sqlite_dialect.insert(table)
+    def insert(self, table: Table) -> sqlite_dialect.Insert | postgresql.Insert:
+        """Return the dialect's INSERT construct, which has the ON CONFLICT clauses."""
+        raise NotImplementedError
 
     def upsert(
         self,
@@ -287,16 +286,27 @@ class SQLiteProfile(DialectProfile):
         take_new_values: Sequence[str] = (),
     ) -> Insert:
         """INSERT ... ON CONFLICT DO UPDATE."""
-        stmt = sqlite_dialect.insert(table).values(**values)
+        stmt = self.insert(table).values(**values)
         assignments = dict(updates or {})
         assignments.update({column: stmt.excluded[column] for column in take_new_values})
         return stmt.on_conflict_do_update(index_elements=list(conflict_columns), set_=assignments)
 
     def insert_if_absent(self, table: Table, conflict_columns: Sequence[str]) -> Insert:
         """INSERT ... ON CONFLICT DO NOTHING."""
-        return sqlite_dialect.insert(table).on_conflict_do_nothing(
-            index_elements=list(conflict_columns)
-        )
+        return self.insert(table).on_conflict_do_nothing(index_elements=list(conflict_columns))
+
+
+class SQLiteProfile(_OnConflictProfile):
+    """SQLite: one writer at a time, WAL for concurrent readers, foreign keys switched on."""
+
+    name = "sqlite"
+    serializes_writers_in_process = True
+    lock_statement_may_read = True
+    busy_timeout_seconds: ClassVar[float] = 30.0
+
+    def insert(self, table: Table) -> sqlite_dialect.Insert:
+        """Return SQLite's INSERT construct."""
+        return sqlite_dialect.insert(table)
 
     def private_engine(self, url: URL) -> bool:
         """Every in-memory database is its own database, as with the SDK's class."""
@@ -386,7 +396,7 @@ def _enable_wal(cursor: Any) -> None:
             return
 
 
-class PostgresProfile(DialectProfile):
+class PostgresProfile(_OnConflictProfile):
     """PostgreSQL: row locks serialize writers of one session; readers never block."""
 
     name = "postgresql"
@@ -394,30 +404,9 @@ class PostgresProfile(DialectProfile):
     # Any fixed 64-bit key; shared by every turnstore process touching the schema.
     schema_lock_key: ClassVar[int] = 0x7475726E73746F72  # "turnstor"
 
-    def insert(self, table: Table) -> Insert:
+    def insert(self, table: Table) -> postgresql.Insert:
         """Return PostgreSQL's INSERT construct."""
         return postgresql.insert(table)
-
-    def upsert(
-        self,
-        table: Table,
-        values: Mapping[str, Any],
-        conflict_columns: Sequence[str],
-        updates: Mapping[str, Any] | None = None,
-        *,
-        take_new_values: Sequence[str] = (),
-    ) -> Insert:
-        """INSERT ... ON CONFLICT DO UPDATE (takes the row lock on conflict)."""
-        stmt = postgresql.insert(table).values(**values)
-        assignments = dict(updates or {})
-        assignments.update({column: stmt.excluded[column] for column in take_new_values})
-        return stmt.on_conflict_do_update(index_elements=list(conflict_columns), set_=assignments)
-
-    def insert_if_absent(self, table: Table, conflict_columns: Sequence[str]) -> Insert:
-        """INSERT ... ON CONFLICT DO NOTHING."""
-        return postgresql.insert(table).on_conflict_do_nothing(
-            index_elements=list(conflict_columns)
-        )
 
     def engine_options(self, url: URL) -> dict[str, Any]:
         """A pool sized for many concurrent conversations on a small server."""
