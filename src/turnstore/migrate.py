@@ -278,13 +278,7 @@ async def upgrade(target: Target, revision: str = "head") -> None:
         UnknownRevisionError: ``revision``, or the database's recorded revision, is unknown.
         MigrationError: Alembic refused the upgrade.
     """
-    _check_revision_exists(revision)
-
-    def work(connection: Connection) -> None:
-        _check_recorded_known(connection)
-        _alembic(lambda config: command.upgrade(config, revision), connection)
-
-    await _run(target, work)
+    await _move(target, revision, command.upgrade)
 
 
 async def downgrade(target: Target, revision: str) -> None:
@@ -296,11 +290,16 @@ async def downgrade(target: Target, revision: str) -> None:
         UnknownRevisionError: ``revision``, or the database's recorded revision, is unknown.
         MigrationError: Alembic refused the downgrade.
     """
+    await _move(target, revision, command.downgrade)
+
+
+async def _move(target: Target, revision: str, move: Callable[[Config, str], None]) -> None:
+    """Run Alembic's upgrade or downgrade to ``revision`` after checking both revisions."""
     _check_revision_exists(revision)
 
     def work(connection: Connection) -> None:
         _check_recorded_known(connection)
-        _alembic(lambda config: command.downgrade(config, revision), connection)
+        _alembic(lambda config: move(config, revision), connection)
 
     await _run(target, work)
 
