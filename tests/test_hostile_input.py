@@ -188,6 +188,21 @@ async def test_blank_branch_names_are_refused(backend: Backend, name: str) -> No
     assert await snapshot(session) == before
 
 
+async def test_a_session_id_longer_than_the_id_columns(backend: Backend) -> None:
+    long_id = "s" * 256
+    session = backend.session(long_id)
+    if backend.name == "mysql":
+        # Identifiers are VARCHAR(255) there: refused before any SQL, by every method.
+        with pytest.raises(InvalidArgumentError, match="Session ids are at most 255 characters"):
+            await session.add_items(turn("never stored"))
+        with pytest.raises(InvalidArgumentError, match="Session ids are at most 255 characters"):
+            await session.get_items()
+        assert await backend.session("s" * 255).get_items() == []
+    else:
+        await session.add_items(turn("stored"))
+        assert await session.get_items() == turn("stored")
+
+
 async def test_a_very_long_branch_name(backend: Backend) -> None:
     session = await with_history(backend)
     before = await snapshot(session)

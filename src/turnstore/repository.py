@@ -314,6 +314,21 @@ class ConversationRepository:
                 if index.name not in present:
                     index.create(conn, checkfirst=True)
 
+    def check_identifier(self, value: str, what: str) -> None:
+        """Refuse a session or branch id longer than this database's id columns hold.
+
+        Checked before any SQL: the server would refuse it mid-transaction with a driver
+        error (or, outside strict mode, silently cut it short).
+
+        Raises:
+            InvalidArgumentError: ``value`` is too long; ``what`` names it in the message.
+        """
+        limit = self._profile.max_identifier_length
+        if limit is not None and len(value) > limit:
+            raise InvalidArgumentError(
+                f"{what} are at most {limit} characters on {self._profile.name}; got {len(value)}"
+            )
+
     # -- history -------------------------------------------------------------------------
 
     async def fetch_items(self, session_id: str, branch_id: str, limit: int | None) -> list[str]:
@@ -619,14 +634,8 @@ class ConversationRepository:
             BranchNameTakenError: ``branch_name`` was used before in this session.
             InvalidArgumentError: ``branch_name`` is longer than the database's id columns.
         """
-        limit = self._profile.max_identifier_length
-        if branch_name is not None and limit is not None and len(branch_name) > limit:
-            # Checked before any SQL: the server would refuse it mid-transaction with a
-            # driver error (or, outside strict mode, silently cut the name short).
-            raise InvalidArgumentError(
-                f"Branch names are at most {limit} characters on {self._profile.name}; "
-                f"got {len(branch_name)}"
-            )
+        if branch_name is not None:
+            self.check_identifier(branch_name, "Branch names")
         return await self._handle.write(
             self._create_branch, session_id, source, turn, branch_name, auto_name
         )

@@ -229,6 +229,7 @@ class AdvancedSession:
 
     async def _store(self) -> ConversationRepository:
         store = self._binding().store
+        store.check_identifier(self.session_id, "Session ids")
         await store.prepare_schema(create=self._create_tables)
         return store
 
