@@ -48,6 +48,7 @@ from turnstore.errors import (
 )
 from turnstore.migrate import bring_to_head
 from turnstore.models import DEFAULT_TABLES, StoreTables
+from turnstore.prepared import PreparedStatement
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,11 @@ class _Statements:
 
     def __init__(self, tables: StoreTables, profile: DialectProfile) -> None:
         s, m, g = tables.structure, tables.messages, tables.generations
+        direct = profile.runs_prepared_statements_directly
+
+        def prepared(statement: Executable, **options: Any) -> PreparedStatement:
+            return PreparedStatement(statement, direct=direct, **options)
+
         sid: BindParameter[str] = bindparam("sid", type_=s.c.session_id.type)
         bid: BindParameter[str] = bindparam("bid", type_=s.c.branch_id.type)
         history = (
@@ -180,21 +186,24 @@ class _Statements:
             .join_from(s, m, and_(s.c.message_id == m.c.id, m.c.session_id == s.c.session_id))
             .where(s.c.session_id == sid, s.c.branch_id == bid)
         )
-        self.history = history.order_by(s.c.sequence_number)
-        self.latest = history.order_by(s.c.sequence_number.desc()).limit(bindparam("limit"))
-        self.page = (
+        self.history = prepared(history.order_by(s.c.sequence_number))
+        self.latest = prepared(
+            history.order_by(s.c.sequence_number.desc()).limit(bindparam("limit", type_=Integer))
+        )
+        self.page = prepared(
             history.add_columns(s.c.sequence_number)
             .where(s.c.sequence_number > bindparam("after", type_=Integer))
             .order_by(s.c.sequence_number)
-            .limit(bindparam("limit"))
+            .limit(bindparam("limit", type_=Integer))
         )
-        self.touch_session = profile.upsert(
+        touch_session = profile.upsert(
             tables.sessions,
             {"session_id": sid},
             ["session_id"],
             {"updated_at": utc_now()},
         )
-        self.lock_session = (
+        self.touch_session = prepared(touch_session)
+        self.lock_session = prepared(
             select(tables.sessions.c.session_id)
             .where(tables.sessions.c.session_id == sid)
             .with_for_update()
@@ -208,48 +217,69 @@ class _Statements:
             select(func.max(s.c.sequence_number)).where(s.c.session_id == sid).scalar_subquery()
         )
         self.generation = select(g.c.generation).where(g.c.session_id == sid).scalar_subquery()
-        self.append_counters = select(
-            self.max_sequence.label("max_sequence"),
-            self.max_turn.label("max_turn"),
-            self.generation.label("generation"),
-        )
-        self.insert_structure = insert(s)
-        self.insert_messages = profile.returning_insert(tables.messages)
-        self.usage_counters = select(self.max_turn, self.generation)
-        # Where the write lock is database-wide, lock and read in one statement each.
-        self.touch_returning_counters = (
-            self.touch_session.returning(
+        self.append_counters = prepared(
+            select(
                 self.max_sequence.label("max_sequence"),
                 self.max_turn.label("max_turn"),
                 self.generation.label("generation"),
+            )
+        )
+        self.branch_max_turn = prepared(select(self.max_turn))
+        self.insert_structure = prepared(
+            insert(s),
+            column_keys=[
+                "session_id",
+                "message_id",
+                "branch_id",
+                "message_type",
+                "sequence_number",
+                "user_turn_number",
+                "branch_turn_number",
+                "tool_name",
+            ],
+        )
+        self.insert_messages = profile.returning_insert(tables.messages)
+        self.usage_counters = prepared(select(self.max_turn, self.generation))
+        # Where the write lock is database-wide, lock and read in one statement each.
+        self.touch_returning_counters = (
+            prepared(
+                touch_session.returning(
+                    self.max_sequence.label("max_sequence"),
+                    self.max_turn.label("max_turn"),
+                    self.generation.label("generation"),
+                )
             )
             if profile.lock_statement_may_read
             else None
         )
         self.lock_returning_usage_counters = (
-            select(tables.sessions.c.session_id, self.max_turn, self.generation).where(
-                tables.sessions.c.session_id == sid
+            prepared(
+                select(tables.sessions.c.session_id, self.max_turn, self.generation).where(
+                    tables.sessions.c.session_id == sid
+                )
             )
             if profile.lock_statement_may_read
             else None
         )
-        self.current_generation = select(self.generation)
+        self.current_generation = prepared(select(self.generation))
         u = tables.usage
         usage_columns = [
             c.name
             for c in u.columns
             if c.name not in ("id", "session_id", "branch_id", "created_at")
         ]
-        self.upsert_usage = profile.upsert(
-            u,
-            {
-                "session_id": sid,
-                "branch_id": bid,
-                **{name: bindparam(name, type_=u.c[name].type) for name in usage_columns},
-            },
-            ["session_id", "branch_id", "user_turn_number"],
-            {"created_at": utc_now()},
-            take_new_values=usage_columns,
+        self.upsert_usage = prepared(
+            profile.upsert(
+                u,
+                {
+                    "session_id": sid,
+                    "branch_id": bid,
+                    **{name: bindparam(name, type_=u.c[name].type) for name in usage_columns},
+                },
+                ["session_id", "branch_id", "user_turn_number"],
+                {"created_at": utc_now()},
+                take_new_values=usage_columns,
+            )
         )
 
 
@@ -344,9 +374,9 @@ class ConversationRepository:
             return []
         params: dict[str, Any] = {"sid": session_id, "bid": branch_id}
         if limit is None or limit < 0:
-            return await self._handle.read(_all_scalars, self._q.history, params)
+            return await self._handle.read(self._q.history.scalars, params)
         params["limit"] = limit
-        newest_first = await self._handle.read(_all_scalars, self._q.latest, params)
+        newest_first = await self._handle.read(self._q.latest.scalars, params)
         newest_first.reverse()
         return newest_first
 
@@ -359,7 +389,7 @@ class ConversationRepository:
         same however deep into the history it starts.
         """
         params = {"sid": session_id, "bid": branch_id, "after": after_sequence, "limit": limit}
-        rows = await self._handle.read(_all_rows, self._q.page, params)
+        rows = await self._handle.read(self._q.page.rows, params)
         return [(data, int(sequence)) for data, sequence in rows]
 
     async def append(
@@ -390,14 +420,15 @@ class ConversationRepository:
         branch_id = pointer.branch_id
         params = {"sid": session_id, "bid": branch_id}
         if q.touch_returning_counters is not None:
-            max_sequence, turn, generation = conn.execute(q.touch_returning_counters, params).one()
+            counters = q.touch_returning_counters.rows(conn, params)
         else:
-            conn.execute(q.touch_session, params)
-            max_sequence, turn, generation = conn.execute(q.append_counters, params).one()
+            q.touch_session.execute(conn, params)
+            counters = q.append_counters.rows(conn, params)
+        max_sequence, turn, generation = counters[0]
         generation = generation or 0
         if generation != pointer.generation and branch_id != MAIN_BRANCH:
             branch_id = MAIN_BRANCH
-            turn = conn.scalar(select(q.max_turn), {"sid": session_id, "bid": branch_id})
+            turn = q.branch_max_turn.scalar(conn, {"sid": session_id, "bid": branch_id})
         message_ids = self._profile.insert_returning_ids(
             conn,
             q.insert_messages,
@@ -422,7 +453,7 @@ class ConversationRepository:
                     "tool_name": message.tool_name,
                 }
             )
-        conn.execute(q.insert_structure, rows)
+        q.insert_structure.execute_many(conn, rows)
         return BranchPointer(branch_id, generation)
 
     async def pop_latest(self, session_id: str, branch_id: str) -> PoppedItem | None:
@@ -435,7 +466,7 @@ class ConversationRepository:
 
     def _pop_latest(self, conn: Connection, session_id: str, branch_id: str) -> PoppedItem | None:
         s, m, u = self._t.structure, self._t.messages, self._t.usage
-        if conn.scalar(self._q.lock_session, {"sid": session_id}) is None:
+        if self._q.lock_session.scalar(conn, {"sid": session_id}) is None:
             return None
         row = conn.execute(
             select(s.c.id, s.c.message_id, s.c.user_turn_number, m.c.message_data)
@@ -481,7 +512,7 @@ class ConversationRepository:
     def _clear(self, conn: Connection, session_id: str) -> int:
         t, profile = self._t, self._profile
         s = t.structure
-        conn.execute(self._q.lock_session, {"sid": session_id})
+        self._q.lock_session.execute(conn, {"sid": session_id})
         conn.execute(
             profile.insert_if_absent(t.reservations, ["session_id", "branch_id"]).from_select(
                 ["session_id", "branch_id"],
@@ -504,9 +535,7 @@ class ConversationRepository:
 
     async def current_generation(self, session_id: str) -> int:
         """The session's clear generation (0 if it was never cleared)."""
-        generation = await self._handle.read(
-            _scalar, self._q.current_generation, {"sid": session_id}
-        )
+        generation = await self._handle.read(self._q.current_generation.scalar, {"sid": session_id})
         return int(generation or 0)
 
     # -- usage ---------------------------------------------------------------------------
@@ -530,18 +559,18 @@ class ConversationRepository:
         q = self._q
         params = {"sid": session_id, "bid": pointer.branch_id}
         if q.lock_returning_usage_counters is not None:
-            locked = conn.execute(q.lock_returning_usage_counters, params).first()
+            locked = q.lock_returning_usage_counters.first(conn, params)
             if locked is None:
                 return None
             _, turn, generation = locked
         else:
-            if conn.scalar(q.lock_session, params) is None:
+            if q.lock_session.scalar(conn, params) is None:
                 return None
-            turn, generation = conn.execute(q.usage_counters, params).one()
+            turn, generation = q.usage_counters.rows(conn, params)[0]
         if turn is None or (generation or 0) != pointer.generation:
             return None
-        conn.execute(
-            q.upsert_usage,
+        q.upsert_usage.execute(
+            conn,
             {
                 **params,
                 "user_turn_number": turn,
@@ -650,7 +679,7 @@ class ConversationRepository:
         auto_name: str,
     ) -> CreatedBranch:
         q, s = self._q, self._t.structure
-        conn.execute(q.lock_session, {"sid": session_id})
+        q.lock_session.execute(conn, {"sid": session_id})
         generation = int(conn.scalar(select(q.generation), {"sid": session_id}) or 0)
         source_branch = source.branch_id
         if generation != source.generation and source_branch != MAIN_BRANCH:
@@ -748,7 +777,7 @@ class ConversationRepository:
         t, profile = self._t, self._profile
         s, m, u = t.structure, t.messages, t.usage
         in_branch = (s.c.session_id == session_id, s.c.branch_id == branch_id)
-        conn.execute(self._q.lock_session, {"sid": session_id})
+        self._q.lock_session.execute(conn, {"sid": session_id})
         structure_rows = conn.scalar(select(func.count()).where(*in_branch)) or 0
         if not structure_rows:
             raise BranchNotFoundError(f"Branch '{branch_id}' does not exist")
@@ -890,12 +919,6 @@ def _as_stored(timestamp: ColumnElement[Any]) -> ColumnElement[Any]:
 # Units of work shared by the read paths: run one statement, shape its result.
 
 
-def _all_scalars(
-    conn: Connection, stmt: Executable, params: Mapping[str, Any] | None = None
-) -> list[Any]:
-    return list(conn.execute(stmt, params).scalars().all())
-
-
 def _all_rows(
     conn: Connection, stmt: Executable, params: Mapping[str, Any] | None = None
 ) -> list[Any]:
@@ -904,7 +927,3 @@ def _all_rows(
 
 def _one_row(conn: Connection, stmt: Executable, params: Mapping[str, Any] | None = None) -> Any:
     return conn.execute(stmt, params).one()
-
-
-def _scalar(conn: Connection, stmt: Executable, params: Mapping[str, Any] | None = None) -> Any:
-    return conn.scalar(stmt, params)

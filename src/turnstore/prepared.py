@@ -1,0 +1,193 @@
+"""Per-turn statements compiled once and run on the driver's own cursor where that is exact.
+
+Every agent turn runs the same handful of statements. Through ``Connection.execute`` each one
+pays SQLAlchemy's execution machinery (an execution context, result metadata, a ``Row`` per
+row): 50-100 µs a statement, more than SQLite itself spends on most of them, and for a long
+history read twice what fetching the rows costs. A :class:`PreparedStatement` compiles its
+statement once per dialect and, where the connection's profile allows it and the statement's
+parameters and columns need no type conversion on that dialect (or only bind conversions it
+applies itself), runs the compiled SQL directly on the DBAPI cursor of the same connection and
+transaction. Anything else takes the ordinary ``Connection.execute`` path, so the result is the
+same either way; only SQLAlchemy's statement events and echo logging do not see direct runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.sql import ClauseElement, Executable
+from sqlalchemy.sql.compiler import SQLCompiler
+
+#: A row as the driver returns it: indexable like a tuple.
+DriverRow = Sequence[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Parameter:
+    """Where one positional parameter's value comes from."""
+
+    name: str
+    optional: bool  # the statement carries a value (an OFFSET 0, say); a call may override it
+    default: Any
+    convert: Callable[[Any], Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _DirectPlan:
+    """Compiled SQL and how to turn named parameters into the driver's positional ones."""
+
+    sql: str
+    parameters: tuple[_Parameter, ...]
+
+    def positional(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
+        values = []
+        for parameter in self.parameters:
+            name = parameter.name
+            value = params.get(name, parameter.default) if parameter.optional else params[name]
+            convert = parameter.convert
+            values.append(value if convert is None or value is None else convert(value))
+        return tuple(values)
+
+
+# The compiled form depends on the dialect's class, server version and parameter style; keyed
+# on those rather than on the dialect object, because every in-memory SQLite database brings
+# an engine (and a dialect object) of its own.
+_PlanKey = tuple[type, Any, str]
+
+
+def _plan_key(dialect: Dialect) -> _PlanKey:
+    return type(dialect), dialect.server_version_info, dialect.paramstyle
+
+
+class PreparedStatement:
+    """A statement of the hot path, compiled once per dialect.
+
+    Args:
+        statement: The statement. Its bind parameters must all be named ``bindparam``s whose
+            values come with each call.
+        direct: Whether the dialect profile lets compiled SQL run on the driver's cursor.
+        column_keys: For an INSERT without values: the columns every row supplies.
+    """
+
+    def __init__(
+        self,
+        statement: Executable,
+        *,
+        direct: bool,
+        column_keys: Sequence[str] | None = None,
+    ) -> None:
+        self.statement = statement
+        self._direct = direct
+        self._column_keys = list(column_keys) if column_keys is not None else None
+        self._plans: dict[_PlanKey, _DirectPlan | None] = {}
+
+    def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[DriverRow]:
+        """Run the statement and return every row it produces."""
+        plan = self._plan(conn)
+        if plan is None:
+            return list(conn.execute(self.statement, params).all())
+        cursor = _driver_cursor(conn)
+        try:
+            cursor.execute(plan.sql, plan.positional(params))
+            return list(cursor.fetchall())
+        finally:
+            cursor.close()
+
+    def first(self, conn: Connection, params: Mapping[str, Any]) -> DriverRow | None:
+        """The first row the statement produces, or ``None``."""
+        found = self.rows(conn, params)
+        return found[0] if found else None
+
+    def scalars(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
+        """The first column of every row."""
+        return [row[0] for row in self.rows(conn, params)]
+
+    def scalar(self, conn: Connection, params: Mapping[str, Any]) -> Any:
+        """The first column of the first row, or ``None`` without rows."""
+        row = self.first(conn, params)
+        return None if row is None else row[0]
+
+    def execute(self, conn: Connection, params: Mapping[str, Any]) -> None:
+        """Run a statement whose result is not needed."""
+        plan = self._plan(conn)
+        if plan is None:
+            conn.execute(self.statement, params)
+            return
+        cursor = _driver_cursor(conn)
+        try:
+            cursor.execute(plan.sql, plan.positional(params))
+        finally:
+            cursor.close()
+
+    def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Run the statement once per parameter set (an INSERT of several rows, say)."""
+        if not rows:
+            return
+        plan = self._plan(conn)
+        if plan is None:
+            conn.execute(self.statement, list(rows))
+            return
+        cursor = _driver_cursor(conn)
+        try:
+            cursor.executemany(plan.sql, [plan.positional(row) for row in rows])
+        finally:
+            cursor.close()
+
+    def runs_directly_on(self, dialect: Dialect) -> bool:
+        """Whether the statement runs on the driver's cursor (not through SQLAlchemy) there."""
+        return self._plan_for(dialect) is not None
+
+    def _plan(self, conn: Connection) -> _DirectPlan | None:
+        return self._plan_for(conn.dialect)
+
+    def _plan_for(self, dialect: Dialect) -> _DirectPlan | None:
+        key = _plan_key(dialect)
+        try:
+            return self._plans[key]
+        except KeyError:
+            plan = self._plans[key] = _compile_direct(self, dialect) if self._direct else None
+            return plan
+
+
+def _driver_cursor(conn: Connection) -> Any:
+    """A cursor of the DBAPI connection under ``conn``, inside ``conn``'s transaction."""
+    return conn.connection.cursor()
+
+
+_POSITIONAL_STYLES = frozenset({"qmark", "numeric", "numeric_dollar", "format"})
+
+
+def _compile_direct(prepared: PreparedStatement, dialect: Dialect) -> _DirectPlan | None:
+    """Compile for direct runs, or ``None`` if the statement needs SQLAlchemy at run time."""
+    if dialect.paramstyle not in _POSITIONAL_STYLES:
+        return None
+    statement = prepared.statement
+    assert isinstance(statement, ClauseElement)
+    compiled = statement.compile(dialect=dialect, column_keys=prepared._column_keys)
+    assert isinstance(compiled, SQLCompiler)
+    names = compiled.positiontup
+    if names is None or compiled.literal_execute_params or compiled.post_compile_params:
+        return None
+    # Result columns the dialect would convert (dates parsed from text, JSON...) need
+    # SQLAlchemy's result processing.
+    columns = getattr(statement, "exported_columns", ())
+    for column in columns:
+        if column.type.dialect_impl(dialect).result_processor(dialect, None) is not None:
+            return None
+    parameters = []
+    for name in names:
+        bind = compiled.binds[name]
+        if bind.callable is not None:
+            return None  # a value computed per execution; keep SQLAlchemy in charge
+        parameters.append(
+            _Parameter(
+                name,
+                optional=not bind.required,
+                default=bind.value,
+                convert=bind.type.dialect_impl(dialect).bind_processor(dialect),
+            )
+        )
+    return _DirectPlan(compiled.string, tuple(parameters))
