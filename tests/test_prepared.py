@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from turnstore.dialects import JSONDocument
 from turnstore.prepared import PreparedStatement
@@ -113,6 +115,14 @@ def test_a_value_fixed_in_the_statement_is_sent_and_may_be_overridden(conn: Conn
     assert direct.scalars(conn, {"limit": 2}) == through_sqlalchemy.scalars(conn, {"limit": 2})
     assert direct.scalars(conn, {"limit": 2}) == ["1", "2"]
     assert direct.scalars(conn, {"limit": 2, "skip": 3}) == ["3"]
+
+
+def test_driver_errors_come_out_as_sqlalchemy_errors(conn: Connection) -> None:
+    direct_insert = PreparedStatement(insert(notes), direct=True, column_keys=["owner"])
+    assert direct_insert.runs_directly_on(conn.dialect)
+    with pytest.raises(IntegrityError, match="NOT NULL") as raised:
+        direct_insert.execute_many(conn, [{"owner": None}])
+    assert isinstance(raised.value.orig, sqlite3.IntegrityError)
 
 
 def test_nothing_to_run_runs_nothing(conn: Connection) -> None:

@@ -13,11 +13,13 @@ same either way; only SQLAlchemy's statement events and echo logging do not see 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -89,12 +91,9 @@ class PreparedStatement:
         plan = self._plan(conn)
         if plan is None:
             return list(conn.execute(self.statement, params).all())
-        cursor = _driver_cursor(conn)
-        try:
+        with _driver_cursor(conn, plan) as cursor:
             cursor.execute(plan.sql, plan.positional(params))
             return list(cursor.fetchall())
-        finally:
-            cursor.close()
 
     def first(self, conn: Connection, params: Mapping[str, Any]) -> DriverRow | None:
         """The first row the statement produces, or ``None``."""
@@ -116,11 +115,8 @@ class PreparedStatement:
         if plan is None:
             conn.execute(self.statement, params)
             return
-        cursor = _driver_cursor(conn)
-        try:
+        with _driver_cursor(conn, plan) as cursor:
             cursor.execute(plan.sql, plan.positional(params))
-        finally:
-            cursor.close()
 
     def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Run the statement once per parameter set (an INSERT of several rows, say)."""
@@ -130,11 +126,8 @@ class PreparedStatement:
         if plan is None:
             conn.execute(self.statement, list(rows))
             return
-        cursor = _driver_cursor(conn)
-        try:
+        with _driver_cursor(conn, plan) as cursor:
             cursor.executemany(plan.sql, [plan.positional(row) for row in rows])
-        finally:
-            cursor.close()
 
     def runs_directly_on(self, dialect: Dialect) -> bool:
         """Whether the statement runs on the driver's cursor (not through SQLAlchemy) there."""
@@ -152,9 +145,22 @@ class PreparedStatement:
             return plan
 
 
-def _driver_cursor(conn: Connection) -> Any:
-    """A cursor of the DBAPI connection under ``conn``, inside ``conn``'s transaction."""
-    return conn.connection.cursor()
+@contextmanager
+def _driver_cursor(conn: Connection, plan: _DirectPlan) -> Iterator[Any]:
+    """A cursor of the DBAPI connection under ``conn``, inside ``conn``'s transaction.
+
+    Driver errors come out as SQLAlchemy's wrappers (``sqlalchemy.exc.IntegrityError`` and
+    so on), as they do from statements that run through ``Connection.execute``.
+    """
+    dialect = conn.dialect
+    driver_error = dialect.loaded_dbapi.Error
+    cursor = conn.connection.cursor()
+    try:
+        yield cursor
+    except driver_error as exc:
+        raise DBAPIError.instance(plan.sql, None, exc, driver_error, dialect=dialect) from exc
+    finally:
+        cursor.close()
 
 
 _POSITIONAL_STYLES = frozenset({"qmark", "numeric", "numeric_dollar", "format"})
