@@ -15,16 +15,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from turnstore import items
+from turnstore import jsoncodec
 from turnstore.items import decode
 
 
 @pytest.fixture(autouse=True, params=["fast", "stdlib"])
 def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "fast":
-        assert items._fast_decode is not None, "msgspec is a dependency on CPython"
+        assert jsoncodec._fast_decode is not None, "msgspec is a dependency on CPython"
     else:
-        monkeypatch.setattr(items, "_fast_decode", None)
+        monkeypatch.setattr(jsoncodec, "_fast_decode", None)
     return str(request.param)
 
 

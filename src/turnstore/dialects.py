@@ -9,7 +9,6 @@ the dialect name.
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -42,10 +41,9 @@ from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.type_api import TypeEngine
 from sqlalchemy.types import TypeDecorator
 
+from turnstore import jsoncodec
 from turnstore.errors import SchemaLockTimeoutError
 from turnstore.prepared import PreparedStatement
-
-logger = logging.getLogger(__name__)
 
 _MYSQL_NAMES = ("mysql", "mariadb")
 
@@ -126,13 +124,7 @@ class JSONDocument(TypeDecorator[Any]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         """Parse text storage, reading invalid JSON as ``None``."""
-        if not isinstance(value, str):
-            return value
-        try:
-            return json.loads(value)
-        except ValueError:
-            logger.warning("Ignoring a token-details value that is not valid JSON")
-            return None
+        return jsoncodec.loads_or_none(value, "token-details")
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from turnstore import jsoncodec
 from turnstore.errors import InvalidItemError
 from turnstore.repository import NewMessage, ToolCountRule
 
@@ -115,46 +116,10 @@ def to_new_messages(items: Sequence[Any]) -> list[NewMessage]:
     return messages
 
 
-# The decoder json.loads uses, called without json.loads's per-call wrapper: reading a long
-# history spends most of its time here, and the wrapper (whitespace scans, type checks) made
-# up 40% of it.
-_raw_decode = json.JSONDecoder().raw_decode
-
-
-def _strict_decoder() -> Callable[[str], Any] | None:
-    """The msgspec JSON decoder where it is installed (CPython): 2.5x faster than raw_decode.
-
-    It is stricter than ``json.loads`` but never disagrees with it: what it accepts decodes to
-    the same values (integers of any size stay exact), and everything it refuses (NaN and
-    Infinity, unpaired surrogate escapes, out-of-range floats, deep nesting) goes on to the
-    standard parser, so it changes how fast items decode, never what they decode to.
-    """
-    try:
-        import msgspec
-    except ImportError:  # not on this interpreter: the standard library decodes alone
-        return None
-    return msgspec.json.Decoder().decode
-
-
-_fast_decode = _strict_decoder()
-
-
 def decode(data: str) -> Any | None:
     """Parse one stored item; ``None`` (and a warning) for text that is not valid JSON."""
-    if _fast_decode is not None:
-        try:
-            return _fast_decode(data)
-        except Exception:  # noqa: S110 - whatever it refuses, json decides below
-            pass
     try:
-        item, end = _raw_decode(data)
-    except (TypeError, ValueError):
-        end = -1
-    if end >= 0 and end == len(data):
-        return item
-    # Surrounding whitespace, trailing garbage or not text at all: the full parser decides.
-    try:
-        return json.loads(data)
+        return jsoncodec.loads(data)
     except (TypeError, ValueError):
         logger.warning("Skipping a stored item that is not valid JSON")
         return None

@@ -46,6 +46,7 @@ from turnstore.errors import (
     SchemaMissingError,
     TurnNotFoundError,
 )
+from turnstore.jsoncodec import loads_or_none
 from turnstore.migrate import bring_to_head
 from turnstore.models import DEFAULT_TABLES, StoreTables
 from turnstore.prepared import PreparedStatement
@@ -53,6 +54,18 @@ from turnstore.prepared import PreparedStatement
 logger = logging.getLogger(__name__)
 
 MAIN_BRANCH = "main"
+
+#: The structure columns an append or a branch copy writes (the rest have defaults).
+STRUCTURE_COLUMNS = (
+    "session_id",
+    "message_id",
+    "branch_id",
+    "message_type",
+    "sequence_number",
+    "user_turn_number",
+    "branch_turn_number",
+    "tool_name",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,19 +238,7 @@ class _Statements:
             )
         )
         self.branch_max_turn = prepared(select(self.max_turn))
-        self.insert_structure = prepared(
-            insert(s),
-            column_keys=[
-                "session_id",
-                "message_id",
-                "branch_id",
-                "message_type",
-                "sequence_number",
-                "user_turn_number",
-                "branch_turn_number",
-                "tool_name",
-            ],
-        )
+        self.insert_structure = prepared(insert(s), column_keys=STRUCTURE_COLUMNS)
         self.insert_messages = profile.returning_insert(tables.messages)
         self.usage_counters = prepared(select(self.max_turn, self.generation))
         # Where the write lock is database-wide, lock and read in one statement each.
@@ -263,6 +264,25 @@ class _Statements:
         )
         self.current_generation = prepared(select(self.generation))
         u = tables.usage
+        # Token details read as the stored JSON text (every driver returns it as text under
+        # a Text type) and are decoded by the repository, so the statement can run directly.
+        turn_usage = (
+            select(
+                u.c.user_turn_number,
+                u.c.requests,
+                u.c.input_tokens,
+                u.c.output_tokens,
+                u.c.total_tokens,
+                type_coerce(u.c.input_tokens_details, Text),
+                type_coerce(u.c.output_tokens_details, Text),
+            )
+            .where(u.c.session_id == sid, u.c.branch_id == bid)
+            .order_by(u.c.user_turn_number)
+        )
+        self.turn_usage = prepared(turn_usage)
+        self.one_turn_usage = prepared(
+            turn_usage.where(u.c.user_turn_number == bindparam("turn", type_=Integer))
+        )
         usage_columns = [
             c.name
             for c in u.columns
@@ -608,23 +628,32 @@ class ConversationRepository:
         self, session_id: str, branch_id: str, user_turn_number: int | None
     ) -> list[StoredTurnUsage]:
         """Stored usage rows of a branch (of one turn, if given), by turn."""
-        u = self._t.usage
-        stmt = (
-            select(
-                u.c.user_turn_number,
-                u.c.requests,
-                u.c.input_tokens,
-                u.c.output_tokens,
-                u.c.total_tokens,
-                u.c.input_tokens_details,
-                u.c.output_tokens_details,
+        params: dict[str, Any] = {"sid": session_id, "bid": branch_id}
+        if user_turn_number is None:
+            rows = await self._handle.read(self._q.turn_usage.rows, params)
+        else:
+            params["turn"] = user_turn_number
+            rows = await self._handle.read(self._q.one_turn_usage.rows, params)
+        return [
+            StoredTurnUsage(
+                turn,
+                requests,
+                input_tokens,
+                output_tokens,
+                total_tokens,
+                loads_or_none(input_details, "token-details"),
+                loads_or_none(output_details, "token-details"),
             )
-            .where(u.c.session_id == session_id, u.c.branch_id == branch_id)
-            .order_by(u.c.user_turn_number)
-        )
-        if user_turn_number is not None:
-            stmt = stmt.where(u.c.user_turn_number == user_turn_number)
-        return [StoredTurnUsage(*row) for row in await self._handle.read(_all_rows, stmt)]
+            for (
+                turn,
+                requests,
+                input_tokens,
+                output_tokens,
+                total_tokens,
+                input_details,
+                output_details,
+            ) in rows
+        ]
 
     # -- branches ------------------------------------------------------------------------
 
@@ -698,16 +727,7 @@ class ConversationRepository:
         max_sequence = conn.scalar(select(q.max_sequence), {"sid": session_id}) or 0
         copied = conn.execute(
             insert(s).from_select(
-                [
-                    "session_id",
-                    "message_id",
-                    "branch_id",
-                    "message_type",
-                    "sequence_number",
-                    "user_turn_number",
-                    "branch_turn_number",
-                    "tool_name",
-                ],
+                STRUCTURE_COLUMNS,
                 select(
                     s.c.session_id,
                     s.c.message_id,
