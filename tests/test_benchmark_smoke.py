@@ -102,3 +102,23 @@ async def test_quick_benchmark_reports_every_workload(backend: Backend) -> None:
     assert {"get_items_delta_mb", "iter_items_delta_mb"} <= set(memory_notes)
     # The SDK's class may log lock timeouts on a busy machine; turnstore must log nothing.
     assert not any(name.startswith("turnstore") for name in report["logged_errors"])
+
+
+async def test_round_trip_ceiling_script_prints_a_rate_per_count(postgres_url: str) -> None:
+    script = SCRIPT.with_name("postgres_round_trips.py")
+    dsn = postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        *("--dsn", dsn, "--round-trips", "1", "2", "--tasks", "3", "--turns", "2"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 0, stderr.decode()
+    lines = stdout.decode().splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == [
+        "1 round trips per turn",
+        "2 round trips per turn",
+    ]
+    assert all("turns/s" in line for line in lines)
