@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import Backend
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
@@ -104,13 +106,17 @@ async def test_quick_benchmark_reports_every_workload(backend: Backend) -> None:
     assert not any(name.startswith("turnstore") for name in report["logged_errors"])
 
 
-async def test_round_trip_ceiling_script_prints_a_rate_per_count(postgres_url: str) -> None:
+@pytest.mark.parametrize("through", ["asyncpg", "sqlalchemy"])
+async def test_round_trip_ceiling_script_prints_a_rate_per_count(
+    postgres_url: str, through: str
+) -> None:
     script = SCRIPT.with_name("postgres_round_trips.py")
     dsn = postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(script),
-        *("--dsn", dsn, "--round-trips", "1", "2", "--tasks", "3", "--turns", "2"),
+        *("--dsn", dsn, "--through", through, "--round-trips", "1", "2"),
+        *("--tasks", "3", "--turns", "2"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

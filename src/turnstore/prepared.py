@@ -163,7 +163,10 @@ def _driver_cursor(conn: Connection, plan: _DirectPlan) -> Iterator[Any]:
         cursor.close()
 
 
-_POSITIONAL_STYLES = frozenset({"qmark", "numeric", "numeric_dollar", "format"})
+# Parameter styles whose compiled ``positiontup`` maps one-to-one onto the driver's positional
+# parameters, checked against a real driver (sqlite3). Numbered styles (asyncpg's $1) number
+# a repeated parameter once and would need checking against their driver first.
+_POSITIONAL_STYLES = frozenset({"qmark"})
 
 
 def _compile_direct(prepared: PreparedStatement, dialect: Dialect) -> _DirectPlan | None:
