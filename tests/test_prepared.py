@@ -131,6 +131,29 @@ def test_nothing_to_run_runs_nothing(conn: Connection) -> None:
     assert conn.execute(select(func.count()).select_from(notes)).scalar_one() == 0
 
 
+def test_each_run_of_a_returning_insert_gives_its_key_in_order(conn: Connection) -> None:
+    statement = insert(notes).returning(notes.c.id)
+    rows = [{"owner": "a", "body": str(n)} for n in range(3)]
+    direct, through_sqlalchemy = both(statement, column_keys=["owner", "body"])
+    assert direct.runs_directly_on(conn.dialect)
+    first_ids = direct.scalar_each(conn, rows)
+    assert first_ids == sorted(first_ids)
+    assert len(set(first_ids)) == 3
+    later_ids = through_sqlalchemy.scalar_each(conn, rows)
+    assert later_ids[0] > first_ids[-1]
+    stored = conn.execute(select(notes.c.id, notes.c.body).order_by(notes.c.id)).all()
+    assert [tuple(row) for row in stored] == [
+        (key, row["body"]) for key, row in zip(first_ids + later_ids, rows + rows, strict=True)
+    ]
+
+
+def test_a_statement_without_result_runs_both_ways(conn: Connection) -> None:
+    for n, prepared in enumerate(both(insert(notes), column_keys=["owner"])):
+        prepared.execute(conn, {"owner": f"owner {n}"})
+    owners = conn.execute(select(notes.c.owner).order_by(notes.c.id)).scalars().all()
+    assert owners == ["owner 0", "owner 1"]
+
+
 def test_no_row_gives_none(conn: Connection) -> None:
     for prepared in both(select(notes.c.id).where(notes.c.owner == bindparam("owner"))):
         assert prepared.first(conn, {"owner": "nobody"}) is None

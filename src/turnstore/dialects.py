@@ -323,7 +323,7 @@ class SQLiteProfile(_OnConflictProfile):
         if not rows:
             return []
         insert_one = _single_row_insert(stmt, tuple(rows[0]))
-        return [int(insert_one.scalar(conn, row)) for row in rows]
+        return [int(new_id) for new_id in insert_one.scalar_each(conn, rows)]
 
     def private_engine(self, url: URL) -> bool:
         """Every in-memory database is its own database, as with the SDK's class."""

@@ -13,13 +13,12 @@ same either way; only SQLAlchemy's statement events and echo logging do not see 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.sql import ClauseElement, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -85,15 +84,21 @@ class PreparedStatement:
         self._direct = direct
         self._column_keys = list(column_keys) if column_keys is not None else None
         self._plans: dict[_PlanKey, _DirectPlan | None] = {}
+        self._last: tuple[Dialect, _DirectPlan | None] | None = None
 
     def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[DriverRow]:
         """Run the statement and return every row it produces."""
-        plan = self._plan(conn)
+        plan = self._plan_for(conn.dialect)
         if plan is None:
             return list(conn.execute(self.statement, params).all())
-        with _driver_cursor(conn, plan) as cursor:
+        cursor = _driver_cursor(conn)
+        try:
             cursor.execute(plan.sql, plan.positional(params))
             return list(cursor.fetchall())
+        except _driver_error(conn) as exc:
+            raise _wrapped(conn, plan, exc) from exc
+        finally:
+            cursor.close()
 
     def first(self, conn: Connection, params: Mapping[str, Any]) -> DriverRow | None:
         """The first row the statement produces, or ``None``."""
@@ -109,58 +114,85 @@ class PreparedStatement:
         row = self.first(conn, params)
         return None if row is None else row[0]
 
+    def scalar_each(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Run the statement once per parameter set; the first column each run returns.
+
+        For a single-row ``INSERT ... RETURNING`` over several rows: the new keys in order.
+        """
+        plan = self._plan_for(conn.dialect)
+        if plan is None:
+            return [conn.execute(self.statement, row).scalar() for row in rows]
+        found = []
+        cursor = _driver_cursor(conn)
+        try:
+            for row in rows:
+                cursor.execute(plan.sql, plan.positional(row))
+                first = cursor.fetchone()
+                found.append(None if first is None else first[0])
+        except _driver_error(conn) as exc:
+            raise _wrapped(conn, plan, exc) from exc
+        finally:
+            cursor.close()
+        return found
+
     def execute(self, conn: Connection, params: Mapping[str, Any]) -> None:
         """Run a statement whose result is not needed."""
-        plan = self._plan(conn)
-        if plan is None:
+        if self._plan_for(conn.dialect) is None:
             conn.execute(self.statement, params)
-            return
-        with _driver_cursor(conn, plan) as cursor:
-            cursor.execute(plan.sql, plan.positional(params))
+        else:
+            self.rows(conn, params)
 
     def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Run the statement once per parameter set (an INSERT of several rows, say)."""
         if not rows:
             return
-        plan = self._plan(conn)
+        plan = self._plan_for(conn.dialect)
         if plan is None:
             conn.execute(self.statement, list(rows))
             return
-        with _driver_cursor(conn, plan) as cursor:
+        cursor = _driver_cursor(conn)
+        try:
             cursor.executemany(plan.sql, [plan.positional(row) for row in rows])
+        except _driver_error(conn) as exc:
+            raise _wrapped(conn, plan, exc) from exc
+        finally:
+            cursor.close()
 
     def runs_directly_on(self, dialect: Dialect) -> bool:
         """Whether the statement runs on the driver's cursor (not through SQLAlchemy) there."""
         return self._plan_for(dialect) is not None
 
-    def _plan(self, conn: Connection) -> _DirectPlan | None:
-        return self._plan_for(conn.dialect)
-
     def _plan_for(self, dialect: Dialect) -> _DirectPlan | None:
+        # Nearly every call comes from the dialect of the call before: skip the key lookup.
+        last = self._last
+        if last is not None and last[0] is dialect:
+            return last[1]
         key = _plan_key(dialect)
         try:
-            return self._plans[key]
+            plan = self._plans[key]
         except KeyError:
             plan = self._plans[key] = _compile_direct(self, dialect) if self._direct else None
-            return plan
+        self._last = (dialect, plan)
+        return plan
 
 
-@contextmanager
-def _driver_cursor(conn: Connection, plan: _DirectPlan) -> Iterator[Any]:
-    """A cursor of the DBAPI connection under ``conn``, inside ``conn``'s transaction.
+def _driver_cursor(conn: Connection) -> Any:
+    """A cursor of the DBAPI connection under ``conn``, inside ``conn``'s transaction."""
+    return conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
 
-    Driver errors come out as SQLAlchemy's wrappers (``sqlalchemy.exc.IntegrityError`` and
-    so on), as they do from statements that run through ``Connection.execute``.
+
+def _driver_error(conn: Connection) -> type[Exception]:
+    error: type[Exception] = conn.dialect.loaded_dbapi.Error
+    return error
+
+
+def _wrapped(conn: Connection, plan: _DirectPlan, exc: Exception) -> StatementError:
+    """A driver error as SQLAlchemy's wrapper (``sqlalchemy.exc.IntegrityError``...).
+
+    The same class ``Connection.execute`` would raise, so callers see one family of errors
+    whichever path a statement took.
     """
-    dialect = conn.dialect
-    driver_error = dialect.loaded_dbapi.Error
-    cursor = conn.connection.cursor()
-    try:
-        yield cursor
-    except driver_error as exc:
-        raise DBAPIError.instance(plan.sql, None, exc, driver_error, dialect=dialect) from exc
-    finally:
-        cursor.close()
+    return DBAPIError.instance(plan.sql, None, exc, _driver_error(conn), dialect=conn.dialect)
 
 
 # Parameter styles whose compiled ``positiontup`` maps one-to-one onto the driver's positional
