@@ -7,22 +7,59 @@ Create Date: 2026-11-21
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
-
-from turnstore.dialects import (
-    DOCUMENT,
-    IDENTIFIER,
-    ROW_ID,
-    TABLE_OPTIONS,
-    TIMESTAMP_UTC,
-    JSONDocument,
-)
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.sql.type_api import TypeEngine
 
 revision = "0001"
 down_revision: str | None = None
 branch_labels: tuple[str, ...] | None = None
 depends_on: tuple[str, ...] | None = None
+
+# Frozen copies of the column types and table options turnstore.dialects defined when this
+# revision shipped: a shipped migration must keep creating the same schema however the live
+# definitions change later (such changes reach databases through new revisions). They live in
+# this file because Alembic takes every other .py file in versions/ for a revision.
+
+_MYSQL_NAMES = ("mysql", "mariadb")
+_MYSQL_CHARSET = "utf8mb4"
+_MYSQL_COLLATION = "utf8mb4_bin"
+
+ROW_ID: TypeEngine[int] = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+IDENTIFIER: TypeEngine[str] = sa.Text().with_variant(
+    mysql.VARCHAR(255, charset=_MYSQL_CHARSET, collation=_MYSQL_COLLATION), *_MYSQL_NAMES
+)
+
+DOCUMENT: TypeEngine[str] = sa.Text().with_variant(
+    mysql.LONGTEXT(charset=_MYSQL_CHARSET, collation=_MYSQL_COLLATION), *_MYSQL_NAMES
+)
+
+TIMESTAMP_UTC: TypeEngine[Any] = (
+    sa.TIMESTAMP()
+    .with_variant(postgresql.TIMESTAMP(timezone=True), "postgresql")
+    .with_variant(mysql.DATETIME(), *_MYSQL_NAMES)
+)
+
+# The storage types turnstore.dialects.JSONDocument picked per dialect. A migration moves no
+# data, so only the declared type matters, not the decorator's bind and result handling;
+# SQLite's JSON type declares the column "JSON" as the SDK's schema does.
+JSON_DOCUMENT: TypeEngine[Any] = (
+    sa.Text()
+    .with_variant(sqlite.JSON(), "sqlite")
+    .with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+    .with_variant(mysql.JSON(none_as_null=True), *_MYSQL_NAMES)
+)
+
+TABLE_OPTIONS: Mapping[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": _MYSQL_CHARSET,
+    "mysql_collate": _MYSQL_COLLATION,
+}
 
 _NOW = sa.text("CURRENT_TIMESTAMP")
 
@@ -109,8 +146,8 @@ def upgrade() -> None:
         sa.Column("input_tokens", sa.Integer(), server_default=sa.text("0")),
         sa.Column("output_tokens", sa.Integer(), server_default=sa.text("0")),
         sa.Column("total_tokens", sa.Integer(), server_default=sa.text("0")),
-        sa.Column("input_tokens_details", JSONDocument()),
-        sa.Column("output_tokens_details", JSONDocument()),
+        sa.Column("input_tokens_details", JSON_DOCUMENT),
+        sa.Column("output_tokens_details", JSON_DOCUMENT),
         _created_at(),
         sa.PrimaryKeyConstraint("id", name="pk_turn_usage"),
         sa.ForeignKeyConstraint(

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import create_engine
@@ -134,30 +135,51 @@ class AsyncEngineHandle(EngineHandle):
             profile.begin_write(conn)
             return work(conn, *args, **kwargs)
 
-        committing = False
-        try:
+        with _ConnectionLossGuard() as guard:
             async with self._write_gate or _NO_GATE, self._engine.begin() as conn:
                 result = await conn.run_sync(transaction)
-                committing = True
-        except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
-            raise _connection_lost(committing=committing) from exc
+                # Past this point the unit of work is done; only COMMIT can still fail.
+                guard.committing = True
         return result
 
     async def read(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run read-only ``work`` on a connection that sees the latest committed state."""
-        try:
+        with _ConnectionLossGuard():
             async with self._read_gate or _NO_GATE, self._read_engine.connect() as conn:
                 return await conn.run_sync(lambda sync_conn: work(sync_conn, *args, **kwargs))
-        except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
-            raise _connection_lost(committing=False) from exc
 
     async def dispose(self, *, final: bool = False) -> None:
         """Close the pool's connections (the engine stays usable)."""
         await self._engine.dispose()
+
+
+class _ConnectionLossGuard:
+    """Raises :class:`ConnectionLostError` for a connection that broke inside the block.
+
+    Only a ``DBAPIError`` whose connection SQLAlchemy invalidated is translated (chained with
+    ``from``); every other exception passes through unchanged.
+
+    Attributes:
+        committing: Set by the caller once the unit of work has returned, so that a break
+            from then on is reported as one during COMMIT, whose outcome is unknown.
+    """
+
+    __slots__ = ("committing",)
+
+    def __init__(self) -> None:
+        self.committing = False
+
+    def __enter__(self) -> _ConnectionLossGuard:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            raise _connection_lost(committing=self.committing) from exc
 
 
 def _connection_lost(*, committing: bool) -> ConnectionLostError:
