@@ -369,6 +369,37 @@ async def test_bad_table_names_are_refused_before_any_sql(
     assert statements == []
 
 
+async def test_table_names_whose_index_names_the_server_cannot_hold(backend: Backend) -> None:
+    # 50 characters is a valid table name everywhere, but its messages index would be named
+    # idx_<name>_session_id: 65 characters, over Postgres's 63 and MySQL's 64.
+    name = "m" * 50
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(str(args[2]))
+
+    session = backend.session(messages_table=name)
+    if backend.name == "sqlite":
+        await session.add_items(turn("stored"))
+        assert await session.get_items() == turn("stored")
+        return
+    event.listen(backend.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        with pytest.raises(InvalidArgumentError, match=f"idx_{name}_session_id") as refused:
+            await session.add_items(turn("never stored"))
+    finally:
+        event.remove(backend.engine.sync_engine, "before_cursor_execute", count)
+    assert "shorter sessions_table or messages_table" in str(refused.value)
+    assert statements == []
+    async with backend.engine.connect() as conn:
+        tables = await conn.run_sync(lambda sync_conn: inspect(sync_conn).get_table_names())
+    assert name not in tables
+    # A name that fits works on the same database.
+    fitting = backend.session(messages_table="m" * 40)
+    await fitting.add_items(turn("stored"))
+    assert await fitting.get_items() == turn("stored")
+
+
 @pytest.mark.parametrize("name", [*BAD_TABLE_NAMES, None, 42])
 def test_bad_table_names_are_refused_without_a_database(tmp_path: Path, name: Any) -> None:
     # Nothing listens at these addresses: reaching a database would fail differently.

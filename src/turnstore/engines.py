@@ -83,6 +83,14 @@ class EngineHandle:
         """The underlying SQLAlchemy engine (identity only; callers must not use it)."""
         raise NotImplementedError
 
+    @property
+    def max_index_name_length(self) -> int:
+        """The longest index name the database accepts as it is."""
+        engine = self.engine
+        assert isinstance(engine, Engine | AsyncEngine)
+        dialect = engine.dialect
+        return int(dialect.max_index_name_length or dialect.max_identifier_length)
+
     async def write(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``work`` in a write transaction: committed if it returns, rolled back if not."""
         raise NotImplementedError

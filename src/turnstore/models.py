@@ -87,6 +87,17 @@ class StoreTables:
         """Table names, parents first."""
         return tuple(table.name for table in self.metadata.sorted_tables)
 
+    @property
+    def index_names(self) -> tuple[str, ...]:
+        """Every index name the store creates, as it is used (not shortened).
+
+        Constraint names come from the naming convention, which SQLAlchemy shortens itself
+        where a database needs it, and table names are at most 63 characters.
+        """
+        return tuple(
+            str(index.name) for table in self.metadata.sorted_tables for index in table.indexes
+        )
+
 
 def define_tables(
     metadata: MetaData,

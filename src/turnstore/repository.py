@@ -332,6 +332,7 @@ class ConversationRepository:
             if key in handle.ready_schemas:
                 return
             if create:
+                self._check_schema_names()
                 await handle.write(self._create_missing)
             else:
                 missing = await handle.read(self._missing_tables)
@@ -341,6 +342,25 @@ class ConversationRepository:
                         "create_tables=True to create them, or run the migrations first."
                     )
             handle.ready_schemas.add(key)
+
+    def _check_schema_names(self) -> None:
+        """Refuse, before any DDL, index names the database cannot hold.
+
+        The messages table's index is named after the table, so a long ``messages_table``
+        gives a long index name: MySQL would fail halfway through creating the tables (its DDL
+        is not transactional), and Postgres would silently cut the name short.
+
+        Raises:
+            InvalidArgumentError: An index name is too long for this database.
+        """
+        limit = self._handle.max_index_name_length
+        too_long = [name for name in self._t.index_names if len(name) > limit]
+        if too_long:
+            raise InvalidArgumentError(
+                f"Index names on {self._profile.name} are at most {limit} characters, and "
+                f"{', '.join(too_long)} is longer. Choose a shorter sessions_table or "
+                "messages_table."
+            )
 
     def _missing_tables(self, conn: Connection) -> list[str]:
         present = set(inspect(conn).get_table_names())
