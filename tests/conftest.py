@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,49 +142,71 @@ class Backend:
         )
 
 
-async def _postgres_backend(base_url: str) -> AsyncIterator[Backend]:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+# What creating a namespace raises when the server does not answer: asyncpg lets the socket's
+# OSError through, asyncmy's refusal arrives wrapped in SQLAlchemy's OperationalError.
+_UNREACHABLE_SERVER_ERRORS: dict[str, tuple[type[Exception], ...]] = {
+    "postgres": (OSError,),
+    "mysql": (OSError, OperationalError),
+}
+
+
+@asynccontextmanager
+async def private_namespace(
+    base_url: str, create: str, drop: str, *, backend: str | None = None
+) -> AsyncIterator[None]:
+    """A schema or database of the test's own on the server of ``base_url``.
+
+    Args:
+        base_url: The server, as a URL whose user may create and drop the namespace.
+        create: The statement that creates it (``CREATE SCHEMA ...``, ``CREATE DATABASE ...``).
+        drop: The statement that drops it again when the block ends.
+        backend: When given, a server that does not answer skips the test as
+            :func:`unavailable` does (failing it if the backend is required); otherwise the
+            connection error propagates.
+    """
     admin = create_async_engine(base_url, isolation_level="AUTOCOMMIT")
     try:
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except OSError as exc:
-        await admin.dispose()
-        unavailable("postgres", f"cannot connect to {base_url}: {exc}")
-    options: dict[str, Any] = {"connect_args": {"server_settings": {"search_path": schema}}}
-    engine = create_async_engine(base_url, **options)
-    try:
-        yield Backend("postgres", base_url, engine, options)
+        try:
+            async with admin.connect() as conn:
+                await conn.exec_driver_sql(create)
+        except Exception as exc:
+            if backend is None or not isinstance(exc, _UNREACHABLE_SERVER_ERRORS[backend]):
+                raise
+            unavailable(backend, f"cannot connect to {base_url}: {exc}")
+        try:
+            yield
+        finally:
+            async with admin.connect() as conn:
+                await conn.exec_driver_sql(drop)
     finally:
-        await engine.dispose()
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         await admin.dispose()
+
+
+async def _postgres_backend(base_url: str) -> AsyncIterator[Backend]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    create, drop = f"CREATE SCHEMA {schema}", f"DROP SCHEMA {schema} CASCADE"
+    async with private_namespace(base_url, create, drop, backend="postgres"):
+        options: dict[str, Any] = {"connect_args": {"server_settings": {"search_path": schema}}}
+        engine = create_async_engine(base_url, **options)
+        try:
+            yield Backend("postgres", base_url, engine, options)
+        finally:
+            await engine.dispose()
 
 
 async def fresh_mysql_backend(base_url: str) -> AsyncIterator[Backend]:
     """A MySQL backend on a database of its own, dropped afterwards."""
     database = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(base_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            # latin1 and a case-insensitive collation, the defaults of older servers, so the
-            # tests prove that turnstore's tables carry their own character set and collation.
-            await conn.exec_driver_sql(
-                f"CREATE DATABASE {database} CHARACTER SET latin1 COLLATE latin1_swedish_ci"
-            )
-    except (OSError, OperationalError) as exc:
-        await admin.dispose()
-        unavailable("mysql", f"cannot connect to {base_url}: {exc}")
-    url = make_url(base_url).set(database=database).render_as_string(hide_password=False)
-    engine = create_async_engine(url)
-    try:
-        yield Backend("mysql", url, engine, {})
-    finally:
-        await engine.dispose()
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"DROP DATABASE {database}")
-        await admin.dispose()
+    # latin1 and a case-insensitive collation, the defaults of older servers, so the tests
+    # prove that turnstore's tables carry their own character set and collation.
+    create = f"CREATE DATABASE {database} CHARACTER SET latin1 COLLATE latin1_swedish_ci"
+    async with private_namespace(base_url, create, f"DROP DATABASE {database}", backend="mysql"):
+        url = make_url(base_url).set(database=database).render_as_string(hide_password=False)
+        engine = create_async_engine(url)
+        try:
+            yield Backend("mysql", url, engine, {})
+        finally:
+            await engine.dispose()
 
 
 @pytest.fixture(params=ALL_BACKENDS)
