@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,37 +88,50 @@ def _docker_answers(variable: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """An asyncpg URL of a Postgres server for the whole run."""
-    url = os.environ.get(POSTGRES_URL_VARIABLE)
+def _server_url(
+    backend: str, variable: str, container: Callable[[], AbstractContextManager[str]]
+) -> Iterator[str]:
+    """The URL in ``variable``, else that of a ``container`` if Docker answers, else unavailable."""
+    url = os.environ.get(variable)
     if url:
         yield url
         return
-    reason = _docker_answers(POSTGRES_URL_VARIABLE)
+    reason = _docker_answers(variable)
     if reason is not None:
-        unavailable("postgres", reason)
+        unavailable(backend, reason)
+    with container() as container_url:
+        yield container_url
+
+
+# The container factories import testcontainers only once a Docker engine has answered: runs
+# against servers named in the environment need neither.
+@contextmanager
+def _postgres_container() -> Iterator[str]:
     from testcontainers.postgres import PostgresContainer
 
     with PostgresContainer("postgres:16-alpine", driver="asyncpg") as container:
         yield container.get_connection_url()
 
 
-@pytest.fixture(scope="session")
-def mysql_url() -> Iterator[str]:
-    """An asyncmy URL of a MySQL or MariaDB server for the whole run."""
-    url = os.environ.get(MYSQL_URL_VARIABLE)
-    if url:
-        yield url
-        return
-    reason = _docker_answers(MYSQL_URL_VARIABLE)
-    if reason is not None:
-        unavailable("mysql", reason)
+@contextmanager
+def _mysql_container() -> Iterator[str]:
     from testcontainers.mysql import MySqlContainer
 
     with MySqlContainer("mysql:8.4", dialect="asyncmy") as container:
         # The container's own user may not create databases; root may.
         yield str(make_url(container.get_connection_url()).set(username="root"))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """An asyncpg URL of a Postgres server for the whole run."""
+    yield from _server_url("postgres", POSTGRES_URL_VARIABLE, _postgres_container)
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> Iterator[str]:
+    """An asyncmy URL of a MySQL or MariaDB server for the whole run."""
+    yield from _server_url("mysql", MYSQL_URL_VARIABLE, _mysql_container)
 
 
 @dataclass
