@@ -659,21 +659,14 @@ async def closed_loop(db: Database, impl: str, count: int, in_flight: int, turns
     sessions = await _opened(db, impl, count, f"closed{count}")
     load = Load()
     slots = asyncio.Semaphore(in_flight)
-    logged = len(ERRORS.records)
 
     async def converse(session: BenchSession) -> None:
         for turn in range(1, turns + 1):
             async with slots:
                 await _timed_turn(session, turn, time.perf_counter(), load)
 
-    start = time.perf_counter()
-    try:
+    async with _measured_run(sessions, load):
         await asyncio.gather(*(converse(session) for session in sessions))
-        load.wall_s = time.perf_counter() - start
-    finally:
-        for session in sessions:
-            await close(session)
-    _count_logged_usage_failures(load, logged)
     return load
 
 
@@ -687,7 +680,6 @@ async def open_loop(db: Database, impl: str, count: int, turns: int, rate: float
     locks = [asyncio.Lock() for _ in sessions]
     next_turn = [1] * count
     load = Load()
-    logged = len(ERRORS.records)
 
     async def arrive(k: int, scheduled: float) -> None:
         async with locks[k]:
@@ -696,8 +688,7 @@ async def open_loop(db: Database, impl: str, count: int, turns: int, rate: float
             await _timed_turn(sessions[k], turn, scheduled, load)
 
     tasks = []
-    start = time.perf_counter()
-    try:
+    async with _measured_run(sessions, load) as start:
         for index in range(count * turns):
             scheduled = start + index / rate
             delay = scheduled - time.perf_counter()
@@ -705,12 +696,26 @@ async def open_loop(db: Database, impl: str, count: int, turns: int, rate: float
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(arrive(index % count, scheduled)))
         await asyncio.gather(*tasks)
+    return load
+
+
+@asynccontextmanager
+async def _measured_run(sessions: Sequence[BenchSession], load: Load) -> AsyncIterator[float]:
+    """Times a concurrent run's block into ``load``, then closes ``sessions``.
+
+    Yields the start time, from which an open loop schedules its arrivals. Once the block
+    has ended normally, the usage failures logged meanwhile (``store_run_usage`` logs rather
+    than raises them) count as errors too.
+    """
+    logged = len(ERRORS.records)
+    start = time.perf_counter()
+    try:
+        yield start
         load.wall_s = time.perf_counter() - start
     finally:
         for session in sessions:
             await close(session)
     _count_logged_usage_failures(load, logged)
-    return load
 
 
 def _count_logged_usage_failures(load: Load, since: int) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,37 +88,50 @@ def _docker_answers(variable: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """An asyncpg URL of a Postgres server for the whole run."""
-    url = os.environ.get(POSTGRES_URL_VARIABLE)
+def _server_url(
+    backend: str, variable: str, container: Callable[[], AbstractContextManager[str]]
+) -> Iterator[str]:
+    """The URL in ``variable``, else that of a ``container`` if Docker answers, else unavailable."""
+    url = os.environ.get(variable)
     if url:
         yield url
         return
-    reason = _docker_answers(POSTGRES_URL_VARIABLE)
+    reason = _docker_answers(variable)
     if reason is not None:
-        unavailable("postgres", reason)
+        unavailable(backend, reason)
+    with container() as container_url:
+        yield container_url
+
+
+# The container factories import testcontainers only once a Docker engine has answered: runs
+# against servers named in the environment need neither.
+@contextmanager
+def _postgres_container() -> Iterator[str]:
     from testcontainers.postgres import PostgresContainer
 
     with PostgresContainer("postgres:16-alpine", driver="asyncpg") as container:
         yield container.get_connection_url()
 
 
-@pytest.fixture(scope="session")
-def mysql_url() -> Iterator[str]:
-    """An asyncmy URL of a MySQL or MariaDB server for the whole run."""
-    url = os.environ.get(MYSQL_URL_VARIABLE)
-    if url:
-        yield url
-        return
-    reason = _docker_answers(MYSQL_URL_VARIABLE)
-    if reason is not None:
-        unavailable("mysql", reason)
+@contextmanager
+def _mysql_container() -> Iterator[str]:
     from testcontainers.mysql import MySqlContainer
 
     with MySqlContainer("mysql:8.4", dialect="asyncmy") as container:
         # The container's own user may not create databases; root may.
         yield str(make_url(container.get_connection_url()).set(username="root"))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """An asyncpg URL of a Postgres server for the whole run."""
+    yield from _server_url("postgres", POSTGRES_URL_VARIABLE, _postgres_container)
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> Iterator[str]:
+    """An asyncmy URL of a MySQL or MariaDB server for the whole run."""
+    yield from _server_url("mysql", MYSQL_URL_VARIABLE, _mysql_container)
 
 
 @dataclass
@@ -141,49 +155,71 @@ class Backend:
         )
 
 
-async def _postgres_backend(base_url: str) -> AsyncIterator[Backend]:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+# What creating a namespace raises when the server does not answer: asyncpg lets the socket's
+# OSError through, asyncmy's refusal arrives wrapped in SQLAlchemy's OperationalError.
+_UNREACHABLE_SERVER_ERRORS: dict[str, tuple[type[Exception], ...]] = {
+    "postgres": (OSError,),
+    "mysql": (OSError, OperationalError),
+}
+
+
+@asynccontextmanager
+async def private_namespace(
+    base_url: str, create: str, drop: str, *, backend: str | None = None
+) -> AsyncIterator[None]:
+    """A schema or database of the test's own on the server of ``base_url``.
+
+    Args:
+        base_url: The server, as a URL whose user may create and drop the namespace.
+        create: The statement that creates it (``CREATE SCHEMA ...``, ``CREATE DATABASE ...``).
+        drop: The statement that drops it again when the block ends.
+        backend: When given, a server that does not answer skips the test as
+            :func:`unavailable` does (failing it if the backend is required); otherwise the
+            connection error propagates.
+    """
     admin = create_async_engine(base_url, isolation_level="AUTOCOMMIT")
     try:
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except OSError as exc:
-        await admin.dispose()
-        unavailable("postgres", f"cannot connect to {base_url}: {exc}")
-    options: dict[str, Any] = {"connect_args": {"server_settings": {"search_path": schema}}}
-    engine = create_async_engine(base_url, **options)
-    try:
-        yield Backend("postgres", base_url, engine, options)
+        try:
+            async with admin.connect() as conn:
+                await conn.exec_driver_sql(create)
+        except Exception as exc:
+            if backend is None or not isinstance(exc, _UNREACHABLE_SERVER_ERRORS[backend]):
+                raise
+            unavailable(backend, f"cannot connect to {base_url}: {exc}")
+        try:
+            yield
+        finally:
+            async with admin.connect() as conn:
+                await conn.exec_driver_sql(drop)
     finally:
-        await engine.dispose()
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         await admin.dispose()
+
+
+async def _postgres_backend(base_url: str) -> AsyncIterator[Backend]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    create, drop = f"CREATE SCHEMA {schema}", f"DROP SCHEMA {schema} CASCADE"
+    async with private_namespace(base_url, create, drop, backend="postgres"):
+        options: dict[str, Any] = {"connect_args": {"server_settings": {"search_path": schema}}}
+        engine = create_async_engine(base_url, **options)
+        try:
+            yield Backend("postgres", base_url, engine, options)
+        finally:
+            await engine.dispose()
 
 
 async def fresh_mysql_backend(base_url: str) -> AsyncIterator[Backend]:
     """A MySQL backend on a database of its own, dropped afterwards."""
     database = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(base_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            # latin1 and a case-insensitive collation, the defaults of older servers, so the
-            # tests prove that turnstore's tables carry their own character set and collation.
-            await conn.exec_driver_sql(
-                f"CREATE DATABASE {database} CHARACTER SET latin1 COLLATE latin1_swedish_ci"
-            )
-    except (OSError, OperationalError) as exc:
-        await admin.dispose()
-        unavailable("mysql", f"cannot connect to {base_url}: {exc}")
-    url = make_url(base_url).set(database=database).render_as_string(hide_password=False)
-    engine = create_async_engine(url)
-    try:
-        yield Backend("mysql", url, engine, {})
-    finally:
-        await engine.dispose()
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"DROP DATABASE {database}")
-        await admin.dispose()
+    # latin1 and a case-insensitive collation, the defaults of older servers, so the tests
+    # prove that turnstore's tables carry their own character set and collation.
+    create = f"CREATE DATABASE {database} CHARACTER SET latin1 COLLATE latin1_swedish_ci"
+    async with private_namespace(base_url, create, f"DROP DATABASE {database}", backend="mysql"):
+        url = make_url(base_url).set(database=database).render_as_string(hide_password=False)
+        engine = create_async_engine(url)
+        try:
+            yield Backend("mysql", url, engine, {})
+        finally:
+            await engine.dispose()
 
 
 @pytest.fixture(params=ALL_BACKENDS)

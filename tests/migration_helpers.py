@@ -14,8 +14,9 @@ from typing import Any
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.conftest import private_namespace
 from turnstore.migrate import VERSION_TABLE
 from turnstore.models import Base
 
@@ -40,17 +41,9 @@ async def engine_drift(engine: AsyncEngine) -> list[Any]:
 async def fresh_postgres_database(base_url: str) -> AsyncIterator[str]:
     """A new, empty database on the server of ``base_url``; dropped afterwards."""
     name = f"mig_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(base_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"CREATE DATABASE {name}")
-        try:
-            yield make_url(base_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            async with admin.connect() as conn:
-                await conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
-    finally:
-        await admin.dispose()
+    create, drop = f"CREATE DATABASE {name}", f"DROP DATABASE {name} WITH (FORCE)"
+    async with private_namespace(base_url, create, drop):
+        yield make_url(base_url).set(database=name).render_as_string(hide_password=False)
 
 
 def child_env() -> dict[str, str]:
