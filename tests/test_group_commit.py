@@ -7,6 +7,7 @@ commit; a caller is answered only after the group has committed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from pathlib import Path
 
@@ -107,16 +108,32 @@ async def test_failing_unit_in_a_group_is_rolled_back_alone(
     await sessions[0].create_branch_from_turn(2, "taken")
     await sessions[0].switch_to_branch("main")
 
-    # Many writers at once: whatever queues behind the first runs as one group, with one
-    # unit that must fail (the branch name is taken) in the middle.
-    outcomes = await asyncio.gather(
+    # Many writers at once while the writer thread is held busy: all twelve queue behind it
+    # and run as one group, with one unit that must fail (the branch name is taken) in the
+    # middle.
+    held, holding_started = threading.Event(), threading.Event()
+
+    def hold(_conn: Connection) -> bool:
+        holding_started.set()
+        return held.wait(10)
+
+    handle = sessions[0]._binding().handle
+    assert isinstance(handle, ThreadedEngineHandle)
+    holding = asyncio.ensure_future(handle.write(hold))
+    await _wait_for(holding_started)
+    writes = asyncio.gather(
         *(session.add_items(turn(f"second {session.session_id}")) for session in sessions[1:6]),
         sessions[0].create_branch_from_turn(2, "taken"),
         *(session.add_items(turn(f"second {session.session_id}")) for session in sessions[6:]),
         return_exceptions=True,
     )
-    # The first writer ran alone; the other eleven queued behind it and ran as one group.
-    assert group_sizes[-2:] == [1, 11]
+    # Nothing signals "queued"; poll until every write waits behind the held one.
+    while len(handle._writer._queue.queued) < 12:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    held.set()
+    outcomes = await writes
+    assert await holding
+    assert group_sizes[-2:] == [1, 12]
     failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
     assert len(failures) == 1
     assert isinstance(failures[0], BranchNameTakenError)
@@ -142,3 +159,73 @@ async def test_jobs_submitted_after_shutdown_fail_instead_of_waiting_forever() -
     for _ in range(2):  # the runner must not be left thinking a group is running
         with pytest.raises(RuntimeError, match="shutdown"):
             await asyncio.wait_for(runner.run(lambda _conn: "after"), timeout=10)
+
+
+async def test_work_runs_in_submission_order_with_lone_functions_between_groups() -> None:
+    groups = _RecordingGroups()
+    runner = GroupRunner(groups, "test-runner")
+    order: list[str] = []
+    first = asyncio.ensure_future(runner.run(lambda _conn: order.append("held")))
+    await _wait_for(groups.first_started)
+
+    def job(name: str) -> Job:
+        return lambda _conn: order.append(name)
+
+    queued = [
+        asyncio.ensure_future(runner.run(job("a"))),
+        asyncio.ensure_future(runner.run(job("b"))),
+        asyncio.ensure_future(runner.call(lambda: order.append("alone"))),
+        asyncio.ensure_future(runner.run(job("c"))),
+    ]
+    await asyncio.sleep(0)
+    groups.release_first.set()
+    await asyncio.gather(first, *queued)
+    assert order == ["held", "a", "b", "alone", "c"]
+    assert groups.sizes == [1, 2, 1]
+    runner.shutdown()
+
+
+async def test_a_function_that_raises_fails_its_caller_only() -> None:
+    groups = _RecordingGroups()
+    groups.release_first.set()
+    runner = GroupRunner(groups, "test-runner")
+
+    def fail() -> None:
+        raise LookupError("from the worker")
+
+    with pytest.raises(LookupError, match="from the worker"):
+        await runner.call(fail)
+    assert await runner.run(lambda _conn: "still working") == "still working"
+    runner.shutdown()
+
+
+def test_a_discarded_runner_stops_its_thread() -> None:
+    async def use_and_drop() -> threading.Thread:
+        groups = _RecordingGroups()
+        groups.release_first.set()
+        runner = GroupRunner(groups, "test-discarded-runner")
+        assert await runner.run(lambda _conn: 1) == 1
+        thread = runner._thread
+        assert thread is not None
+        return thread
+
+    thread = asyncio.run(use_and_drop())
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+async def test_shutdown_lets_queued_work_finish_then_ends_the_thread() -> None:
+    groups = _RecordingGroups()
+    runner = GroupRunner(groups, "test-runner")
+    first = asyncio.ensure_future(runner.run(lambda _conn: "first"))
+    await _wait_for(groups.first_started)
+    second = asyncio.ensure_future(runner.run(lambda _conn: "second"))
+    await asyncio.sleep(0)
+    runner.shutdown()
+    groups.release_first.set()
+    assert list(await asyncio.gather(first, second)) == ["first", "second"]
+    thread = runner._thread
+    assert thread is not None
+    await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
+    assert not thread.is_alive()
