@@ -91,14 +91,7 @@ class PreparedStatement:
         plan = self._plan_for(conn.dialect)
         if plan is None:
             return list(conn.execute(self.statement, params).all())
-        cursor = _driver_cursor(conn)
-        try:
-            cursor.execute(plan.sql, plan.positional(params))
-            return list(cursor.fetchall())
-        except _driver_error(conn) as exc:
-            raise _wrapped(conn, plan, exc) from exc
-        finally:
-            cursor.close()
+        return _direct_rows(conn, plan, params)
 
     def first(self, conn: Connection, params: Mapping[str, Any]) -> DriverRow | None:
         """The first row the statement produces, or ``None``."""
@@ -137,10 +130,11 @@ class PreparedStatement:
 
     def execute(self, conn: Connection, params: Mapping[str, Any]) -> None:
         """Run a statement whose result is not needed."""
-        if self._plan_for(conn.dialect) is None:
+        plan = self._plan_for(conn.dialect)
+        if plan is None:
             conn.execute(self.statement, params)
         else:
-            self.rows(conn, params)
+            _direct_rows(conn, plan, params)
 
     def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Run the statement once per parameter set (an INSERT of several rows, say)."""
@@ -174,6 +168,19 @@ class PreparedStatement:
             plan = self._plans[key] = _compile_direct(self, dialect) if self._direct else None
         self._last = (dialect, plan)
         return plan
+
+
+def _direct_rows(conn: Connection, plan: _DirectPlan, params: Mapping[str, Any]) -> list[DriverRow]:
+    """Run ``plan`` once on the driver; the driver's list of rows."""
+    cursor = _driver_cursor(conn)
+    try:
+        cursor.execute(plan.sql, plan.positional(params))
+        rows: list[DriverRow] = cursor.fetchall()
+    except _driver_error(conn) as exc:
+        raise _wrapped(conn, plan, exc) from exc
+    finally:
+        cursor.close()
+    return rows
 
 
 def _driver_cursor(conn: Connection) -> Any:
