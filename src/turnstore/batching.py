@@ -79,6 +79,18 @@ class _WorkQueue:
             self.closed = True
             self.ready.notify()
 
+    def put(self, queued: _Queued, owner: str) -> None:
+        """Queue work for the thread.
+
+        Raises:
+            RuntimeError: The queue is closed; ``owner`` names the runner in the message.
+        """
+        with self.ready:
+            if self.closed:
+                raise RuntimeError(f"cannot schedule new work after shutdown of {owner}")
+            self.queued.append(queued)
+            self.ready.notify()
+
     def take(self) -> list[_Queued] | None:
         """Wait for work and take all of it; ``None`` once closed and empty."""
         with self.ready:
@@ -138,17 +150,12 @@ class GroupRunner:
 
     def _submit(self, make: Callable[[asyncio.Future[Any]], _Queued]) -> asyncio.Future[Any]:
         answer = asyncio.get_running_loop().create_future()
-        queue = self._queue
-        with queue.ready:
-            if queue.closed:
-                raise RuntimeError(f"cannot schedule new work after shutdown of {self._name}")
-            queue.queued.append(make(answer))
-            queue.ready.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=_serve, args=(weakref.ref(self), queue), name=self._name, daemon=True
-                )
-                self._thread.start()
+        self._queue.put(make(answer), self._name)
+        if self._thread is None:  # submissions come from one loop: no race here
+            self._thread = threading.Thread(
+                target=_serve, args=(weakref.ref(self), self._queue), name=self._name, daemon=True
+            )
+            self._thread.start()
         return answer
 
     def _run_taken(self, taken: list[_Queued]) -> None:
