@@ -8,8 +8,9 @@ The repository writes every operation as a synchronous function of a SQLAlchemy
 * on SQLite files and in-memory databases that turnstore opens itself, as one call on a worker
   thread with SQLite's own driver. A whole transaction then costs one thread hop, where an
   asyncio SQLite driver pays several hops per statement. One writer thread per database
-  serializes this process's writers without polling SQLite's busy handler; readers have a small
-  pool of their own, which WAL lets run beside the writer.
+  serializes this process's writers without polling SQLite's busy handler; reads run on a
+  reader thread of their own, which WAL lets run beside the writer. Both threads run what
+  queued while they were busy as one group (see :mod:`turnstore.batching`).
 
 Handles are kept per (event loop, URL): an ``AsyncEngine``'s pooled connections belong to the
 loop that opened them. Sessions on one URL in one loop share a handle;
