@@ -106,7 +106,20 @@ def test_text_with_a_lone_surrogate_character_decodes_as_json_loads_reads_it() -
 
 
 @pytest.mark.parametrize(
-    "text", ["", "{", '{"a": [1', '{"a": 1} trailing', "1 2", "nul", "[1,]", "1" * 5000]
+    "text",
+    [
+        "",
+        "{",
+        '{"a": [1',
+        '{"a": 1} trailing',
+        "1 2",
+        "nul",
+        "[1,]",
+        "1" * 5000,
+        '"a\x01b"',  # a raw control character inside a string
+        "\ufeff[1]",  # a byte-order mark
+        "[1]\u00a0",  # whitespace JSON does not allow
+    ],
 )
 def test_unreadable_text_is_skipped_with_a_warning(
     text: str, caplog: pytest.LogCaptureFixture
