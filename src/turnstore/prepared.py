@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, StatementError
@@ -24,6 +24,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 #: A row as the driver returns it: indexable like a tuple.
 DriverRow = Sequence[Any]
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,18 +116,16 @@ class PreparedStatement:
         plan = self._plan_for(conn.dialect)
         if plan is None:
             return [conn.execute(self.statement, row).scalar() for row in rows]
-        found = []
-        cursor = _driver_cursor(conn)
-        try:
+
+        def each(cursor: Any) -> list[Any]:
+            found = []
             for row in rows:
                 cursor.execute(plan.sql, plan.positional(row))
                 first = cursor.fetchone()
                 found.append(None if first is None else first[0])
-        except _driver_error(conn) as exc:
-            raise _wrapped(conn, plan, exc) from exc
-        finally:
-            cursor.close()
-        return found
+            return found
+
+        return _on_driver(conn, plan, each)
 
     def execute(self, conn: Connection, params: Mapping[str, Any]) -> None:
         """Run a statement whose result is not needed."""
@@ -144,13 +143,8 @@ class PreparedStatement:
         if plan is None:
             conn.execute(self.statement, list(rows))
             return
-        cursor = _driver_cursor(conn)
-        try:
-            cursor.executemany(plan.sql, [plan.positional(row) for row in rows])
-        except _driver_error(conn) as exc:
-            raise _wrapped(conn, plan, exc) from exc
-        finally:
-            cursor.close()
+        positional = [plan.positional(row) for row in rows]
+        _on_driver(conn, plan, lambda cursor: cursor.executemany(plan.sql, positional))
 
     def runs_directly_on(self, dialect: Dialect) -> bool:
         """Whether the statement runs on the driver's cursor (not through SQLAlchemy) there."""
@@ -172,20 +166,27 @@ class PreparedStatement:
 
 def _direct_rows(conn: Connection, plan: _DirectPlan, params: Mapping[str, Any]) -> list[DriverRow]:
     """Run ``plan`` once on the driver; the driver's list of rows."""
-    cursor = _driver_cursor(conn)
-    try:
+
+    def run(cursor: Any) -> list[DriverRow]:
         cursor.execute(plan.sql, plan.positional(params))
         rows: list[DriverRow] = cursor.fetchall()
+        return rows
+
+    return _on_driver(conn, plan, run)
+
+
+def _on_driver(conn: Connection, plan: _DirectPlan, run: Callable[[Any], R]) -> R:
+    """``run`` a cursor of the DBAPI connection under ``conn``, inside its transaction.
+
+    Driver errors come out as SQLAlchemy's wrappers, as from ``Connection.execute``.
+    """
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        return run(cursor)
     except _driver_error(conn) as exc:
         raise _wrapped(conn, plan, exc) from exc
     finally:
         cursor.close()
-    return rows
-
-
-def _driver_cursor(conn: Connection) -> Any:
-    """A cursor of the DBAPI connection under ``conn``, inside ``conn``'s transaction."""
-    return conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
 
 
 def _driver_error(conn: Connection) -> type[Exception]:
