@@ -131,6 +131,9 @@ async def test_connection_killed_between_calls_is_replaced(pg: PostgresDatabase)
 async def test_connection_killed_during_a_write_rolls_the_batch_back(
     pg: PostgresDatabase,
 ) -> None:
+    # On Postgres an append is one self-committing call of a server function: the client
+    # cannot tell a break before the commit from one after it, so the error says the outcome
+    # is unknown, while the server did roll the half-done call back.
     session = pg.session()
     await session.add_items(turn("before"))
     batch = [user("lost batch"), *[user(f"part {i}") for i in range(49)]]
@@ -158,7 +161,7 @@ async def test_connection_killed_during_a_write_rolls_the_batch_back(
         assert isinstance(error, TurnstoreError)
         message = str(error).lower()
         assert "connection" in message
-        assert "rolled back" in message
+        assert "may or may not have been applied" in message
         assert "retry" in message
 
         async with side.connect() as conn:

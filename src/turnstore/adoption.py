@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import exists, func, insert, inspect, select
 from sqlalchemy.engine import Connection
 
+from turnstore import server_routines
+from turnstore.dialects import profile_for
 from turnstore.models import DEFAULT_TABLES, STRUCTURE_TABLE
 
 
@@ -94,7 +96,7 @@ def inspect_database(connection: Connection, version_table: str) -> Inspection:
 
 
 def complete_schema(connection: Connection) -> list[str]:
-    """Add the tables and indexes the database lacks and backfill branch reservations.
+    """Add the tables, indexes and server functions the database lacks; backfill reservations.
 
     Returns:
         What was done, one entry per change, for reporting.
@@ -112,6 +114,11 @@ def complete_schema(connection: Connection) -> list[str]:
             if index.name not in indexes:
                 index.create(connection)
                 done.append(f"created index {index.name}")
+    routines = profile_for(connection.dialect.name).server_routines(DEFAULT_TABLES)
+    if routines is not None:
+        for statement in server_routines.routine_ddl(routines, **DEFAULT_TABLES.routine_tables):
+            connection.exec_driver_sql(statement)
+        done.append(f"created functions {routines.append_name}, {routines.usage_name}")
     backfilled = _reserve_used_branches(connection)
     if backfilled:
         done.append(f"reserved {backfilled} branch name(s) already in use")

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     TIMESTAMP,
@@ -34,6 +34,7 @@ from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, Dialect, Engine
 from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql import ColumnElement
@@ -41,9 +42,14 @@ from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.type_api import TypeEngine
 from sqlalchemy.types import TypeDecorator
 
-from turnstore import jsoncodec
+from turnstore import jsoncodec, server_routines
+from turnstore.driver_calls import AsyncpgCalls
 from turnstore.errors import SchemaLockTimeoutError
 from turnstore.prepared import PreparedStatement
+from turnstore.server_routines import ServerRoutines
+
+if TYPE_CHECKING:
+    from turnstore.models import StoreTables
 
 _MYSQL_NAMES = ("mysql", "mariadb")
 
@@ -259,6 +265,14 @@ class DialectProfile:
     def lock_schema(self, conn: Connection) -> None:
         """Serialize schema changes across processes for the rest of the transaction."""
 
+    def server_routines(self, tables: StoreTables) -> ServerRoutines | None:
+        """Server-side functions doing an append or a usage write in one call, if any."""
+        return None
+
+    def driver_calls(self, engine: AsyncEngine) -> AsyncpgCalls | None:
+        """A way to run single statements on the driver itself, bypassing SQLAlchemy."""
+        return None
+
     def unreachable_reason(self, url: URL) -> str | None:
         """Why connecting to ``url`` must fail, when that is knowable without connecting."""
         return None
@@ -447,6 +461,16 @@ class PostgresProfile(_OnConflictProfile):
     def lock_schema(self, conn: Connection) -> None:
         """Transaction-scoped advisory lock, released by COMMIT or ROLLBACK."""
         conn.execute(func.pg_advisory_xact_lock(self.schema_lock_key).select())
+
+    def server_routines(self, tables: StoreTables) -> ServerRoutines:
+        """PL/pgSQL functions for the append and the usage write (one round trip each)."""
+        return server_routines.routines_for(
+            tables.sessions.name, tables.messages.name, default=tables.is_default
+        )
+
+    def driver_calls(self, engine: AsyncEngine) -> AsyncpgCalls | None:
+        """Direct asyncpg calls, where the engine's driver is asyncpg."""
+        return AsyncpgCalls(engine) if engine.dialect.driver == "asyncpg" else None
 
 
 def _replace_closed_connection(

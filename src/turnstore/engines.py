@@ -28,14 +28,16 @@ from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import create_engine
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from turnstore.batching import GroupRunner, Job, Outcome
 from turnstore.dialects import DialectProfile, profile_for
-from turnstore.errors import ConnectionLostError, InvalidArgumentError
+from turnstore.driver_calls import AsyncpgCalls
+from turnstore.errors import InvalidArgumentError, connection_lost
+from turnstore.server_routines import ServerRoutines
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -68,6 +70,10 @@ class EngineHandle:
         private: Whether the engine serves one session only (an in-memory database).
         users: Sessions currently holding the handle.
         ready_schemas: Table sets known to exist on this database.
+        routines: Server functions known to exist, by table set (see
+            :mod:`turnstore.server_routines`).
+        driver_calls: Runs single statements on the driver itself, where the engine's
+            driver allows it (``None`` elsewhere).
         schema_lock: Serializes schema preparation within the loop.
     """
 
@@ -77,12 +83,21 @@ class EngineHandle:
     private: bool = False
     users: int = 0
     ready_schemas: set[Hashable] = field(default_factory=set)
+    routines: dict[Hashable, ServerRoutines] = field(default_factory=dict)
+    driver_calls: AsyncpgCalls | None = None
     schema_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def engine(self) -> object:
         """The underlying SQLAlchemy engine (identity only; callers must not use it)."""
         raise NotImplementedError
+
+    @property
+    def dialect(self) -> Dialect:
+        """The engine's dialect."""
+        engine = self.engine
+        assert isinstance(engine, Engine | AsyncEngine)
+        return engine.dialect
 
     @property
     def max_index_name_length(self) -> int:
@@ -116,6 +131,7 @@ class AsyncEngineHandle(EngineHandle):
         super().__init__(profile, **options)
         self._engine = engine
         profile.prepare_engine(engine.sync_engine)
+        self.driver_calls = profile.driver_calls(engine)
         self._write_gate: asyncio.Lock | None = None
         self._read_gate: asyncio.Lock | None = None
         if profile.serializes_writers_in_process:
@@ -188,20 +204,7 @@ class _ConnectionLossGuard:
         traceback: TracebackType | None,
     ) -> None:
         if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-            raise _connection_lost(committing=self.committing) from exc
-
-
-def _connection_lost(*, committing: bool) -> ConnectionLostError:
-    """The error for a server connection that broke; SQLAlchemy has already discarded it."""
-    if committing:
-        return ConnectionLostError(
-            "The database connection was lost while committing; the server may or may not "
-            "have applied the operation. Check the session's state before you retry."
-        )
-    return ConnectionLostError(
-        "The database connection was lost during the operation, which was rolled back; "
-        "retry it (the next call opens a fresh connection)."
-    )
+            raise connection_lost(outcome_unknown=self.committing) from exc
 
 
 class ThreadedEngineHandle(EngineHandle):

@@ -54,9 +54,30 @@ class ConnectionLostError(TurnstoreError, ConnectionError):
 
     The server rolls back a transaction whose connection is gone, so the operation left
     nothing behind and can be retried; the session stays usable and its next call opens a
-    fresh connection. Only if the connection broke during the final COMMIT is the outcome
-    unknown, and the message then says so. The driver's error is chained as ``__cause__``.
+    fresh connection. Only if the connection broke during the final COMMIT (or during a write
+    that is one self-committing statement, as appends and usage writes are on Postgres) is
+    the outcome unknown, and the message then says so. The driver's error is chained as
+    ``__cause__``.
     """
+
+
+def connection_lost(*, outcome_unknown: bool) -> ConnectionLostError:
+    """The error for a server connection that broke; the pool has already discarded it.
+
+    Args:
+        outcome_unknown: Whether the server may have applied the operation: the connection
+            broke during a COMMIT, or during a write that commits by itself.
+    """
+    if outcome_unknown:
+        return ConnectionLostError(
+            "The database connection was lost before the server confirmed the operation, "
+            "which may or may not have been applied. Check the session's state before you "
+            "retry."
+        )
+    return ConnectionLostError(
+        "The database connection was lost during the operation, which was rolled back; "
+        "retry it (the next call opens a fresh connection)."
+    )
 
 
 class SchemaLockTimeoutError(TurnstoreError, TimeoutError):

@@ -83,6 +83,25 @@ class StoreTables:
         return self.sessions.metadata
 
     @property
+    def is_default(self) -> bool:
+        """Whether these are the default tables, the set the migrations manage."""
+        return (self.sessions.name, self.messages.name) == (
+            DEFAULT_SESSIONS_TABLE,
+            DEFAULT_MESSAGES_TABLE,
+        )
+
+    @property
+    def routine_tables(self) -> dict[str, str]:
+        """Table names as :func:`turnstore.server_routines.routine_ddl` takes them."""
+        return {
+            "sessions_table": self.sessions.name,
+            "messages_table": self.messages.name,
+            "structure_table": self.structure.name,
+            "usage_table": self.usage.name,
+            "generations_table": self.generations.name,
+        }
+
+    @property
     def names(self) -> tuple[str, ...]:
         """Table names, parents first."""
         return tuple(table.name for table in self.metadata.sorted_tables)

@@ -85,6 +85,7 @@ class PreparedStatement:
         self._direct = direct
         self._column_keys = list(column_keys) if column_keys is not None else None
         self._plans: dict[_PlanKey, _DirectPlan | None] = {}
+        self._driver_plans: dict[_PlanKey, _DirectPlan | None] = {}
         self._last: tuple[Dialect, _DirectPlan | None] | None = None
 
     def rows(self, conn: Connection, params: Mapping[str, Any]) -> list[DriverRow]:
@@ -146,6 +147,20 @@ class PreparedStatement:
         positional = [plan.positional(row) for row in rows]
         _on_driver(conn, plan, lambda cursor: cursor.executemany(plan.sql, positional))
 
+    def driver_plan(self, dialect: Dialect) -> _DirectPlan | None:
+        """The compiled SQL and parameter order for running the statement on the driver.
+
+        For callers that run it on a driver connection of their own (see
+        :mod:`turnstore.driver_calls`), whatever the profile says about direct runs inside
+        a unit of work. ``None`` where the statement needs SQLAlchemy at run time.
+        """
+        key = _plan_key(dialect)
+        try:
+            return self._driver_plans[key]
+        except KeyError:
+            plan = self._driver_plans[key] = _compile_direct(self, dialect)
+            return plan
+
     def runs_directly_on(self, dialect: Dialect) -> bool:
         """Whether the statement runs on the driver's cursor (not through SQLAlchemy) there."""
         return self._plan_for(dialect) is not None
@@ -204,14 +219,16 @@ def _wrapped(conn: Connection, plan: _DirectPlan, exc: Exception) -> StatementEr
 
 
 # Parameter styles whose compiled ``positiontup`` maps one-to-one onto the driver's positional
-# parameters, checked against a real driver (sqlite3). Numbered styles (asyncpg's $1) number
-# a repeated parameter once and would need checking against their driver first.
+# parameters, checked against real drivers: sqlite3's qmark always, and asyncpg's numbered
+# $1 style as long as no parameter repeats (a repeated one is numbered once).
 _POSITIONAL_STYLES = frozenset({"qmark"})
+_NUMBERED_STYLES = frozenset({"numeric_dollar"})
 
 
 def _compile_direct(prepared: PreparedStatement, dialect: Dialect) -> _DirectPlan | None:
     """Compile for direct runs, or ``None`` if the statement needs SQLAlchemy at run time."""
-    if dialect.paramstyle not in _POSITIONAL_STYLES:
+    numbered = dialect.paramstyle in _NUMBERED_STYLES
+    if not numbered and dialect.paramstyle not in _POSITIONAL_STYLES:
         return None
     statement = prepared.statement
     assert isinstance(statement, ClauseElement)
@@ -219,6 +236,8 @@ def _compile_direct(prepared: PreparedStatement, dialect: Dialect) -> _DirectPla
     assert isinstance(compiled, SQLCompiler)
     names = compiled.positiontup
     if names is None or compiled.literal_execute_params or compiled.post_compile_params:
+        return None
+    if numbered and len(set(names)) != len(names):
         return None
     # Result columns the dialect would convert (dates parsed from text, JSON...) need
     # SQLAlchemy's result processing.

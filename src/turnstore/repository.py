@@ -37,6 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql import Executable, Select
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
+from turnstore import server_routines
 from turnstore.dialects import DialectProfile, utc_now
 from turnstore.engines import EngineHandle
 from turnstore.errors import (
@@ -341,7 +342,27 @@ class ConversationRepository:
                         f"The database lacks turnstore's tables ({', '.join(missing)}). Pass "
                         "create_tables=True to create them, or run the migrations first."
                     )
+            await self._find_routines()
             handle.ready_schemas.add(key)
+
+    async def _find_routines(self) -> None:
+        """Use the server functions for appends and usage, where they exist and can be called."""
+        routines = self._profile.server_routines(self._t)
+        if routines is None or self._handle.driver_calls is None:
+            return
+        present = await self._handle.read(
+            lambda conn: bool(conn.exec_driver_sql(routines.presence_query).scalar())
+        )
+        if present:
+            self._handle.routines[self._t.metadata] = routines
+        else:
+            logger.warning(
+                "The database lacks turnstore's server functions (%s, %s); appends and usage "
+                "writes take several round trips each. Run the migrations (turnstore db "
+                "upgrade) to add them.",
+                routines.append_name,
+                routines.usage_name,
+            )
 
     def _check_schema_names(self) -> None:
         """Refuse, before any DDL, index names the database cannot hold.
@@ -375,6 +396,10 @@ class ConversationRepository:
             return
         metadata = self._t.metadata
         metadata.create_all(conn, checkfirst=True)
+        routines = self._profile.server_routines(self._t)
+        if routines is not None:
+            for statement in server_routines.routine_ddl(routines, **self._t.routine_tables):
+                conn.exec_driver_sql(statement)
         # create_all skips tables that exist (say, written by the SDK) and so their indexes;
         # add any index such a table is missing.
         inspector = inspect(conn)
@@ -414,11 +439,20 @@ class ConversationRepository:
             return []
         params: dict[str, Any] = {"sid": session_id, "bid": branch_id}
         if limit is None or limit < 0:
-            return await self._handle.read(self._q.history.scalars, params)
+            return await self._scalars(self._q.history, params)
         params["limit"] = limit
-        newest_first = await self._handle.read(self._q.latest.scalars, params)
+        newest_first = await self._scalars(self._q.latest, params)
         newest_first.reverse()
         return newest_first
+
+    async def _scalars(self, statement: PreparedStatement, params: Mapping[str, Any]) -> list[Any]:
+        """The first column of a read's rows, on the driver itself where the handle can."""
+        calls = self._handle.driver_calls
+        plan = None if calls is None else statement.driver_plan(self._handle.dialect)
+        if calls is None or plan is None:
+            return await self._handle.read(statement.scalars, params)
+        rows = await calls.fetch(plan.sql, plan.positional(params), writes=False)
+        return [row[0] for row in rows]
 
     async def fetch_page(
         self, session_id: str, branch_id: str, after_sequence: int, limit: int
@@ -447,7 +481,19 @@ class ConversationRepository:
         Returns:
             The branch written to and the session's current clear generation.
         """
-        return await self._handle.write(self._append, session_id, pointer, messages)
+        routines = self._handle.routines.get(self._t.metadata)
+        calls = self._handle.driver_calls
+        if routines is None or calls is None:
+            return await self._handle.write(self._append, session_id, pointer, messages)
+        arguments = server_routines.append_arguments(
+            session_id,
+            pointer.branch_id,
+            pointer.generation,
+            [(m.data, m.message_type, m.is_user_message, m.tool_name) for m in messages],
+        )
+        rows = await calls.fetch(routines.append_call, arguments, writes=True)
+        branch_id, generation = rows[0]
+        return BranchPointer(branch_id, generation)
 
     def _append(
         self,
@@ -591,7 +637,24 @@ class ConversationRepository:
         Returns:
             The turn number written, or ``None`` if nothing was stored.
         """
-        return await self._handle.write(self._record_usage, session_id, pointer, usage)
+        routines = self._handle.routines.get(self._t.metadata)
+        calls = self._handle.driver_calls
+        if routines is None or calls is None:
+            return await self._handle.write(self._record_usage, session_id, pointer, usage)
+        arguments = (
+            session_id,
+            pointer.branch_id,
+            pointer.generation,
+            usage.requests,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.total_tokens,
+            server_routines.json_argument(usage.input_tokens_details),
+            server_routines.json_argument(usage.output_tokens_details),
+        )
+        rows = await calls.fetch(routines.usage_call, arguments, writes=True)
+        turn = rows[0][0]
+        return None if turn is None else int(turn)
 
     def _record_usage(
         self, conn: Connection, session_id: str, pointer: BranchPointer, usage: UsageRecord
