@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
 
 from tests.conftest import Backend, _postgres_backend
 from tests.helpers import function_call, function_output, run_result, turn, user
@@ -217,3 +218,22 @@ async def test_unversioned_tables_get_the_functions_when_completed(pg_backend: B
     await session.add_items(turn("adopted"))
     assert await function_exists(pg_backend.engine, APPEND_V1)
     assert await migrate.current(pg_backend.engine) == (migrate.head(),)
+
+
+async def test_a_single_connection_engine_queues_instead_of_sharing_it(
+    pg_backend: Backend,
+) -> None:
+    # A caller's engine with one connection for everything: direct calls would use it from
+    # several tasks at once, which asyncpg refuses; such engines keep the queued path.
+    engine = create_async_engine(pg_backend.url, poolclass=StaticPool, **pg_backend.engine_options)
+    try:
+        sessions = [
+            AdvancedSession(session_id=f"one-{i}", engine=engine, create_tables=True)
+            for i in range(5)
+        ]
+        await asyncio.gather(*(s.add_items(turn(f"hello {i}")) for i, s in enumerate(sessions)))
+        await asyncio.gather(*(s.store_run_usage(run_result()) for s in sessions))
+        read = await asyncio.gather(*(s.get_items() for s in sessions))
+        assert [items[0]["content"] for items in read] == [f"hello {i}" for i in range(5)]
+    finally:
+        await engine.dispose()

@@ -131,7 +131,6 @@ class AsyncEngineHandle(EngineHandle):
         super().__init__(profile, **options)
         self._engine = engine
         profile.prepare_engine(engine.sync_engine)
-        self.driver_calls = profile.driver_calls(engine)
         self._write_gate: asyncio.Lock | None = None
         self._read_gate: asyncio.Lock | None = None
         if profile.serializes_writers_in_process:
@@ -141,6 +140,9 @@ class AsyncEngineHandle(EngineHandle):
             # One connection for everything: readers must queue behind writers too.
             self._write_gate = self._write_gate or asyncio.Lock()
             self._read_gate = self._write_gate
+        if self._write_gate is None:
+            # Direct calls skip the gates: only where nothing needs to queue in process.
+            self.driver_calls = profile.driver_calls(engine)
         self._read_engine = (
             engine.execution_options(**profile.read_execution_options)
             if profile.read_execution_options
