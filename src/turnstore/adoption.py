@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from sqlalchemy import exists, func, insert, inspect, select
 from sqlalchemy.engine import Connection
 
-from turnstore import server_routines
 from turnstore.dialects import profile_for
 from turnstore.models import DEFAULT_TABLES, STRUCTURE_TABLE
 
@@ -114,11 +113,10 @@ def complete_schema(connection: Connection) -> list[str]:
             if index.name not in indexes:
                 index.create(connection)
                 done.append(f"created index {index.name}")
-    routines = profile_for(connection.dialect.name).server_routines(DEFAULT_TABLES)
-    if routines is not None:
-        for statement in server_routines.routine_ddl(routines, **DEFAULT_TABLES.routine_tables):
-            connection.exec_driver_sql(statement)
-        done.append(f"created functions {routines.append_name}, {routines.usage_name}")
+    profile = profile_for(connection.dialect.name)
+    created = profile.create_server_routines(connection, DEFAULT_TABLES)
+    if created:
+        done.append(f"created functions {', '.join(created)}")
     backfilled = _reserve_used_branches(connection)
     if backfilled:
         done.append(f"reserved {backfilled} branch name(s) already in use")

@@ -269,6 +269,15 @@ class DialectProfile:
         """Server-side functions doing an append or a usage write in one call, if any."""
         return None
 
+    def create_server_routines(self, conn: Connection, tables: StoreTables) -> list[str]:
+        """Create or replace :meth:`server_routines` for ``tables``; the names created."""
+        routines = self.server_routines(tables)
+        if routines is None:
+            return []
+        for statement in server_routines.routine_ddl(routines, **tables.routine_tables):
+            conn.exec_driver_sql(statement)
+        return [routines.append_name, routines.usage_name]
+
     def driver_calls(self, engine: AsyncEngine) -> AsyncpgCalls | None:
         """A way to run single statements on the driver itself, bypassing SQLAlchemy."""
         return None

@@ -102,9 +102,7 @@ class EngineHandle:
     @property
     def max_index_name_length(self) -> int:
         """The longest index name the database accepts as it is."""
-        engine = self.engine
-        assert isinstance(engine, Engine | AsyncEngine)
-        dialect = engine.dialect
+        dialect = self.dialect
         return int(dialect.max_index_name_length or dialect.max_identifier_length)
 
     async def write(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

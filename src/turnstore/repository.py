@@ -39,6 +39,7 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from turnstore import server_routines
 from turnstore.dialects import DialectProfile, utc_now
+from turnstore.driver_calls import AsyncpgCalls
 from turnstore.engines import EngineHandle
 from turnstore.errors import (
     BranchNameTakenError,
@@ -51,6 +52,7 @@ from turnstore.jsoncodec import loads_or_none
 from turnstore.migrate import bring_to_head
 from turnstore.models import DEFAULT_TABLES, StoreTables
 from turnstore.prepared import PreparedStatement
+from turnstore.server_routines import ServerRoutines
 
 logger = logging.getLogger(__name__)
 
@@ -396,10 +398,7 @@ class ConversationRepository:
             return
         metadata = self._t.metadata
         metadata.create_all(conn, checkfirst=True)
-        routines = self._profile.server_routines(self._t)
-        if routines is not None:
-            for statement in server_routines.routine_ddl(routines, **self._t.routine_tables):
-                conn.exec_driver_sql(statement)
+        self._profile.create_server_routines(conn, self._t)
         # create_all skips tables that exist (say, written by the SDK) and so their indexes;
         # add any index such a table is missing.
         inspector = inspect(conn)
@@ -445,6 +444,12 @@ class ConversationRepository:
         newest_first.reverse()
         return newest_first
 
+    def _one_call_writes(self) -> tuple[AsyncpgCalls, ServerRoutines] | None:
+        """How to run appends and usage writes as one server-function call, if possible."""
+        calls = self._handle.driver_calls
+        routines = self._handle.routines.get(self._t.metadata)
+        return None if calls is None or routines is None else (calls, routines)
+
     async def _scalars(self, statement: PreparedStatement, params: Mapping[str, Any]) -> list[Any]:
         """The first column of a read's rows, on the driver itself where the handle can."""
         calls = self._handle.driver_calls
@@ -481,10 +486,10 @@ class ConversationRepository:
         Returns:
             The branch written to and the session's current clear generation.
         """
-        routines = self._handle.routines.get(self._t.metadata)
-        calls = self._handle.driver_calls
-        if routines is None or calls is None:
+        one_call = self._one_call_writes()
+        if one_call is None:
             return await self._handle.write(self._append, session_id, pointer, messages)
+        calls, routines = one_call
         arguments = server_routines.append_arguments(
             session_id,
             pointer.branch_id,
@@ -637,10 +642,10 @@ class ConversationRepository:
         Returns:
             The turn number written, or ``None`` if nothing was stored.
         """
-        routines = self._handle.routines.get(self._t.metadata)
-        calls = self._handle.driver_calls
-        if routines is None or calls is None:
+        one_call = self._one_call_writes()
+        if one_call is None:
             return await self._handle.write(self._record_usage, session_id, pointer, usage)
+        calls, routines = one_call
         arguments = (
             session_id,
             pointer.branch_id,
