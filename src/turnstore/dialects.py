@@ -467,6 +467,18 @@ class PostgresProfile(_OnConflictProfile):
         if not event.contains(engine, "checkout", _replace_closed_connection):
             event.listen(engine, "checkout", _replace_closed_connection)
 
+    def begin_write(self, conn: Connection) -> None:
+        """Keep the planner on index order for the rest of the write transaction.
+
+        The per-turn counters are "the newest entry" of an index. Without statistics (a new
+        table, or autovacuum not run yet) the planner expects one row per session and branch
+        and may instead sort every row of the branch read through a smaller index, so that
+        each append costs more as the history grows. A statement that needs a sort still
+        gets one; sorting only becomes the last resort. (The server functions switch sorting
+        off the same way.)
+        """
+        conn.exec_driver_sql("SET LOCAL enable_sort = off")
+
     def lock_schema(self, conn: Connection) -> None:
         """Transaction-scoped advisory lock, released by COMMIT or ROLLBACK."""
         conn.execute(func.pg_advisory_xact_lock(self.schema_lock_key).select())

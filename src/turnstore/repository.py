@@ -28,6 +28,7 @@ from sqlalchemy import (
     insert,
     inspect,
     literal,
+    literal_column,
     or_,
     select,
     type_coerce,
@@ -185,6 +186,11 @@ def format_timestamp(value: object) -> str | None:
     return None if value is None else str(value)
 
 
+# A literal LIMIT, not a bound one: Postgres plans a prepared statement's bound LIMIT without
+# knowing it is 1.
+_ONE = literal_column("1", Integer)
+
+
 class _Statements:
     """Statements of the per-turn path, built once per table set and dialect."""
 
@@ -224,13 +230,22 @@ class _Statements:
             .where(tables.sessions.c.session_id == sid)
             .with_for_update()
         )
+        # "The newest index entry" rather than max(): the same single entry where the planner
+        # knows the table, but Postgres may plan max() over a table it has no statistics for
+        # yet as an aggregate over the whole branch, whose cost grows with the history.
         self.max_turn = (
-            select(func.max(s.c.user_turn_number))
-            .where(s.c.session_id == sid, s.c.branch_id == bid)
+            select(s.c.user_turn_number)
+            .where(s.c.session_id == sid, s.c.branch_id == bid, s.c.user_turn_number.is_not(None))
+            .order_by(s.c.user_turn_number.desc())
+            .limit(_ONE)
             .scalar_subquery()
         )
         self.max_sequence = (
-            select(func.max(s.c.sequence_number)).where(s.c.session_id == sid).scalar_subquery()
+            select(s.c.sequence_number)
+            .where(s.c.session_id == sid)
+            .order_by(s.c.sequence_number.desc())
+            .limit(_ONE)
+            .scalar_subquery()
         )
         self.generation = select(g.c.generation).where(g.c.session_id == sid).scalar_subquery()
         self.append_counters = prepared(
