@@ -15,18 +15,24 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from tests.conftest import Backend, _postgres_backend
 from tests.helpers import function_call, function_output, run_result, turn, user
+from tests.read_counters import grow_to, keep_postgres_from_analyzing, reads_by
 from turnstore import AdvancedSession, migrate, server_routines
 from turnstore.driver_calls import AsyncpgCalls
 from turnstore.models import DEFAULT_TABLES
 
-# sha256 of version 1 of the functions as migration 0003 creates them.
-FROZEN_V1_DIGEST = "059f84324a7ac8adc41295dd1b1a781feeed82679fef821b10231e04da93126e"
-APPEND_V1 = "turnstore_append_v1(text, text, integer, text[], text[], boolean[], text[])"
+# sha256 of each released version of the functions, as migrations 0003 and 0004 create them.
+FROZEN_DIGESTS = {
+    1: "059f84324a7ac8adc41295dd1b1a781feeed82679fef821b10231e04da93126e",
+    2: "e70edc896361bb7f356f64cedbc6a5a362fb5822f2048e45e044199bb51e137e",
+}
+APPEND_ARGUMENTS = "(text, text, integer, text[], text[], boolean[], text[])"
+APPEND_V1 = f"turnstore_append_v1{APPEND_ARGUMENTS}"
+APPEND_V2 = f"turnstore_append_v2{APPEND_ARGUMENTS}"
 
 
 @pytest.fixture
@@ -112,7 +118,7 @@ async def test_functions_replace_the_statements_exactly(
     assert not await function_exists(second_pg_backend.engine, APPEND_V1)
 
     with_functions = await play(pg_backend.engine, create_tables=True)
-    assert await function_exists(pg_backend.engine, APPEND_V1)
+    assert await function_exists(pg_backend.engine, APPEND_V2)
     without_functions = await play(second_pg_backend.engine, create_tables=False)
 
     assert with_functions == without_functions
@@ -122,19 +128,39 @@ async def test_functions_replace_the_statements_exactly(
     ]
 
 
+async def replace_with_refusal(engine: AsyncEngine, signature: str) -> None:
+    """Swap an append function for one that raises, to see which one a session calls."""
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql(f"DROP FUNCTION {signature}")
+        await conn.exec_driver_sql(
+            f"CREATE FUNCTION {signature} RETURNS TABLE (b text, g integer) LANGUAGE plpgsql "
+            "AS $f$ BEGIN RAISE EXCEPTION 'the append function ran'; END $f$"
+        )
+
+
 async def test_sessions_call_the_functions(pg_backend: Backend) -> None:
     session = pg_backend.session()
     await session.add_items(turn("first"))
-    # Replace the function with one that refuses: the next append must go through it.
-    async with pg_backend.engine.begin() as conn:
-        await conn.exec_driver_sql(f"DROP FUNCTION {APPEND_V1}")
-        await conn.exec_driver_sql(
-            f"CREATE FUNCTION {APPEND_V1} RETURNS TABLE (b text, g integer) LANGUAGE plpgsql "
-            "AS $f$ BEGIN RAISE EXCEPTION 'the append function ran'; END $f$"
-        )
+    # The next append must go through the newest version.
+    await replace_with_refusal(pg_backend.engine, APPEND_V2)
     with pytest.raises(DBAPIError, match="the append function ran"):
         await session.add_items(turn("second"))
     assert [item["content"] for item in await session.get_items()][:1] == ["first"]
+
+
+async def test_a_database_with_only_version_1_calls_it(
+    pg_backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A database the previous release migrated (0003): version 1 still serves the new code.
+    await migrate.upgrade(pg_backend.engine, "0003")
+    assert not await function_exists(pg_backend.engine, APPEND_V2)
+    with caplog.at_level(logging.INFO, logger="turnstore"):
+        session = pg_backend.session(create_tables=False)
+        await session.add_items(turn("first"))
+    assert any("Using version 1" in r.getMessage() for r in caplog.records)
+    await replace_with_refusal(pg_backend.engine, APPEND_V1)
+    with pytest.raises(DBAPIError, match="the append function ran"):
+        await session.add_items(turn("second"))
 
 
 async def test_database_without_the_functions_warns_and_works(
@@ -157,28 +183,35 @@ async def test_database_without_the_functions_warns_and_works(
     # Upgrading adds them; a new engine (a restarted process) finds and uses them.
     await migrate.upgrade(pg_backend.engine)
     assert await function_exists(pg_backend.engine, APPEND_V1)
+    assert await function_exists(pg_backend.engine, APPEND_V2)
 
 
 async def test_custom_tables_get_functions_of_their_own(pg_backend: Backend) -> None:
     session = pg_backend.session(sessions_table="my_sessions", messages_table="my_messages")
     await session.add_items(turn("custom"))
     await session.store_run_usage(run_result())
-    routines = server_routines.routines_for("my_sessions", "my_messages", default=False)
-    assert routines.append_name != "turnstore_append_v1"
-    signature = APPEND_V1.replace("turnstore_append_v1", routines.append_name)
-    assert await function_exists(pg_backend.engine, signature)
+    for version in server_routines.VERSIONS:
+        routines = server_routines.routines_for(
+            "my_sessions", "my_messages", default=False, version=version
+        )
+        assert routines.append_name != f"turnstore_append_v{version}"
+        signature = f"{routines.append_name}{APPEND_ARGUMENTS}"
+        assert await function_exists(pg_backend.engine, signature)
     assert not await function_exists(pg_backend.engine, APPEND_V1)
+    assert not await function_exists(pg_backend.engine, APPEND_V2)
     assert (await session.get_session_usage() or {})["total_turns"] == 1
 
 
-def test_released_function_definitions_are_frozen() -> None:
-    # Migration 0003 creates version 1 from routine_ddl: editing it would change what an
-    # applied migration means. A change belongs in a new version and a new revision.
+@pytest.mark.parametrize("version", server_routines.VERSIONS)
+def test_released_function_definitions_are_frozen(version: int) -> None:
+    # Migrations 0003 and 0004 create the versions from routine_ddl: editing one would change
+    # what an applied migration means. A change belongs in a new version and a new revision.
     routines = server_routines.routines_for(
-        "agent_sessions", "agent_messages", default=True, version=1
+        "agent_sessions", "agent_messages", default=True, version=version
     )
     ddl = "\n".join(server_routines.routine_ddl(routines, **DEFAULT_TABLES.routine_tables))
-    assert hashlib.sha256(ddl.encode()).hexdigest() == FROZEN_V1_DIGEST
+    assert hashlib.sha256(ddl.encode()).hexdigest() == FROZEN_DIGESTS[version]
+    assert set(FROZEN_DIGESTS) == set(server_routines.VERSIONS)
 
 
 async def test_driver_errors_come_out_as_sqlalchemy_errors(pg_backend: Backend) -> None:
@@ -217,6 +250,7 @@ async def test_unversioned_tables_get_the_functions_when_completed(pg_backend: B
     session = pg_backend.session(create_tables=True)
     await session.add_items(turn("adopted"))
     assert await function_exists(pg_backend.engine, APPEND_V1)
+    assert await function_exists(pg_backend.engine, APPEND_V2)
     assert await migrate.current(pg_backend.engine) == (migrate.head(),)
 
 
@@ -237,3 +271,31 @@ async def test_a_single_connection_engine_queues_instead_of_sharing_it(
         assert [items[0]["content"] for items in read] == [f"hello {i}" for i in range(5)]
     finally:
         await engine.dispose()
+
+
+async def test_the_functions_read_the_same_at_any_history_length(pg_backend: Backend) -> None:
+    # Version 1 read the counters with max(), which Postgres without statistics may run as an
+    # aggregate over the whole branch: an append cost more the longer the history was.
+    session = pg_backend.session()
+    await session.add_items(turn("first"))
+    await keep_postgres_from_analyzing(pg_backend)
+    routines = server_routines.routines_for("agent_sessions", "agent_messages", default=True)
+    arguments = {"session": session.session_id, "data": ['{"role": "user", "content": "next"}']}
+
+    async def append_and_store_usage(conn: AsyncConnection) -> None:
+        await conn.execute(
+            text(
+                f"SELECT * FROM {routines.append_name}(:session, 'main', 0, "
+                "CAST(:data AS text[]), ARRAY['user'], ARRAY[true], ARRAY[NULL::text])"
+            ),
+            arguments,
+        )
+        await conn.execute(
+            text(f"SELECT {routines.usage_name}(:session, 'main', 0, 1, 10, 5, 15, NULL, NULL)"),
+            {"session": session.session_id},
+        )
+
+    await grow_to(session, 20)
+    small = await reads_by(pg_backend, append_and_store_usage)
+    await grow_to(session, 300)
+    assert await reads_by(pg_backend, append_and_store_usage) == small

@@ -265,18 +265,21 @@ class DialectProfile:
     def lock_schema(self, conn: Connection) -> None:
         """Serialize schema changes across processes for the rest of the transaction."""
 
-    def server_routines(self, tables: StoreTables) -> ServerRoutines | None:
-        """Server-side functions doing an append or a usage write in one call, if any."""
-        return None
+    def server_routines(self, tables: StoreTables) -> tuple[ServerRoutines, ...]:
+        """Server-side functions doing an append or a usage write in one call, if any.
+
+        Every released version, newest first: a database may hold older ones only.
+        """
+        return ()
 
     def create_server_routines(self, conn: Connection, tables: StoreTables) -> list[str]:
-        """Create or replace :meth:`server_routines` for ``tables``; the names created."""
-        routines = self.server_routines(tables)
-        if routines is None:
-            return []
-        for statement in server_routines.routine_ddl(routines, **tables.routine_tables):
-            conn.exec_driver_sql(statement)
-        return [routines.append_name, routines.usage_name]
+        """Create or replace every version of :meth:`server_routines`; the names created."""
+        created = []
+        for routines in self.server_routines(tables):
+            for statement in server_routines.routine_ddl(routines, **tables.routine_tables):
+                conn.exec_driver_sql(statement)
+            created += [routines.append_name, routines.usage_name]
+        return created
 
     def driver_calls(self, engine: AsyncEngine) -> AsyncpgCalls | None:
         """A way to run single statements on the driver itself, bypassing SQLAlchemy."""
@@ -483,9 +486,9 @@ class PostgresProfile(_OnConflictProfile):
         """Transaction-scoped advisory lock, released by COMMIT or ROLLBACK."""
         conn.execute(func.pg_advisory_xact_lock(self.schema_lock_key).select())
 
-    def server_routines(self, tables: StoreTables) -> ServerRoutines:
+    def server_routines(self, tables: StoreTables) -> tuple[ServerRoutines, ...]:
         """PL/pgSQL functions for the append and the usage write (one round trip each)."""
-        return server_routines.routines_for(
+        return server_routines.released_routines(
             tables.sessions.name, tables.messages.name, default=tables.is_default
         )
 

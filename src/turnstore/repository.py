@@ -363,22 +363,32 @@ class ConversationRepository:
             handle.ready_schemas.add(key)
 
     async def _find_routines(self) -> None:
-        """Use the server functions for appends and usage, where they exist and can be called."""
-        routines = self._profile.server_routines(self._t)
-        if routines is None or self._handle.driver_calls is None:
+        """Use the newest server functions the database has for appends and usage, if any."""
+        versions = self._profile.server_routines(self._t)
+        if not versions or self._handle.driver_calls is None:
             return
+        presence = ", ".join(f"({routines.presence_query})" for routines in versions)
         present = await self._handle.read(
-            lambda conn: bool(conn.exec_driver_sql(routines.presence_query).scalar())
+            lambda conn: conn.exec_driver_sql(f"SELECT {presence}").one()
         )
-        if present:
-            self._handle.routines[self._t.metadata] = routines
+        found = [routines for routines, here in zip(versions, present, strict=True) if here]
+        if found:
+            self._handle.routines[self._t.metadata] = found[0]
+            if found[0] is not versions[0]:
+                logger.info(
+                    "Using version %s of turnstore's server functions; upgrading the database "
+                    "(turnstore db upgrade) adds version %s.",
+                    found[0].version,
+                    versions[0].version,
+                )
         else:
+            newest = versions[0]
             logger.warning(
                 "The database lacks turnstore's server functions (%s, %s); appends and usage "
                 "writes take several round trips each. Run the migrations (turnstore db "
                 "upgrade) to add them.",
-                routines.append_name,
-                routines.usage_name,
+                newest.append_name,
+                newest.usage_name,
             )
 
     def _check_schema_names(self) -> None:

@@ -9,11 +9,18 @@ committed. Inside a PL/pgSQL function each statement takes a fresh snapshot unde
 COMMITTED, so lock-then-read stays exact, and the call is one autocommit statement: atomic,
 one round trip.
 
-The function bodies are versioned (``_v1``). A released version is never edited: a change
-gets a new version, created by a new migration, so processes of the old release keep
-calling the functions they know during a rolling upgrade. Migration 0003 creates version 1
-for the default tables with :func:`routine_ddl`; stores with their own table names get the
-same functions under names of their own when ``create_tables=True`` creates their tables.
+The function bodies are versioned (``_v1``, ``_v2``). A released version is never edited: a
+change gets a new version, created by a new migration, so processes of the old release keep
+calling the functions they know during a rolling upgrade, and a new release finds the newest
+version the database has. Migration 0003 creates version 1 for the default tables with
+:func:`routine_ddl`, migration 0004 version 2; stores with their own table names get every
+version under names of their own when ``create_tables=True`` creates their tables.
+
+Version 2 reads the session's latest sequence and turn numbers as "the first row of the
+index, newest first" instead of ``max()``. Both read one index entry when the planner has
+statistics; on a table it has not analyzed yet (a new database, or one autovacuum has not
+reached), Postgres may plan ``max()`` as an aggregate over every row of the branch, which made
+each append and usage write cost more as the history grew.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-VERSION = 1
+VERSION = 2
+#: Every released version, newest first.
+VERSIONS = (2, 1)
 
 # Argument types, in order; also the signature ``to_regprocedure`` looks up.
 _APPEND_ARGUMENTS = "text, text, integer, text[], text[], boolean[], text[]"
@@ -38,10 +47,12 @@ class ServerRoutines:
     Attributes:
         append_name: Function appending messages to a branch.
         usage_name: Function storing a turn's usage.
+        version: Which version of the function bodies these names hold.
     """
 
     append_name: str
     usage_name: str
+    version: int
 
     @property
     def append_call(self) -> str:
@@ -79,7 +90,17 @@ def routines_for(
         # function names short and distinct per table set.
         digest = hashlib.sha256(f"{sessions_table}\0{messages_table}".encode()).hexdigest()
         suffix += f"_{digest[:10]}"
-    return ServerRoutines(f"turnstore_append{suffix}", f"turnstore_record_usage{suffix}")
+    return ServerRoutines(f"turnstore_append{suffix}", f"turnstore_record_usage{suffix}", version)
+
+
+def released_routines(
+    sessions_table: str, messages_table: str, *, default: bool
+) -> tuple[ServerRoutines, ...]:
+    """The names of every released version of the functions for a table set, newest first."""
+    return tuple(
+        routines_for(sessions_table, messages_table, default=default, version=version)
+        for version in VERSIONS
+    )
 
 
 def routine_ddl(
@@ -91,11 +112,28 @@ def routine_ddl(
     usage_table: str,
     generations_table: str,
 ) -> list[str]:
-    """``CREATE OR REPLACE FUNCTION`` statements for version 1 of the functions.
+    """``CREATE OR REPLACE FUNCTION`` statements for the functions, in their version."""
+    build = {1: _version_1_ddl, 2: _version_2_ddl}[routines.version]
+    return build(
+        routines,
+        sessions_table=sessions_table,
+        messages_table=messages_table,
+        structure_table=structure_table,
+        usage_table=usage_table,
+        generations_table=generations_table,
+    )
 
-    Version 1 is the current version; when a later one exists, this keeps building version 1
-    (migration 0003 creates it) and a function of its own builds the new one.
-    """
+
+def _version_1_ddl(
+    routines: ServerRoutines,
+    *,
+    sessions_table: str,
+    messages_table: str,
+    structure_table: str,
+    usage_table: str,
+    generations_table: str,
+) -> list[str]:
+    """Version 1, as migration 0003 creates it. Frozen: never edit it."""
     append = f"""
 CREATE OR REPLACE FUNCTION {routines.append_name}(
     p_session text, p_branch text, p_generation integer,
@@ -167,6 +205,112 @@ BEGIN
             input_tokens, output_tokens, total_tokens, input_tokens_details,
             output_tokens_details)
         VALUES (p_session, p_branch, v_turn, p_requests, p_input_tokens, p_output_tokens,
+            p_total_tokens, p_input_details::jsonb, p_output_details::jsonb)
+        ON CONFLICT (session_id, branch_id, user_turn_number) DO UPDATE SET
+            requests = EXCLUDED.requests,
+            input_tokens = EXCLUDED.input_tokens,
+            output_tokens = EXCLUDED.output_tokens,
+            total_tokens = EXCLUDED.total_tokens,
+            input_tokens_details = EXCLUDED.input_tokens_details,
+            output_tokens_details = EXCLUDED.output_tokens_details,
+            created_at = CURRENT_TIMESTAMP;
+    RETURN v_turn;
+END
+$turnstore$"""
+    return [append.strip(), usage.strip()]
+
+
+def _version_2_ddl(
+    routines: ServerRoutines,
+    *,
+    sessions_table: str,
+    messages_table: str,
+    structure_table: str,
+    usage_table: str,
+    generations_table: str,
+) -> list[str]:
+    """Version 2, as migration 0004 creates it: counters read from one index entry each.
+
+    The newest entry of the turn index answers "the latest turn" without a sort. Without
+    statistics, though, the planner costs a sort of the branch's rows found through the
+    smaller ``(session_id, branch_id)`` index as cheaper, since it expects one row; sorting
+    is switched off inside the functions (none of their statements needs one) so it never
+    takes that plan.
+    """
+    latest_turn = f"""(SELECT m.user_turn_number FROM {structure_table} AS m
+            WHERE m.session_id = p_session AND m.branch_id = v_branch
+                AND m.user_turn_number IS NOT NULL
+            ORDER BY m.user_turn_number DESC LIMIT 1)"""
+    generation = f"""coalesce((SELECT g.generation FROM {generations_table} AS g
+            WHERE g.session_id = p_session), 0)"""
+    append = f"""
+CREATE OR REPLACE FUNCTION {routines.append_name}(
+    p_session text, p_branch text, p_generation integer,
+    p_data text[], p_types text[], p_user boolean[], p_tools text[])
+RETURNS TABLE (written_branch text, current_generation integer)
+LANGUAGE plpgsql VOLATILE SET enable_sort = off AS $turnstore$
+DECLARE
+    v_branch text := p_branch;
+    v_generation integer;
+    v_sequence integer;
+    v_turn integer;
+    v_message bigint;
+BEGIN
+    -- Creating or touching the session row takes its lock: writers of one session queue
+    -- here, and every statement below reads what the previous holder committed.
+    INSERT INTO {sessions_table} AS s (session_id) VALUES (p_session)
+        ON CONFLICT (session_id) DO UPDATE SET updated_at = CURRENT_TIMESTAMP;
+    SELECT {generation},
+        coalesce((SELECT m.sequence_number FROM {structure_table} AS m
+            WHERE m.session_id = p_session ORDER BY m.sequence_number DESC LIMIT 1), 0)
+        INTO v_generation, v_sequence;
+    -- Cleared since the caller looked: its branch is gone and the messages go to main.
+    IF v_generation <> p_generation AND v_branch <> 'main' THEN
+        v_branch := 'main';
+    END IF;
+    v_turn := coalesce({latest_turn}, 0);
+    FOR i IN 1 .. coalesce(array_length(p_data, 1), 0) LOOP
+        INSERT INTO {messages_table} (session_id, message_data)
+            VALUES (p_session, p_data[i]) RETURNING id INTO v_message;
+        v_sequence := v_sequence + 1;
+        IF p_user[i] THEN
+            v_turn := v_turn + 1;
+        END IF;
+        INSERT INTO {structure_table} (session_id, message_id, branch_id, message_type,
+                sequence_number, user_turn_number, branch_turn_number, tool_name)
+            VALUES (p_session, v_message, v_branch, p_types[i], v_sequence, v_turn, v_turn,
+                p_tools[i]);
+    END LOOP;
+    written_branch := v_branch;
+    current_generation := v_generation;
+    RETURN NEXT;
+END
+$turnstore$"""
+    usage = f"""
+CREATE OR REPLACE FUNCTION {routines.usage_name}(
+    p_session text, p_branch text, p_generation integer, p_requests integer,
+    p_input_tokens integer, p_output_tokens integer, p_total_tokens integer,
+    p_input_details text, p_output_details text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SET enable_sort = off AS $turnstore$
+DECLARE
+    v_branch text := p_branch;
+    v_turn integer;
+    v_generation integer;
+BEGIN
+    PERFORM 1 FROM {sessions_table} AS s WHERE s.session_id = p_session FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT {latest_turn}, {generation} INTO v_turn, v_generation;
+    -- No turn yet, or cleared since the caller looked: the usage belongs to nothing stored.
+    IF v_turn IS NULL OR v_generation <> p_generation THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO {usage_table} AS u (session_id, branch_id, user_turn_number, requests,
+            input_tokens, output_tokens, total_tokens, input_tokens_details,
+            output_tokens_details)
+        VALUES (p_session, v_branch, v_turn, p_requests, p_input_tokens, p_output_tokens,
             p_total_tokens, p_input_details::jsonb, p_output_details::jsonb)
         ON CONFLICT (session_id, branch_id, user_turn_number) DO UPDATE SET
             requests = EXCLUDED.requests,
