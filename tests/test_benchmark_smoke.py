@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Backend
+from tests.conftest import Backend, unavailable
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 WORKLOADS = {"turn_cycle", "growth", "full_read", "analytics", "concurrency", "memory"}
@@ -128,3 +129,31 @@ async def test_round_trip_ceiling_script_prints_a_rate_per_count(
         "2 round trips per turn",
     ]
     assert all("turns/s" in line for line in lines)
+
+
+async def test_server_floor_script_reports_rate_latency_and_cpu(postgres_url: str) -> None:
+    if shutil.which("pgbench") is None:
+        unavailable("postgres", "pgbench, which the server-floor script drives, is not on PATH")
+    script = SCRIPT.with_name("postgres_server_floor.py")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        *("--url", postgres_url, "--clients", "2", "--seconds", "1", "--rate", "50"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 0, stderr.decode()
+    lines = [line for line in stdout.decode().splitlines() if line.startswith("FLOOR_JSON ")]
+    assert len(lines) == 1, stdout.decode()
+    figures = json.loads(lines[0].removeprefix("FLOOR_JSON "))
+    assert set(figures) == {
+        "turns_per_s",
+        "p50_ms",
+        "p95_ms",
+        "machine_cpu_ms_per_turn",
+        "pgbench_cpu_ms_per_turn",
+        "machine_busy_share",
+        "cpus",
+    }
+    assert all(is_positive_number(value) for value in figures.values()), figures
