@@ -133,20 +133,12 @@ def _busy_and_total_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-async def _create_database(admin_url: str, name: str) -> None:
+async def _administer(admin_url: str, statement: str) -> None:
+    """Run one statement (CREATE or DROP DATABASE) outside any transaction."""
     admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
         async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    finally:
-        await admin.dispose()
-
-
-async def _drop_database(admin_url: str, name: str) -> None:
-    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+            await conn.exec_driver_sql(statement)
     finally:
         await admin.dispose()
 
@@ -181,7 +173,7 @@ def measure(url: str, clients: int, seconds: int, rate: float | None) -> dict[st
     base = make_url(url)
     name = f"floor_{uuid.uuid4().hex[:12]}"
     target = base.set(database=name)
-    asyncio.run(_create_database(url, name))
+    asyncio.run(_administer(url, f"CREATE DATABASE {name}"))
     try:
         asyncio.run(migrate.upgrade(target.render_as_string(hide_password=False)))
         with tempfile.TemporaryDirectory(prefix="turnstore-floor-") as directory:
@@ -206,7 +198,7 @@ def measure(url: str, clients: int, seconds: int, rate: float | None) -> dict[st
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             latencies = _latencies_ms(Path(directory))
     finally:
-        asyncio.run(_drop_database(url, name))
+        asyncio.run(_administer(url, f"DROP DATABASE {name} WITH (FORCE)"))
     output = finished.stdout
     turns = int(re.search(r"actually processed: (\d+)", output)[1])  # type: ignore[index]
     achieved = float(re.search(r"tps = ([\d.]+)", output)[1])  # type: ignore[index]

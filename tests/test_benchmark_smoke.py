@@ -29,18 +29,22 @@ ANALYTICS = {
 }
 
 
-async def run_quick(*args: str) -> tuple[int, str, str]:
+async def run_script(script: Path, *args: str, within: float = 300) -> tuple[int, str, str]:
+    """Run a benchmark script for at most ``within`` seconds; exit status, stdout, stderr."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(SCRIPT),
-        "--quick",
+        str(script),
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=300)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=within)
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def run_quick(*args: str) -> tuple[int, str, str]:
+    return await run_script(SCRIPT, "--quick", *args)
 
 
 def parse_report(stdout: str) -> dict[str, Any]:
@@ -111,19 +115,15 @@ async def test_quick_benchmark_reports_every_workload(backend: Backend) -> None:
 async def test_round_trip_ceiling_script_prints_a_rate_per_count(
     postgres_url: str, through: str
 ) -> None:
-    script = SCRIPT.with_name("postgres_round_trips.py")
     dsn = postgres_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(script),
+    code, stdout, stderr = await run_script(
+        SCRIPT.with_name("postgres_round_trips.py"),
         *("--dsn", dsn, "--through", through, "--round-trips", "1", "2"),
         *("--tasks", "3", "--turns", "2"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        within=120,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
-    assert process.returncode == 0, stderr.decode()
-    lines = stdout.decode().splitlines()
+    assert code == 0, stderr
+    lines = stdout.splitlines()
     assert [line.split(":")[0].strip() for line in lines] == [
         "1 round trips per turn",
         "2 round trips per turn",
@@ -134,18 +134,14 @@ async def test_round_trip_ceiling_script_prints_a_rate_per_count(
 async def test_server_floor_script_reports_rate_latency_and_cpu(postgres_url: str) -> None:
     if shutil.which("pgbench") is None:
         unavailable("postgres", "pgbench, which the server-floor script drives, is not on PATH")
-    script = SCRIPT.with_name("postgres_server_floor.py")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(script),
+    code, stdout, stderr = await run_script(
+        SCRIPT.with_name("postgres_server_floor.py"),
         *("--url", postgres_url, "--clients", "2", "--seconds", "1", "--rate", "50"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        within=120,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
-    assert process.returncode == 0, stderr.decode()
-    lines = [line for line in stdout.decode().splitlines() if line.startswith("FLOOR_JSON ")]
-    assert len(lines) == 1, stdout.decode()
+    assert code == 0, stderr
+    lines = [line for line in stdout.splitlines() if line.startswith("FLOOR_JSON ")]
+    assert len(lines) == 1, stdout
     figures = json.loads(lines[0].removeprefix("FLOOR_JSON "))
     assert set(figures) == {
         "turns_per_s",
