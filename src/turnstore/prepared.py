@@ -128,13 +128,17 @@ class PreparedStatement:
 
         return _on_driver(conn, plan, each)
 
-    def execute(self, conn: Connection, params: Mapping[str, Any]) -> None:
-        """Run a statement whose result is not needed."""
+    def execute(self, conn: Connection, params: Mapping[str, Any]) -> int:
+        """Run a statement whose rows are not needed; the number of rows it changed."""
         plan = self._plan_for(conn.dialect)
         if plan is None:
-            conn.execute(self.statement, params)
-        else:
-            _direct_rows(conn, plan, params)
+            return int(conn.execute(self.statement, params).rowcount)
+
+        def run(cursor: Any) -> int:
+            cursor.execute(plan.sql, plan.positional(params))
+            return int(cursor.rowcount)
+
+        return _on_driver(conn, plan, run)
 
     def execute_many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Run the statement once per parameter set (an INSERT of several rows, say)."""

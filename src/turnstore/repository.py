@@ -27,7 +27,6 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
-    literal,
     literal_column,
     or_,
     select,
@@ -281,6 +280,55 @@ class _Statements:
             else None
         )
         self.current_generation = prepared(select(self.generation))
+        # Branch creation: short sessions fork in about a millisecond, about what building
+        # these statements afresh would cost.
+        turn: BindParameter[int] = bindparam("turn", type_=Integer)
+        self.user_turn_row = prepared(
+            select(s.c.id)
+            .where(
+                s.c.session_id == sid,
+                s.c.branch_id == bid,
+                s.c.branch_turn_number == turn,
+                s.c.message_type == "user",
+            )
+            .limit(_ONE)
+        )
+        self.latest_sequence = prepared(select(self.max_sequence))
+        r = tables.reservations
+        name = bindparam("name", type_=r.c.branch_id.type)
+        # Names in use: reserved ones, plus branches written before reservations existed.
+        names_in_use = (
+            union_all(
+                select(r.c.branch_id).where(r.c.session_id == sid),
+                select(s.c.branch_id).where(s.c.session_id == sid).distinct(),
+            )
+            .subquery()
+            .select()
+        )
+        in_use = names_in_use.selected_columns[0]
+        # ``pattern`` (LIKE, escaped with "/") also finds generated names; NULL matches none.
+        self.names_taken = prepared(
+            names_in_use.where(
+                or_(in_use == name, in_use.like(bindparam("pattern", type_=Text), escape="/"))
+            )
+        )
+        self.reserve_name = prepared(insert(r).values(session_id=sid, branch_id=name))
+        self.copy_branch = prepared(
+            insert(s).from_select(
+                STRUCTURE_COLUMNS,
+                select(
+                    s.c.session_id,
+                    s.c.message_id,
+                    bindparam("new_branch", type_=s.c.branch_id.type),
+                    s.c.message_type,
+                    bindparam("after", type_=Integer)
+                    + func.row_number().over(order_by=s.c.sequence_number),
+                    s.c.user_turn_number,
+                    s.c.branch_turn_number,
+                    s.c.tool_name,
+                ).where(s.c.session_id == sid, s.c.branch_id == bid, s.c.branch_turn_number < turn),
+            )
+        )
         u = tables.usage
         # Token details read as the stored JSON text (every driver returns it as text under
         # a Text type) and are decoded by the repository, so the statement can run directly.
@@ -820,69 +868,34 @@ class ConversationRepository:
         branch_name: str | None,
         auto_name: str,
     ) -> CreatedBranch:
-        q, s = self._q, self._t.structure
+        q = self._q
         q.lock_session.execute(conn, {"sid": session_id})
-        generation = int(conn.scalar(select(q.generation), {"sid": session_id}) or 0)
+        generation = int(q.current_generation.scalar(conn, {"sid": session_id}) or 0)
         source_branch = source.branch_id
         if generation != source.generation and source_branch != MAIN_BRANCH:
             source_branch = MAIN_BRANCH
-        has_turn = exists().where(
-            s.c.session_id == session_id,
-            s.c.branch_id == source_branch,
-            s.c.branch_turn_number == turn,
-            s.c.message_type == "user",
-        )
-        if not conn.scalar(select(has_turn)):
+        source_params = {"sid": session_id, "bid": source_branch, "turn": turn}
+        if q.user_turn_row.scalar(conn, source_params) is None:
             raise TurnNotFoundError(
                 f"Turn {turn} does not contain a user message in branch '{source_branch}'"
             )
         new_branch = self._reserve_branch_name(conn, session_id, branch_name, auto_name)
-        max_sequence = conn.scalar(select(q.max_sequence), {"sid": session_id}) or 0
-        copied = conn.execute(
-            insert(s).from_select(
-                STRUCTURE_COLUMNS,
-                select(
-                    s.c.session_id,
-                    s.c.message_id,
-                    literal(new_branch, s.c.branch_id.type),
-                    s.c.message_type,
-                    literal(max_sequence, Integer)
-                    + func.row_number().over(order_by=s.c.sequence_number),
-                    s.c.user_turn_number,
-                    s.c.branch_turn_number,
-                    s.c.tool_name,
-                ).where(
-                    s.c.session_id == session_id,
-                    s.c.branch_id == source_branch,
-                    s.c.branch_turn_number < turn,
-                ),
-            )
+        after = q.latest_sequence.scalar(conn, {"sid": session_id}) or 0
+        copied = q.copy_branch.execute(
+            conn, {**source_params, "new_branch": new_branch, "after": after}
         )
-        return CreatedBranch(new_branch, source_branch, generation, copied.rowcount)
+        return CreatedBranch(new_branch, source_branch, generation, copied)
 
     def _reserve_branch_name(
         self, conn: Connection, session_id: str, branch_name: str | None, auto_name: str
     ) -> str:
         """Reserve a branch name inside the caller's (session-locked) transaction."""
-        r, s = self._t.reservations, self._t.structure
+        q = self._q
         wanted = auto_name if branch_name is None else branch_name
-        # Names in use: reserved ones, plus branches written before reservations existed.
-        candidates: Select[tuple[str]] = (
-            union_all(
-                select(r.c.branch_id).where(r.c.session_id == session_id),
-                select(s.c.branch_id).where(s.c.session_id == session_id).distinct(),
-            )
-            .subquery()
-            .select()
-        )
-        name_column = candidates.selected_columns[0]
-        if branch_name is None:
-            candidates = candidates.where(
-                or_(name_column == wanted, name_column.startswith(f"{wanted}_", autoescape=True))
-            )
-        else:
-            candidates = candidates.where(name_column == wanted)
-        taken: set[str] = {str(name) for name in conn.execute(candidates).scalars()}
+        # A generated name may take a suffix: "<auto_name>_2"... are candidates too.
+        pattern = None if branch_name is not None else _escaped_for_like(auto_name) + "/_%"
+        found = q.names_taken.scalars(conn, {"sid": session_id, "name": wanted, "pattern": pattern})
+        taken = {str(name) for name in found}
         taken.add(MAIN_BRANCH)
         if wanted in taken:
             if branch_name is not None:
@@ -893,7 +906,7 @@ class ConversationRepository:
             while f"{auto_name}_{suffix}" in taken:
                 suffix += 1
             wanted = f"{auto_name}_{suffix}"
-        conn.execute(insert(r).values(session_id=session_id, branch_id=wanted))
+        q.reserve_name.execute(conn, {"sid": session_id, "name": wanted})
         return wanted
 
     async def delete_branch(self, session_id: str, branch_id: str) -> DeletedBranch:
@@ -1042,6 +1055,11 @@ class ConversationRepository:
         )
         rows = await self._handle.read(_all_rows, stmt)
         return [(name, int(count), turn) for name, count, turn in rows]
+
+
+def _escaped_for_like(text: str) -> str:
+    """``text`` as a literal inside a LIKE pattern whose escape character is ``/``."""
+    return text.replace("/", "//").replace("%", "/%").replace("_", "/_")
 
 
 def _as_stored(timestamp: ColumnElement[Any]) -> ColumnElement[Any]:
