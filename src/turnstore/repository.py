@@ -368,6 +368,49 @@ class _Statements:
             )
         )
 
+        # Analytics: whole-session and per-branch listings.
+        usage_totals = select(
+            func.sum(u.c.requests),
+            func.sum(u.c.input_tokens),
+            func.sum(u.c.output_tokens),
+            func.sum(u.c.total_tokens),
+            func.count(),
+        ).where(u.c.session_id == sid)
+        self.session_usage = prepared(usage_totals)
+        self.branch_usage = prepared(usage_totals.where(u.c.branch_id == bid))
+        created = func.min(_as_stored(s.c.created_at))
+        self.branches = prepared(
+            select(
+                s.c.branch_id,
+                func.count(),
+                func.sum(case((s.c.message_type == "user", 1), else_=0)),
+                created,
+            )
+            .where(s.c.session_id == sid)
+            .group_by(s.c.branch_id)
+            .order_by(created, func.min(s.c.id))
+        )
+        self.branch_structure = prepared(
+            select(s.c.user_turn_number, s.c.message_type, s.c.tool_name)
+            .where(s.c.session_id == sid, s.c.branch_id == bid)
+            .order_by(s.c.sequence_number)
+        )
+        user_turns = (
+            select(s.c.branch_turn_number, m.c.message_data, _as_stored(s.c.created_at))
+            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
+            .where(s.c.session_id == sid, s.c.branch_id == bid, s.c.message_type == "user")
+            .order_by(s.c.branch_turn_number, s.c.sequence_number)
+        )
+        self.user_turns = prepared(user_turns)
+        # As icontains(autoescape=True) matches: both sides lowered by the database.
+        self.user_turns_containing = prepared(
+            user_turns.where(
+                func.lower(m.c.message_data).like(
+                    func.lower(bindparam("pattern", type_=Text)), escape="/"
+                )
+            )
+        )
+
 
 @cache
 def _statements(tables: StoreTables, profile: DialectProfile) -> _Statements:
@@ -769,17 +812,11 @@ class ConversationRepository:
         self, session_id: str, branch_id: str | None
     ) -> tuple[int, int, int, int, int] | None:
         """Summed (requests, input, output, total tokens, turns); ``None`` without usage rows."""
-        u = self._t.usage
-        stmt = select(
-            func.sum(u.c.requests),
-            func.sum(u.c.input_tokens),
-            func.sum(u.c.output_tokens),
-            func.sum(u.c.total_tokens),
-            func.count(),
-        ).where(u.c.session_id == session_id)
-        if branch_id is not None:
-            stmt = stmt.where(u.c.branch_id == branch_id)
-        row = await self._handle.read(_one_row, stmt)
+        if branch_id is None:
+            statement, params = self._q.session_usage, {"sid": session_id}
+        else:
+            statement, params = self._q.branch_usage, {"sid": session_id, "bid": branch_id}
+        row = (await self._handle.read(statement.rows, params))[0]
         if row[0] is None:
             return None
         requests, input_tokens, output_tokens, total_tokens, turns = (int(v or 0) for v in row)
@@ -958,22 +995,10 @@ class ConversationRepository:
 
     async def list_branches(self, session_id: str) -> list[BranchSummary]:
         """Every branch of a session with its counts, in order of creation."""
-        s = self._t.structure
-        created = func.min(_as_stored(s.c.created_at))
-        stmt = (
-            select(
-                s.c.branch_id,
-                func.count(),
-                func.sum(case((s.c.message_type == "user", 1), else_=0)),
-                created,
-            )
-            .where(s.c.session_id == session_id)
-            .group_by(s.c.branch_id)
-            .order_by(created, func.min(s.c.id))
-        )
+        rows = await self._handle.read(self._q.branches.rows, {"sid": session_id})
         return [
             BranchSummary(branch, int(count), int(users or 0), format_timestamp(created_at))
-            for branch, count, users, created_at in await self._handle.read(_all_rows, stmt)
+            for branch, count, users, created_at in rows
         ]
 
     # -- structure queries ---------------------------------------------------------------
@@ -986,35 +1011,24 @@ class ConversationRepository:
         ``containing`` is matched case-insensitively as a literal (``%`` and ``_`` included)
         against the stored text; callers refine the match on the decoded content.
         """
-        s, m = self._t.structure, self._t.messages
-        stmt = (
-            select(s.c.branch_turn_number, m.c.message_data, _as_stored(s.c.created_at))
-            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
-            .where(
-                s.c.session_id == session_id,
-                s.c.branch_id == branch_id,
-                s.c.message_type == "user",
+        params = {"sid": session_id, "bid": branch_id}
+        if containing is None:
+            rows = await self._handle.read(self._q.user_turns.rows, params)
+        else:
+            pattern = f"%{_escaped_for_like(containing)}%"
+            rows = await self._handle.read(
+                self._q.user_turns_containing.rows, {**params, "pattern": pattern}
             )
-            .order_by(s.c.branch_turn_number, s.c.sequence_number)
-        )
-        if containing is not None:
-            stmt = stmt.where(m.c.message_data.icontains(containing, autoescape=True))
-        return [
-            UserTurn(turn, data, format_timestamp(created))
-            for turn, data, created in await self._handle.read(_all_rows, stmt)
-        ]
+        return [UserTurn(turn, data, format_timestamp(created)) for turn, data, created in rows]
 
     async def structure(
         self, session_id: str, branch_id: str
     ) -> list[tuple[int | None, str, str | None]]:
         """``(user_turn_number, message_type, tool_name)`` of a branch's items, in order."""
-        s = self._t.structure
-        stmt = (
-            select(s.c.user_turn_number, s.c.message_type, s.c.tool_name)
-            .where(s.c.session_id == session_id, s.c.branch_id == branch_id)
-            .order_by(s.c.sequence_number)
-        )
-        return [tuple(row) for row in await self._handle.read(_all_rows, stmt)]
+        params = {"sid": session_id, "bid": branch_id}
+        return [
+            tuple(row) for row in await self._handle.read(self._q.branch_structure.rows, params)
+        ]
 
     async def tool_usage(
         self, session_id: str, branch_id: str, rule: ToolCountRule
