@@ -28,7 +28,7 @@ from turnstore.models import DEFAULT_TABLES
 # sha256 of each released version of the functions, as migrations 0003 and 0004 create them.
 FROZEN_DIGESTS = {
     1: "059f84324a7ac8adc41295dd1b1a781feeed82679fef821b10231e04da93126e",
-    2: "e70edc896361bb7f356f64cedbc6a5a362fb5822f2048e45e044199bb51e137e",
+    2: "8bdde440e1b32e1bcc2f8e17f83245da6a41ac8730963b6a504afe09a78f5977",
 }
 APPEND_ARGUMENTS = "(text, text, integer, text[], text[], boolean[], text[])"
 APPEND_V1 = f"turnstore_append_v1{APPEND_ARGUMENTS}"

@@ -191,7 +191,11 @@ _ONE = literal_column("1", Integer)
 
 
 class _Statements:
-    """Statements of the per-turn path, built once per table set and dialect."""
+    """Statements built once per table set and dialect.
+
+    The per-turn path, branch creation and the session's listings: building a statement
+    costs as much as running most of them.
+    """
 
     def __init__(self, tables: StoreTables, profile: DialectProfile) -> None:
         s, m, g = tables.structure, tables.messages, tables.generations

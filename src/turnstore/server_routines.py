@@ -302,7 +302,9 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    SELECT {latest_turn}, {generation} INTO v_turn, v_generation;
+    SELECT {latest_turn},
+        {generation}
+        INTO v_turn, v_generation;
     -- No turn yet, or cleared since the caller looked: the usage belongs to nothing stored.
     IF v_turn IS NULL OR v_generation <> p_generation THEN
         RETURN NULL;
