@@ -45,12 +45,13 @@ if (_CHECKOUT_SOURCE / "turnstore").is_dir():
 
 from run import run_result, turn_items  # noqa: E402  # the items the main benchmark stores
 
-from turnstore import migrate, server_routines  # noqa: E402
-from turnstore.dialects import profile_for  # noqa: E402
-from turnstore.items import to_new_messages  # noqa: E402
-from turnstore.models import DEFAULT_TABLES  # noqa: E402
-from turnstore.repository import _statements  # noqa: E402
-from turnstore.usage import usage_from_result  # noqa: E402
+from turnstore.persistence import server_routines  # noqa: E402
+from turnstore.persistence.dialects import profile_for  # noqa: E402
+from turnstore.persistence.models import DEFAULT_TABLES  # noqa: E402
+from turnstore.persistence.repository import _statements  # noqa: E402
+from turnstore.schema import migrate  # noqa: E402
+from turnstore.sdk.items import to_new_messages  # noqa: E402
+from turnstore.sdk.usage import usage_from_result  # noqa: E402
 
 DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 HISTORY_LIMIT = 20

@@ -45,8 +45,8 @@ if (_CHECKOUT_SOURCE / "turnstore").is_dir():
     sys.path.insert(0, str(_CHECKOUT_SOURCE))
 
 import turnstore  # noqa: E402
-from turnstore.dialects import profile_for  # noqa: E402
-from turnstore.engines import sqlite_url  # noqa: E402
+from turnstore.persistence.dialects import profile_for  # noqa: E402
+from turnstore.persistence.engines import sqlite_url  # noqa: E402
 
 try:
     from agents.extensions.memory import AdvancedSQLiteSession as SDKSession

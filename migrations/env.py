@@ -2,7 +2,7 @@
 
 Three ways in:
 
-* from :mod:`turnstore.migrate` (and ``turnstore db ...``), which opens the connection, takes
+* from :mod:`turnstore.schema.migrate` (and ``turnstore db ...``), which opens the connection, takes
   the schema lock and passes the connection in ``config.attributes["connection"]``;
 * plain ``alembic upgrade head`` with this folder as script location, which connects here to
   ``sqlalchemy.url`` (or ``TURNSTORE_DATABASE_URL``) with an async engine, under the same lock;
@@ -19,9 +19,9 @@ from alembic import context
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from turnstore.dialects import profile_for
-from turnstore.migrate import URL_VARIABLE, VERSION_TABLE
-from turnstore.models import Base
+from turnstore.persistence.dialects import profile_for
+from turnstore.persistence.models import Base
+from turnstore.schema.migrate import URL_VARIABLE, VERSION_TABLE
 
 config = context.config
 target_metadata = Base.metadata

@@ -53,7 +53,7 @@ from turnstore import (
     BranchNotFoundError,
     TurnNotFoundError,
 )
-from turnstore.models import DEFAULT_TABLES
+from turnstore.persistence.models import DEFAULT_TABLES
 
 # What a worker may meet when another process changed the session under it: the branch it
 # wanted to switch to or delete is gone, or the turn it wanted to fork at was popped/cleared.

@@ -17,8 +17,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import private_namespace
-from turnstore.migrate import VERSION_TABLE
-from turnstore.models import Base
+from turnstore.persistence.models import Base
+from turnstore.schema.migrate import VERSION_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from tests.conftest import Backend
 from tests.helpers import turn
 from turnstore import AdvancedSession
-from turnstore.models import DEFAULT_TABLES
+from turnstore.persistence.models import DEFAULT_TABLES
 
 #: Statements run on a connection inside a transaction that is rolled back afterwards.
 Lookup = Callable[[AsyncConnection], Awaitable[Any]]

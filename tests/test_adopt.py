@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.helpers import assistant, function_call, function_output, turn, user
 from tests.migration_helpers import engine_drift, run_cli, usage_result
-from turnstore import AdvancedSQLiteSession, migrate
+from turnstore import AdvancedSQLiteSession
+from turnstore.schema import migrate
 
 SESSIONS = ("alpha", "beta")
 

@@ -1,4 +1,4 @@
-"""Only ``turnstore.dialects`` may decide anything by the database's dialect name.
+"""Only ``turnstore.persistence.dialects`` may decide anything by the database's dialect name.
 
 The scan walks each module's syntax tree and reports three shapes of dialect branching:
 comparisons or ``match`` cases against a dialect name (``== "mysql"``, ``in ("sqlite", ...)``),
@@ -9,6 +9,7 @@ handing it to ``profile_for``, which is how code outside the dialect module asks
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "turnstore"
 DIALECT_NAMES = frozenset({"sqlite", "postgresql", "postgres", "mysql", "mariadb"})
 NAME_READERS = frozenset({"get_backend_name", "get_dialect"})
+DIALECT_PLACE = frozenset({Path("persistence/dialects.py"), Path("persistence/types.py")})
 
 
 def _allowed(path: Path) -> bool:
     relative = path.relative_to(PACKAGE)
     # The migrations' env.py configures Alembic per dialect by design.
-    return relative == Path("dialects.py") or (
+    return relative in DIALECT_PLACE or (
         relative.name == "env.py" and "migrations" in relative.parts
     )
 
@@ -96,7 +98,7 @@ def test_no_module_but_dialects_branches_on_the_dialect_name() -> None:
     ],
 )
 def test_a_branch_added_to_the_repository_is_caught(branch: str) -> None:
-    source = (PACKAGE / "repository.py").read_text(encoding="utf-8")
+    source = (PACKAGE / "persistence" / "repository.py").read_text(encoding="utf-8")
     assert dialect_branches(source, "repository.py") == []
     assert dialect_branches(f"{source}\n\n{branch}", "repository.py") != []
 
@@ -106,3 +108,96 @@ def test_handing_the_name_to_profile_for_is_allowed() -> None:
         "profile = profile_for(engine.dialect.name)\nother = profile_for(url.get_backend_name())\n"
     )
     assert dialect_branches(source, "engines.py") == []
+
+
+# -- imports -----------------------------------------------------------------------------------
+
+# Which parts of the package each part may import at run time. The faces (the conversation,
+# the store) sit on the persistence layer and schema management; the CLI is a client of all of
+# them; nothing below imports anything above it.
+_BASE = frozenset({"errors", "redaction"})
+LAYERS: dict[str, frozenset[str]] = {
+    "errors": frozenset(),
+    "redaction": frozenset(),
+    "persistence": _BASE,
+    "schema": _BASE | {"persistence"},
+    "sdk": _BASE | {"persistence"},
+    "faces": _BASE | {"persistence", "schema", "sdk"},
+    "cli": _BASE | {"persistence", "schema", "sdk", "faces"},
+}
+
+
+def _part(module: str) -> str:
+    inner = module.split(".")[1] if "." in module else ""
+    if inner in LAYERS:
+        return inner
+    return "faces"  # turnstore itself, session, store
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Modules of the package that ``path`` imports at run time (not under TYPE_CHECKING)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    typing_only: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            typing_only.update(id(inner) for inner in ast.walk(node))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.startswith("turnstore"):
+                found.add(node.module)
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("turnstore"))
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    paths = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    return {
+        name: {target for target in _runtime_imports(path) if target in paths and target != name}
+        for name, path in paths.items()
+    }
+
+
+def test_no_import_circles() -> None:
+    graph = _import_graph()
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                cycles.append([*trail[trail.index(target) :], target])
+            elif target not in state:
+                visit(target, [*trail, target])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    # A package importing its own submodules (``turnstore`` re-exporting names) is not a circle.
+    real = [
+        cycle
+        for cycle in cycles
+        if not any(a.startswith(f"{b}.") for a, b in itertools.pairwise(cycle))
+    ]
+    assert real == []
+
+
+def test_imports_flow_one_way() -> None:
+    wrong = sorted(
+        f"{source} imports {target}"
+        for source, targets in _import_graph().items()
+        for target in targets
+        if _part(target) != _part(source) and _part(target) not in LAYERS[_part(source)]
+    )
+    assert wrong == []

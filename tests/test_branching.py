@@ -18,7 +18,7 @@ from turnstore import (
     ProtectedBranchError,
     TurnNotFoundError,
 )
-from turnstore.models import DEFAULT_TABLES
+from turnstore.persistence.models import DEFAULT_TABLES
 
 
 async def three_turns(backend: Backend) -> AdvancedSession:

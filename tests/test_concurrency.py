@@ -12,7 +12,7 @@ from tests.concurrency_worker import append_turns
 from tests.conftest import Backend
 from tests.helpers import turn
 from turnstore import AdvancedSession
-from turnstore.models import DEFAULT_TABLES
+from turnstore.persistence.models import DEFAULT_TABLES
 
 
 async def assert_consistent(backend: Backend, session_id: str, expected_texts: set[str]) -> None:

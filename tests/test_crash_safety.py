@@ -24,7 +24,7 @@ from sqlalchemy import and_, select
 from tests.conftest import Backend
 from tests.crash_worker import ITEMS_PER_TURN, turn_items, write_until_killed
 from turnstore import AdvancedSession
-from turnstore.models import DEFAULT_TABLES
+from turnstore.persistence.models import DEFAULT_TABLES
 
 KILLS = 30
 # TURNSTORE_CRASH_SEED replays a failing run's delays and choices (it is in the messages).

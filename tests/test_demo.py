@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from turnstore.cli import main
+from turnstore.cli.main import main
 
 
 def test_demo_plays_the_branch_workflow(

@@ -19,8 +19,8 @@ from sqlalchemy.sql import ColumnElement
 from tests.conftest import Backend, fresh_mysql_backend
 from tests.helpers import assistant, function_call, function_output, turn, user
 from turnstore import AdvancedSession, BranchNameTakenError
-from turnstore.dialects import MySQLProfile, profile_for
 from turnstore.errors import SchemaLockTimeoutError
+from turnstore.persistence.dialects import MySQLProfile, profile_for
 
 WIDE_TEXT = "emoji 🚀👩‍💻 CJK 東京 漢字 한국어 𠜎 and astral 🀄"
 

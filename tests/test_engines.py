@@ -12,7 +12,7 @@ from sqlalchemy import text
 from tests.conftest import Backend
 from tests.helpers import turn
 from turnstore import AdvancedSession, AdvancedSQLiteSession, InvalidArgumentError, dispose_engines
-from turnstore.engines import acquire_for_url
+from turnstore.persistence.engines import acquire_for_url
 
 
 def unique() -> str:

@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from tests.conftest import Backend
 from tests.helpers import turn
 from tests.read_counters import grow_to, keep_postgres_from_analyzing, reads_by
-from turnstore.dialects import profile_for
-from turnstore.models import DEFAULT_TABLES
-from turnstore.repository import _statements
+from turnstore.persistence.dialects import profile_for
+from turnstore.persistence.models import DEFAULT_TABLES
+from turnstore.persistence.repository import _statements
 
 SMALL, LARGE = 20, 300  # turns of two items each
 

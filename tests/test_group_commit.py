@@ -16,8 +16,8 @@ from sqlalchemy.engine import Connection
 
 from tests.helpers import turn
 from turnstore import AdvancedSQLiteSession, BranchNameTakenError
-from turnstore.batching import GroupRunner, Job, Outcome
-from turnstore.engines import ThreadedEngineHandle
+from turnstore.persistence.batching import GroupRunner, Job, Outcome
+from turnstore.persistence.engines import ThreadedEngineHandle
 
 
 class _RecordingGroups:

@@ -16,7 +16,7 @@ from turnstore import (
     SessionClosedError,
     SessionSettings,
 )
-from turnstore.models import DEFAULT_TABLES
+from turnstore.persistence.models import DEFAULT_TABLES
 
 
 async def count_rows(backend: Backend, table: Any) -> int:

@@ -24,7 +24,7 @@ from turnstore import (
     InvalidItemError,
     TurnNotFoundError,
 )
-from turnstore.models import DEFAULT_TABLES
+from turnstore.persistence.models import DEFAULT_TABLES
 
 
 async def snapshot(session: AdvancedSession) -> dict[str, Any]:

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from turnstore import jsoncodec
-from turnstore.items import decode
+from turnstore.persistence import jsoncodec
+from turnstore.sdk.items import decode
 
 
 @pytest.fixture(autouse=True, params=["fast", "stdlib"])

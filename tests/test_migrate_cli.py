@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 from tests.migration_helpers import fresh_postgres_database, run_cli
-from turnstore import migrate
+from turnstore.schema import migrate
 
 
 def sqlite_url(path: Path) -> str:

@@ -24,10 +24,10 @@ from tests.migration_helpers import (
     run_cli,
     usage_result,
 )
-from turnstore import migrate
-from turnstore.dialects import PostgresProfile
 from turnstore.errors import UnknownRevisionError
-from turnstore.models import DEFAULT_TABLES
+from turnstore.persistence.dialects import PostgresProfile
+from turnstore.persistence.models import DEFAULT_TABLES
+from turnstore.schema import migrate
 
 
 async def table_names(backend: Backend) -> set[str]:
@@ -176,7 +176,7 @@ async def test_unknown_target_revision_is_refused(backend: Backend) -> None:
 
 _UPGRADE_CHILD = """
 import asyncio, sys
-from turnstore import migrate
+from turnstore.schema import migrate
 print("ready", flush=True)
 asyncio.run(migrate.upgrade(sys.argv[1]))
 print("upgraded", flush=True)

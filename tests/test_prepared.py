@@ -23,8 +23,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from turnstore.dialects import JSONDocument
-from turnstore.prepared import PreparedStatement
+from turnstore.persistence.prepared import PreparedStatement
+from turnstore.persistence.types import JSONDocument
 
 metadata = MetaData()
 notes = Table(
@@ -163,9 +163,9 @@ def test_no_row_gives_none(conn: Connection) -> None:
 def test_the_per_turn_statements_run_directly_on_sqlite() -> None:
     from sqlalchemy.dialects import sqlite
 
-    from turnstore.dialects import profile_for
-    from turnstore.models import DEFAULT_TABLES
-    from turnstore.repository import _statements
+    from turnstore.persistence.dialects import profile_for
+    from turnstore.persistence.models import DEFAULT_TABLES
+    from turnstore.persistence.repository import _statements
 
     statements = _statements(DEFAULT_TABLES, profile_for("sqlite"))
     prepared = {

@@ -1,4 +1,4 @@
-"""Postgres's one-round-trip appends and usage writes (turnstore.server_routines).
+"""Postgres's one-round-trip appends and usage writes (turnstore.persistence.server_routines).
 
 The functions must behave exactly like the statements they replace, be created by the
 migrations and by ``create_tables``, and be optional: a database without them keeps working.
@@ -21,9 +21,11 @@ from sqlalchemy.pool import StaticPool
 from tests.conftest import Backend, _postgres_backend
 from tests.helpers import function_call, function_output, run_result, turn, user
 from tests.read_counters import grow_to, keep_postgres_from_analyzing, reads_by
-from turnstore import AdvancedSession, migrate, server_routines
-from turnstore.driver_calls import AsyncpgCalls
-from turnstore.models import DEFAULT_TABLES
+from turnstore import AdvancedSession
+from turnstore.persistence import server_routines
+from turnstore.persistence.driver_calls import AsyncpgCalls
+from turnstore.persistence.models import DEFAULT_TABLES
+from turnstore.schema import migrate
 
 # sha256 of each released version of the functions, as migrations 0003 and 0004 create them.
 FROZEN_DIGESTS = {

@@ -20,7 +20,8 @@ down_revision: str | None = None
 branch_labels: tuple[str, ...] | None = None
 depends_on: tuple[str, ...] | None = None
 
-# Frozen copies of the column types and table options turnstore.dialects defined when this
+# Frozen copies of the column types and table options turnstore.persistence.dialects defined when
+# this
 # revision shipped: a shipped migration must keep creating the same schema however the live
 # definitions change later (such changes reach databases through new revisions). They live in
 # this file because Alembic takes every other .py file in versions/ for a revision.
@@ -45,7 +46,8 @@ TIMESTAMP_UTC: TypeEngine[Any] = (
     .with_variant(mysql.DATETIME(), *_MYSQL_NAMES)
 )
 
-# The storage types turnstore.dialects.JSONDocument picked per dialect. A migration moves no
+# The storage types turnstore.persistence.dialects.JSONDocument picked per dialect. A migration
+# moves no
 # data, so only the declared type matters, not the decorator's bind and result handling;
 # SQLite's JSON type declares the column "JSON" as the SDK's schema does.
 JSON_DOCUMENT: TypeEngine[Any] = (

@@ -2,7 +2,8 @@
 
 On PostgreSQL an append took six round trips (BEGIN, the session upsert, the counters, two
 inserts, COMMIT) and a usage write five; each now is one call of a PL/pgSQL function, which
-keeps the lock-then-read order exact (see ``turnstore.server_routines``). Other databases are
+keeps the lock-then-read order exact (see ``turnstore.persistence.server_routines``). Other
+databases are
 unchanged. turnstore falls back to the separate statements on a database without the
 functions, so this revision can be applied at any time.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from alembic import op
 
-from turnstore import server_routines
+from turnstore.persistence import server_routines
 
 revision = "0003"
 down_revision: str | None = "0002"

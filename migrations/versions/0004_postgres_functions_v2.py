@@ -4,7 +4,8 @@ Version 1 reads the session's latest sequence and turn numbers with ``max()``. O
 planner has no statistics for yet (a new database, or one autovacuum has not analyzed), Postgres
 may aggregate every row of the branch for it, so each append and usage write cost more as the
 history grew: 6 ms at 12,000 items on the development machine. Version 2 reads the newest
-index entry instead, one entry whatever the statistics (see ``turnstore.server_routines``).
+index entry instead, one entry whatever the statistics (see
+``turnstore.persistence.server_routines``).
 
 Version 1 stays, so processes of the previous release keep working during a rolling upgrade;
 turnstore calls the newest version it finds. Other databases are unchanged.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from alembic import op
 
-from turnstore import server_routines
+from turnstore.persistence import server_routines
 
 revision = "0004"
 down_revision: str | None = "0003"

@@ -4,7 +4,6 @@ Use :class:`AdvancedSQLiteSession` as a drop-in for the SDK's class of the same 
 :class:`AdvancedSession` on any supported database URL or engine.
 """
 
-from turnstore.engines import dispose_engines
 from turnstore.errors import (
     BranchNameTakenError,
     BranchNotFoundError,
@@ -18,6 +17,7 @@ from turnstore.errors import (
     TurnNotFoundError,
     TurnstoreError,
 )
+from turnstore.persistence.engines import dispose_engines
 from turnstore.session import AdvancedSession, AdvancedSQLiteSession, SessionSettings
 
 __version__ = "0.1.0"

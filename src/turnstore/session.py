@@ -20,7 +20,6 @@ from typing import Any, Self
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from turnstore import engines
 from turnstore.errors import (
     BranchNotFoundError,
     ContentNotFoundError,
@@ -28,7 +27,16 @@ from turnstore.errors import (
     ProtectedBranchError,
     SessionClosedError,
 )
-from turnstore.items import (
+from turnstore.persistence import engines
+from turnstore.persistence.models import DEFAULT_MESSAGES_TABLE, DEFAULT_SESSIONS_TABLE, tables_for
+from turnstore.persistence.repository import (
+    MAIN_BRANCH,
+    BranchPointer,
+    ConversationRepository,
+    UserTurn,
+)
+from turnstore.schema.migrate import bring_to_head
+from turnstore.sdk.items import (
     TOOL_COUNT_RULE,
     content_preview,
     content_texts,
@@ -38,9 +46,7 @@ from turnstore.items import (
     stored_form,
     to_new_messages,
 )
-from turnstore.models import DEFAULT_MESSAGES_TABLE, DEFAULT_SESSIONS_TABLE, tables_for
-from turnstore.repository import MAIN_BRANCH, BranchPointer, ConversationRepository, UserTurn
-from turnstore.usage import usage_from_result
+from turnstore.sdk.usage import usage_from_result
 
 _default_logger = logging.getLogger("turnstore")
 
@@ -230,7 +236,7 @@ class AdvancedSession:
     async def _store(self) -> ConversationRepository:
         store = self._binding().store
         store.check_identifier(self.session_id, "Session ids")
-        await store.prepare_schema(create=self._create_tables)
+        await store.prepare_schema(create=self._create_tables, migrate_default=bring_to_head)
         return store
 
     def _ordered(self) -> asyncio.Lock:

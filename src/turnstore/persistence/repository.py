@@ -10,7 +10,7 @@ write lock on SQLite.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -37,10 +37,6 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql import Executable, Select
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
-from turnstore import server_routines
-from turnstore.dialects import DialectProfile, utc_now
-from turnstore.driver_calls import AsyncpgCalls
-from turnstore.engines import EngineHandle
 from turnstore.errors import (
     BranchNameTakenError,
     BranchNotFoundError,
@@ -48,11 +44,14 @@ from turnstore.errors import (
     SchemaMissingError,
     TurnNotFoundError,
 )
-from turnstore.jsoncodec import loads_or_none
-from turnstore.migrate import bring_to_head
-from turnstore.models import DEFAULT_TABLES, StoreTables
-from turnstore.prepared import PreparedStatement
-from turnstore.server_routines import ServerRoutines
+from turnstore.persistence import server_routines
+from turnstore.persistence.dialects import DialectProfile, utc_now
+from turnstore.persistence.driver_calls import AsyncpgCalls
+from turnstore.persistence.engines import EngineHandle
+from turnstore.persistence.jsoncodec import loads_or_none
+from turnstore.persistence.models import DEFAULT_TABLES, StoreTables
+from turnstore.persistence.prepared import PreparedStatement
+from turnstore.persistence.server_routines import ServerRoutines
 
 logger = logging.getLogger(__name__)
 
@@ -432,8 +431,16 @@ class ConversationRepository:
 
     # -- schema --------------------------------------------------------------------------
 
-    async def prepare_schema(self, *, create: bool) -> None:
+    async def prepare_schema(
+        self, *, create: bool, migrate_default: Callable[[Connection], None] | None = None
+    ) -> None:
         """Create missing tables and indexes, or check that they exist (once per engine).
+
+        Args:
+            create: Create what is missing instead of refusing.
+            migrate_default: Brings the default table set to the newest migration inside the
+                given transaction. The caller supplies it so that queries do not depend on
+                schema management; without it the default set is created like any other.
 
         Raises:
             SchemaMissingError: ``create`` is false and tables are missing.
@@ -446,7 +453,7 @@ class ConversationRepository:
                 return
             if create:
                 self._check_schema_names()
-                await handle.write(self._create_missing)
+                await handle.write(lambda conn: self._create_missing(conn, migrate_default))
             else:
                 missing = await handle.read(self._missing_tables)
                 if missing:
@@ -509,12 +516,14 @@ class ConversationRepository:
         present = set(inspect(conn).get_table_names())
         return [name for name in self._t.names if name not in present]
 
-    def _create_missing(self, conn: Connection) -> None:
+    def _create_missing(
+        self, conn: Connection, migrate_default: Callable[[Connection], None] | None
+    ) -> None:
         self._profile.lock_schema(conn)
-        if self._t is DEFAULT_TABLES:
+        if self._t is DEFAULT_TABLES and migrate_default is not None:
             # The migrations own the default table set: create through them (and stamp), so a
             # database made here can be upgraded later like any other.
-            bring_to_head(conn)
+            migrate_default(conn)
             return
         metadata = self._t.metadata
         metadata.create_all(conn, checkfirst=True)

@@ -1,7 +1,8 @@
 """What turnstore knows about Agents SDK items: how to store, classify and read them back.
 
 Items are the Responses-API input items the SDK's Runner hands to a session (dicts with a
-``role`` or a ``type``). This module turns them into :class:`~turnstore.repository.NewMessage`
+``role`` or a ``type``). This module turns them into
+:class:`~turnstore.persistence.repository.NewMessage`
 records for the repository and back; the repository itself never looks inside an item.
 """
 
@@ -13,9 +14,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from turnstore import jsoncodec
 from turnstore.errors import InvalidItemError
-from turnstore.repository import NewMessage, ToolCountRule
+from turnstore.persistence import jsoncodec
+from turnstore.persistence.repository import NewMessage, ToolCountRule
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ The repository writes every operation as a synchronous function of a SQLAlchemy
   asyncio SQLite driver pays several hops per statement. One writer thread per database
   serializes this process's writers without polling SQLite's busy handler; reads run on a
   reader thread of their own, which WAL lets run beside the writer. Both threads run what
-  queued while they were busy as one group (see :mod:`turnstore.batching`).
+  queued while they were busy as one group (see :mod:`turnstore.persistence.batching`).
 
 Handles are kept per (event loop, URL): an ``AsyncEngine``'s pooled connections belong to the
 loop that opened them. Sessions on one URL in one loop share a handle;
@@ -33,11 +33,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from turnstore.batching import GroupRunner, Job, Outcome
-from turnstore.dialects import DialectProfile, profile_for
-from turnstore.driver_calls import AsyncpgCalls
 from turnstore.errors import InvalidArgumentError, connection_lost
-from turnstore.server_routines import ServerRoutines
+from turnstore.persistence.batching import GroupRunner, Job, Outcome
+from turnstore.persistence.dialects import DialectProfile, profile_for
+from turnstore.persistence.driver_calls import AsyncpgCalls
+from turnstore.persistence.server_routines import ServerRoutines
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -71,7 +71,7 @@ class EngineHandle:
         users: Sessions currently holding the handle.
         ready_schemas: Table sets known to exist on this database.
         routines: Server functions known to exist, by table set (see
-            :mod:`turnstore.server_routines`).
+            :mod:`turnstore.persistence.server_routines`).
         driver_calls: Runs single statements on the driver itself, where the engine's
             driver allows it (``None`` elsewhere).
         schema_lock: Serializes schema preparation within the loop.

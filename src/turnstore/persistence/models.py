@@ -34,7 +34,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped
 
-from turnstore.dialects import (
+from turnstore.errors import InvalidArgumentError
+from turnstore.persistence.types import (
     DOCUMENT,
     IDENTIFIER,
     ROW_ID,
@@ -42,7 +43,6 @@ from turnstore.dialects import (
     TIMESTAMP_UTC,
     JSONDocument,
 )
-from turnstore.errors import InvalidArgumentError
 
 DEFAULT_SESSIONS_TABLE = "agent_sessions"
 DEFAULT_MESSAGES_TABLE = "agent_messages"
@@ -92,7 +92,7 @@ class StoreTables:
 
     @property
     def routine_tables(self) -> dict[str, str]:
-        """Table names as :func:`turnstore.server_routines.routine_ddl` takes them."""
+        """Table names as :func:`turnstore.persistence.server_routines.routine_ddl` takes them."""
         return {
             "sessions_table": self.sessions.name,
             "messages_table": self.messages.name,

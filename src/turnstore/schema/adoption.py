@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import exists, func, insert, inspect, select
 from sqlalchemy.engine import Connection
 
-from turnstore.dialects import profile_for
-from turnstore.models import DEFAULT_TABLES, STRUCTURE_TABLE
+from turnstore.persistence.dialects import profile_for
+from turnstore.persistence.models import DEFAULT_TABLES, STRUCTURE_TABLE
 
 
 class DatabaseKind(enum.Enum):

@@ -1,7 +1,8 @@
 """Run turnstore's schema migrations from code: upgrade, downgrade, stamp, inspect, adopt.
 
 Every function that changes the schema opens one transaction, takes the dialect's schema lock
-(:meth:`turnstore.dialects.DialectProfile.lock_schema`) and only then lets Alembic read the
+(:meth:`turnstore.persistence.dialects.DialectProfile.lock_schema`) and only then lets Alembic read
+the
 version table, so processes that upgrade at the same time run one after the other: the first
 migrates, the rest find the database at head and do nothing. That makes :func:`upgrade` safe to
 await at application start-up.
@@ -30,8 +31,6 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from turnstore import adoption
-from turnstore.dialects import DialectProfile, profile_for
 from turnstore.errors import (
     DatabaseUnavailableError,
     ForeignDatabaseError,
@@ -39,6 +38,8 @@ from turnstore.errors import (
     MigrationError,
     UnknownRevisionError,
 )
+from turnstore.persistence.dialects import DialectProfile, profile_for
+from turnstore.schema import adoption
 
 # Not Alembic's default name, so an application's own migrations can share the database.
 VERSION_TABLE = "turnstore_alembic_version"
@@ -75,7 +76,7 @@ def script_location() -> Path:
         MigrationError: Neither copy exists (a broken installation).
     """
     packaged = resources.files("turnstore") / "migrations"
-    candidates = [Path(str(packaged)), Path(__file__).resolve().parents[2] / "migrations"]
+    candidates = [Path(str(packaged)), Path(__file__).resolve().parents[3] / "migrations"]
     for candidate in candidates:
         if (candidate / "env.py").is_file():
             return candidate

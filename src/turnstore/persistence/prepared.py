@@ -155,7 +155,8 @@ class PreparedStatement:
         """The compiled SQL and parameter order for running the statement on the driver.
 
         For callers that run it on a driver connection of their own (see
-        :mod:`turnstore.driver_calls`), whatever the profile says about direct runs inside
+        :mod:`turnstore.persistence.driver_calls`), whatever the profile says about direct runs
+        inside
         a unit of work. ``None`` where the statement needs SQLAlchemy at run time.
         """
         key = _plan_key(dialect)

@@ -12,7 +12,6 @@ import os
 import sys
 from collections.abc import Callable
 
-from turnstore import migrate
 from turnstore.errors import (
     DatabaseUnavailableError,
     ForeignDatabaseError,
@@ -21,6 +20,7 @@ from turnstore.errors import (
     TurnstoreError,
     UnknownRevisionError,
 )
+from turnstore.schema import migrate
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -1,4 +1,4 @@
-"""The ``turnstore`` command line."""
+"""The ``turnstore`` command line: the argument parser and the dispatch to commands."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from turnstore.cli_db import add_db_commands, run_db
+from turnstore.cli.db import add_db_commands, run_db
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _build_parser().parse_args(argv)
     if args.command == "demo":
-        from turnstore.demo import run_demo
+        from turnstore.cli.demo import run_demo
 
         asyncio.run(run_demo(args.db))
         return 0

@@ -1,7 +1,7 @@
 """Single statements run on asyncpg itself, on connections of SQLAlchemy's pool.
 
 The per-turn statements on Postgres (the history read and the two server functions of
-:mod:`turnstore.server_routines`) are each one autocommit statement. Through
+:mod:`turnstore.persistence.server_routines`) are each one autocommit statement. Through
 ``AsyncConnection`` every one of them costs a ``Connection``, an execution context and two
 greenlet switches: about 1 ms of client CPU a turn, against 0.3 ms when the same statements
 go to asyncpg directly (``benchmarks/postgres_round_trips.py`` measures both). So these

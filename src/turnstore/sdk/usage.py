@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from turnstore.repository import UsageRecord
+from turnstore.persistence.repository import UsageRecord
 
 
 def usage_from_result(result: Any) -> UsageRecord | None:

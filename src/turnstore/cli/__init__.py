@@ -1,0 +1,1 @@
+"""The ``turnstore`` command line, a client of the public faces."""

@@ -1,0 +1,1 @@
+"""What turnstore knows about Agents SDK objects: items, run usage, wrapper hooks."""
