@@ -27,6 +27,7 @@ from turnstore.errors import (
     ProtectedBranchError,
     SessionClosedError,
 )
+from turnstore.lineage import BranchNode, build_tree
 from turnstore.persistence import engines
 from turnstore.persistence.models import DEFAULT_MESSAGES_TABLE, DEFAULT_SESSIONS_TABLE, tables_for
 from turnstore.persistence.repository import (
@@ -46,7 +47,7 @@ from turnstore.sdk.items import (
     stored_form,
     to_new_messages,
 )
-from turnstore.sdk.usage import usage_from_result
+from turnstore.sdk.usage import share_record, usage_from_result
 
 _default_logger = logging.getLogger("turnstore")
 
@@ -361,14 +362,28 @@ class AdvancedSession:
 
     # -- usage ---------------------------------------------------------------------------
 
-    async def store_run_usage(self, result: Any) -> None:
-        """Store a run's token usage against the current branch's latest user turn.
+    async def store_run_usage(
+        self, result: Any, *, model: str | None = None, run_config: Any = None
+    ) -> None:
+        """Store a run's token usage, and the models that served it, against the latest turn.
 
         Call it after ``Runner.run``. Storing again for the same turn replaces the earlier
         figures. Failures are logged, never raised, so analytics cannot break a conversation.
+
+        The model is the one the SDK resolved for each model response of the run (a run that
+        handed off between agents records each model with its share of requests and tokens):
+        the run configuration's model, else the agent's model name (a ``Model`` object by its
+        ``model`` attribute), else the SDK's default model. A ``Model`` object without a name
+        is recorded as unknown.
+
+        Args:
+            result: The result ``Runner.run`` returned.
+            model: The model that served the whole run, recorded instead of working it out.
+            run_config: The ``RunConfig`` given to ``Runner.run``, when it sets ``model``
+                (the result does not carry it).
         """
         try:
-            usage = usage_from_result(result)
+            usage = usage_from_result(result, model=model, run_config=run_config)
             if usage is None:
                 return
             async with self._ordered():
@@ -428,6 +443,61 @@ class AdvancedSession:
         del single["user_turn_number"]
         return single
 
+    async def get_turn_models(
+        self, branch_id: str | None = None
+    ) -> dict[int, list[dict[str, Any]]]:
+        """Which models served each turn of the current (or given) branch, with their shares.
+
+        Returns:
+            ``{turn: [{"model", "requests", "input_tokens", "cached_tokens", "output_tokens",
+            "reasoning_tokens", "total_tokens"}, ...]}``, models in the order they served the
+            turn; ``model`` is ``None`` where it is not known. Turns stored before turnstore
+            recorded models (or by the SDK's class) are absent.
+        """
+        store = await self._store()
+        branch = branch_id if branch_id is not None else await self._current_branch(store)
+        turns: dict[int, list[dict[str, Any]]] = {}
+        for row in await store.turn_models(self.session_id):
+            if row.branch_id == branch:
+                turns.setdefault(row.user_turn_number, []).append(share_record(row.share))
+        return turns
+
+    async def branch_tree(self) -> list[BranchNode]:
+        """The session's branches as a tree; the roots, ``main`` first.
+
+        A branch's parent, fork turn and the fork turn's preview are recorded when turnstore
+        creates it. For branches without a record (made by the SDK's class, or before
+        turnstore recorded lineage) the parent is inferred from the items they share with
+        other branches, and marked ``inferred``; where no single parent fits, the branch is a
+        root marked ``unknown``, with the reason in ``note``.
+        """
+        store = await self._store()
+        current = await self._current_branch(store)
+        branches = await store.list_branches(self.session_id)
+        recorded = await store.lineage(self.session_id)
+        recorded_names = {entry.branch_id for entry in recorded}
+        needs_inference = any(
+            b.branch_id != MAIN_BRANCH and b.branch_id not in recorded_names for b in branches
+        )
+        messages = await store.branch_messages(self.session_id) if needs_inference else {}
+        tokens = {}
+        for branch in branches:
+            totals = await store.session_usage(self.session_id, branch.branch_id)
+            tokens[branch.branch_id] = totals[3] if totals is not None else 0
+        previews: dict[tuple[str, int], str | None] = {}
+        if needs_inference:
+            for branch in branches:
+                for turn in await store.user_turns(self.session_id, branch.branch_id):
+                    previews[(branch.branch_id, turn.turn)] = _preview(turn.message_data)
+        return build_tree(
+            branches,
+            recorded,
+            messages,
+            tokens,
+            current,
+            lambda branch, turn: previews.get((branch, turn)),
+        )
+
     # -- branching -----------------------------------------------------------------------
 
     async def create_branch_from_turn(
@@ -462,6 +532,7 @@ class AdvancedSession:
                 turn_number,
                 branch_name,
                 auto_name=f"branch_from_turn_{turn_number}_{int(time.time())}",
+                preview=_preview,
             )
             self._pointer = BranchPointer(created.branch_id, created.generation)
         self._logger.debug(
@@ -712,3 +783,14 @@ def _turn_records(
             }
         )
     return records
+
+
+FORK_PREVIEW_LENGTH = 100
+
+
+def _preview(message_data: str) -> str | None:
+    """The preview of a stored user message, as ``get_conversation_turns`` cuts it."""
+    item = decode(message_data)
+    if not isinstance(item, dict):
+        return None
+    return content_preview(item.get("content", ""), FORK_PREVIEW_LENGTH)

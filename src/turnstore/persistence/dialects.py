@@ -38,7 +38,7 @@ from turnstore.errors import SchemaLockTimeoutError
 from turnstore.persistence import server_routines
 from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.prepared import PreparedStatement
-from turnstore.persistence.server_routines import ServerRoutines
+from turnstore.persistence.server_routines import RunUsageRoutine, ServerRoutines
 
 if TYPE_CHECKING:
     from turnstore.persistence.models import StoreTables
@@ -186,6 +186,10 @@ class DialectProfile:
         """
         return ()
 
+    def run_usage_routine(self, tables: StoreTables) -> RunUsageRoutine | None:
+        """A server function storing usage and the turn's models in one call, if any."""
+        return None
+
     def create_server_routines(self, conn: Connection, tables: StoreTables) -> list[str]:
         """Create or replace every version of :meth:`server_routines`; the names created."""
         created = []
@@ -193,6 +197,13 @@ class DialectProfile:
             for statement in server_routines.routine_ddl(routines, **tables.routine_tables):
                 conn.exec_driver_sql(statement)
             created += [routines.append_name, routines.usage_name]
+        run_usage = self.run_usage_routine(tables)
+        if run_usage is not None:
+            for statement in server_routines.run_usage_ddl(
+                run_usage, **tables.turn_models_routine_tables
+            ):
+                conn.exec_driver_sql(statement)
+            created.append(run_usage.name)
         return created
 
     def driver_calls(self, engine: AsyncEngine) -> AsyncpgCalls | None:
@@ -403,6 +414,12 @@ class PostgresProfile(_OnConflictProfile):
     def server_routines(self, tables: StoreTables) -> tuple[ServerRoutines, ...]:
         """PL/pgSQL functions for the append and the usage write (one round trip each)."""
         return server_routines.released_routines(
+            tables.sessions.name, tables.messages.name, default=tables.is_default
+        )
+
+    def run_usage_routine(self, tables: StoreTables) -> RunUsageRoutine | None:
+        """The PL/pgSQL function storing usage and the turn's models in one call."""
+        return server_routines.run_usage_routine(
             tables.sessions.name, tables.messages.name, default=tables.is_default
         )
 

@@ -37,7 +37,7 @@ from turnstore.errors import InvalidArgumentError, connection_lost
 from turnstore.persistence.batching import GroupRunner, Job, Outcome
 from turnstore.persistence.dialects import DialectProfile, profile_for
 from turnstore.persistence.driver_calls import AsyncpgCalls
-from turnstore.persistence.server_routines import ServerRoutines
+from turnstore.persistence.server_routines import RunUsageRoutine, ServerRoutines
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -70,8 +70,10 @@ class EngineHandle:
         private: Whether the engine serves one session only (an in-memory database).
         users: Sessions currently holding the handle.
         ready_schemas: Table sets known to exist on this database.
+        absent_tables: Optional tables a ready table set lacks (not migrated yet).
         routines: Server functions known to exist, by table set (see
             :mod:`turnstore.persistence.server_routines`).
+        run_usage_routines: The usage-and-models function, by table set, where it exists.
         driver_calls: Runs single statements on the driver itself, where the engine's
             driver allows it (``None`` elsewhere).
         schema_lock: Serializes schema preparation within the loop.
@@ -83,7 +85,9 @@ class EngineHandle:
     private: bool = False
     users: int = 0
     ready_schemas: set[Hashable] = field(default_factory=set)
+    absent_tables: dict[Hashable, frozenset[str]] = field(default_factory=dict)
     routines: dict[Hashable, ServerRoutines] = field(default_factory=dict)
+    run_usage_routines: dict[Hashable, RunUsageRoutine] = field(default_factory=dict)
     driver_calls: AsyncpgCalls | None = None
     schema_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

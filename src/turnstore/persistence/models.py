@@ -50,6 +50,8 @@ STRUCTURE_TABLE = "message_structure"
 USAGE_TABLE = "turn_usage"
 RESERVATIONS_TABLE = "branch_reservations"
 GENERATIONS_TABLE = "session_clear_generations"
+TURN_MODELS_TABLE = "turnstore_turn_models"
+LINEAGE_TABLE = "turnstore_branch_lineage"
 
 # Explicit names make constraints addressable by migrations on every dialect; the documented
 # index names are given explicitly below and are not affected.
@@ -62,7 +64,16 @@ NAMING_CONVENTION: dict[str, str] = {
 }
 
 _PLAIN_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_FIXED_TABLES = frozenset({STRUCTURE_TABLE, USAGE_TABLE, RESERVATIONS_TABLE, GENERATIONS_TABLE})
+_FIXED_TABLES = frozenset(
+    {
+        STRUCTURE_TABLE,
+        USAGE_TABLE,
+        RESERVATIONS_TABLE,
+        GENERATIONS_TABLE,
+        TURN_MODELS_TABLE,
+        LINEAGE_TABLE,
+    }
+)
 _NOW = text("CURRENT_TIMESTAMP")
 
 
@@ -76,6 +87,8 @@ class StoreTables:
     usage: Table
     reservations: Table
     generations: Table
+    turn_models: Table
+    lineage: Table
 
     @property
     def metadata(self) -> MetaData:
@@ -102,9 +115,23 @@ class StoreTables:
         }
 
     @property
+    def turn_models_routine_tables(self) -> dict[str, str]:
+        """Table names as :func:`turnstore.persistence.server_routines.run_usage_ddl` takes them."""
+        return {"turn_models_table": self.turn_models.name}
+
+    @property
     def names(self) -> tuple[str, ...]:
         """Table names, parents first."""
         return tuple(table.name for table in self.metadata.sorted_tables)
+
+    @property
+    def optional_names(self) -> frozenset[str]:
+        """Tables of turnstore's own a database may lack until it is migrated (0007 onwards).
+
+        Without them conversations work as before; what they record (the models of a turn,
+        branch lineage) is not recorded.
+        """
+        return frozenset({self.turn_models.name, self.lineage.name})
 
     @property
     def index_names(self) -> tuple[str, ...]:
@@ -203,6 +230,9 @@ def define_tables(
         Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
         UniqueConstraint("session_id", "branch_id", "user_turn_number"),
         Index("idx_turn_usage_session_turn", "session_id", "branch_id", "user_turn_number"),
+        # Not in the SDK (migration 0007): store-wide usage rollups read a time range of
+        # turns through it instead of scanning the table.
+        Index("idx_turn_usage_created_at", "created_at"),
         sqlite_autoincrement=True,
         **TABLE_OPTIONS,
     )
@@ -220,7 +250,52 @@ def define_tables(
         Column("generation", Integer, nullable=False, server_default=text("0")),
         **TABLE_OPTIONS,
     )
-    return StoreTables(sessions, messages, structure, usage, reservations, generations)
+    # turnstore's own (migration 0007): which models served a turn, and where branches forked.
+    # Keyed by session first, so the store can be distributed by session.
+    turn_models = Table(
+        TURN_MODELS_TABLE,
+        metadata,
+        Column(
+            "session_id",
+            IDENTIFIER,
+            ForeignKey(sessions.c.session_id, ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        Column("branch_id", IDENTIFIER, primary_key=True),
+        Column("user_turn_number", Integer, primary_key=True, autoincrement=False),
+        # Models of one turn, in the order they first served it.
+        Column("position", Integer, primary_key=True, autoincrement=False),
+        # NULL: the model is not known (a Model object without a name, say).
+        Column("model", IDENTIFIER),
+        Column("requests", Integer, nullable=False, server_default=text("0")),
+        Column("input_tokens", Integer, nullable=False, server_default=text("0")),
+        Column("cached_tokens", Integer, nullable=False, server_default=text("0")),
+        Column("output_tokens", Integer, nullable=False, server_default=text("0")),
+        Column("reasoning_tokens", Integer, nullable=False, server_default=text("0")),
+        Column("total_tokens", Integer, nullable=False, server_default=text("0")),
+        **TABLE_OPTIONS,
+    )
+    lineage = Table(
+        LINEAGE_TABLE,
+        metadata,
+        Column(
+            "session_id",
+            IDENTIFIER,
+            ForeignKey(sessions.c.session_id, ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        Column("branch_id", IDENTIFIER, primary_key=True),
+        Column("parent_branch_id", IDENTIFIER, nullable=False),
+        # The parent's user turn the branch forked before: it holds the parent's items of
+        # the turns before this one.
+        Column("fork_turn", Integer, nullable=False),
+        Column("fork_preview", Text),
+        Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
+        **TABLE_OPTIONS,
+    )
+    return StoreTables(
+        sessions, messages, structure, usage, reservations, generations, turn_models, lineage
+    )
 
 
 def validate_table_name(name: object, argument: str) -> str:
@@ -320,6 +395,37 @@ class SessionClearGeneration(Base):
 
     session_id: Mapped[str]
     generation: Mapped[int]
+
+
+class TurnModel(Base):
+    """How much of one turn's usage one model served (``turnstore_turn_models``)."""
+
+    __table__ = DEFAULT_TABLES.turn_models
+
+    session_id: Mapped[str]
+    branch_id: Mapped[str]
+    user_turn_number: Mapped[int]
+    position: Mapped[int]
+    model: Mapped[str | None]
+    requests: Mapped[int]
+    input_tokens: Mapped[int]
+    cached_tokens: Mapped[int]
+    output_tokens: Mapped[int]
+    reasoning_tokens: Mapped[int]
+    total_tokens: Mapped[int]
+
+
+class BranchLineage(Base):
+    """Where a branch forked from, recorded when it was created (``turnstore_branch_lineage``)."""
+
+    __table__ = DEFAULT_TABLES.lineage
+
+    session_id: Mapped[str]
+    branch_id: Mapped[str]
+    parent_branch_id: Mapped[str]
+    fork_turn: Mapped[int]
+    fork_preview: Mapped[str | None]
+    created_at: Mapped[datetime | None]
 
 
 @cache

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import (
     Integer,
+    Table,
     Text,
     and_,
     bindparam,
@@ -70,6 +71,22 @@ STRUCTURE_COLUMNS = (
 )
 
 
+#: The columns of a turn-models row, in the order the statements use them.
+TURN_MODEL_COLUMNS = (
+    "session_id",
+    "branch_id",
+    "user_turn_number",
+    "position",
+    "model",
+    "requests",
+    "input_tokens",
+    "cached_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class NewMessage:
     """One item to append, already serialized and classified by the caller."""
@@ -89,8 +106,52 @@ class BranchPointer:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelShare:
+    """The part of a turn's usage one model served (``model`` ``None``: not known)."""
+
+    model: str | None
+    requests: int
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def zero(cls, model: str | None) -> ModelShare:
+        """No usage, for ``model``."""
+        return cls(model, 0, 0, 0, 0, 0, 0)
+
+    @property
+    def counts(self) -> tuple[int, int, int, int, int, int]:
+        """Requests, input, cached, output, reasoning and total tokens."""
+        return (
+            self.requests,
+            self.input_tokens,
+            self.cached_tokens,
+            self.output_tokens,
+            self.reasoning_tokens,
+            self.total_tokens,
+        )
+
+    def __add__(self, other: ModelShare) -> ModelShare:
+        return ModelShare(
+            self.model, *(a + b for a, b in zip(self.counts, other.counts, strict=True))
+        )
+
+    def __sub__(self, other: ModelShare) -> ModelShare:
+        """What ``self`` has beyond ``other``, never below zero; the model is not kept."""
+        return ModelShare(
+            None, *(max(a - b, 0) for a, b in zip(self.counts, other.counts, strict=True))
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class UsageRecord:
-    """Token usage of one run, to be stored against a user turn."""
+    """Token usage of one run, to be stored against a user turn.
+
+    ``models`` splits it by the model that served it; empty when not known at all.
+    """
 
     requests: int
     input_tokens: int
@@ -98,6 +159,27 @@ class UsageRecord:
     total_tokens: int
     input_tokens_details: dict[str, Any] | None
     output_tokens_details: dict[str, Any] | None
+    models: tuple[ModelShare, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTurnModel:
+    """A stored turn-models row."""
+
+    branch_id: str
+    user_turn_number: int
+    share: ModelShare
+
+
+@dataclass(frozen=True, slots=True)
+class StoredLineage:
+    """A recorded branch origin."""
+
+    branch_id: str
+    parent_branch_id: str
+    fork_turn: int
+    fork_preview: str | None
+    created_at: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +222,7 @@ class CreatedBranch:
     source_branch_id: str
     generation: int
     copied_messages: int
+    fork_preview: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,15 +369,27 @@ class _Statements:
         # Branch creation: short sessions fork in about a millisecond, about what building
         # these statements afresh would cost.
         turn: BindParameter[int] = bindparam("turn", type_=Integer)
-        self.user_turn_row = prepared(
-            select(s.c.id)
+        self.fork_message = prepared(
+            select(m.c.message_data)
+            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
             .where(
                 s.c.session_id == sid,
                 s.c.branch_id == bid,
                 s.c.branch_turn_number == turn,
                 s.c.message_type == "user",
             )
+            .order_by(s.c.sequence_number)
             .limit(_ONE)
+        )
+        lineage = tables.lineage
+        self.record_lineage = prepared(
+            insert(lineage).values(
+                session_id=sid,
+                branch_id=bindparam("new_branch", type_=lineage.c.branch_id.type),
+                parent_branch_id=bid,
+                fork_turn=turn,
+                fork_preview=bindparam("preview", type_=Text),
+            )
         )
         self.latest_sequence = prepared(select(self.max_sequence))
         r = tables.reservations
@@ -369,6 +464,21 @@ class _Statements:
                 {"created_at": utc_now()},
                 take_new_values=usage_columns,
             )
+        )
+
+        tm = tables.turn_models
+        self.delete_turn_models = prepared(
+            delete(tm).where(
+                tm.c.session_id == sid,
+                tm.c.branch_id == bid,
+                tm.c.user_turn_number == bindparam("turn", type_=Integer),
+            )
+        )
+        self.insert_turn_models = prepared(insert(tm), column_keys=TURN_MODEL_COLUMNS)
+        self.turn_models = prepared(
+            select(*(tm.c[name] for name in TURN_MODEL_COLUMNS[1:]))
+            .where(tm.c.session_id == sid)
+            .order_by(tm.c.branch_id, tm.c.user_turn_number, tm.c.position)
         )
 
         # Analytics: whole-session and per-branch listings.
@@ -456,6 +566,16 @@ class ConversationRepository:
                 await handle.write(lambda conn: self._create_missing(conn, migrate_default))
             else:
                 missing = await handle.read(self._missing_tables)
+                absent = frozenset(missing) & self._t.optional_names
+                missing = [name for name in missing if name not in absent]
+                if absent and not missing:
+                    handle.absent_tables[key] = absent
+                    logger.warning(
+                        "The database lacks turnstore's tables %s: the models of each turn "
+                        "and branch lineage are not recorded. Run the migrations (turnstore "
+                        "db upgrade) to add them.",
+                        ", ".join(sorted(absent)),
+                    )
                 if missing:
                     raise SchemaMissingError(
                         f"The database lacks turnstore's tables ({', '.join(missing)}). Pass "
@@ -474,6 +594,11 @@ class ConversationRepository:
             lambda conn: conn.exec_driver_sql(f"SELECT {presence}").one()
         )
         found = [routines for routines, here in zip(versions, present, strict=True) if here]
+        run_usage = self._profile.run_usage_routine(self._t)
+        if run_usage is not None and await self._handle.read(
+            lambda conn: bool(conn.exec_driver_sql(run_usage.presence_query).scalar())
+        ):
+            self._handle.run_usage_routines[self._t.metadata] = run_usage
         if found:
             self._handle.routines[self._t.metadata] = found[0]
             if found[0] is not versions[0]:
@@ -572,6 +697,10 @@ class ConversationRepository:
         newest_first = await self._scalars(self._q.latest, params)
         newest_first.reverse()
         return newest_first
+
+    def _has(self, table: Table) -> bool:
+        """Whether an optional table of this store exists (see ``StoreTables.optional_names``)."""
+        return table.name not in self._handle.absent_tables.get(self._t.metadata, frozenset())
 
     def _one_call_writes(self) -> tuple[AsyncpgCalls, ServerRoutines] | None:
         """How to run appends and usage writes as one server-function call, if possible."""
@@ -719,6 +848,16 @@ class ConversationRepository:
                     ~exists().where(*in_turn),
                 )
             )
+            tm = self._t.turn_models
+            if self._has(tm):
+                conn.execute(
+                    delete(tm).where(
+                        tm.c.session_id == session_id,
+                        tm.c.branch_id == branch_id,
+                        tm.c.user_turn_number == row.user_turn_number,
+                        ~exists().where(*in_turn),
+                    )
+                )
         return PoppedItem(row.message_data)
 
     async def clear(self, session_id: str) -> int:
@@ -741,7 +880,8 @@ class ConversationRepository:
                 .distinct(),
             )
         )
-        for table in (t.structure, t.usage, t.messages, t.sessions):
+        own = [table for table in (t.turn_models, t.lineage) if self._has(table)]
+        for table in (*own, t.structure, t.usage, t.messages, t.sessions):
             conn.execute(delete(table).where(table.c.session_id == session_id))
         conn.execute(
             profile.upsert(
@@ -771,11 +911,33 @@ class ConversationRepository:
         Returns:
             The turn number written, or ``None`` if nothing was stored.
         """
-        one_call = self._one_call_writes()
-        if one_call is None:
-            return await self._handle.write(self._record_usage, session_id, pointer, usage)
-        calls, routines = one_call
+        calls = self._handle.driver_calls
+        routine = self._handle.run_usage_routines.get(self._t.metadata)
+        if calls is None or routine is None or not self._has(self._t.turn_models):
+            one_call = self._one_call_writes()
+            if one_call is None or self._has(self._t.turn_models):
+                return await self._handle.write(self._record_usage, session_id, pointer, usage)
+            # Not migrated to 0007 yet: the usage alone, as the release before did.
+            calls, routines = one_call
+            rows = await calls.fetch(
+                routines.usage_call, self._usage_arguments(session_id, pointer, usage), writes=True
+            )
+            return None if rows[0][0] is None else int(rows[0][0])
+        shares = usage.models
         arguments = (
+            *self._usage_arguments(session_id, pointer, usage),
+            [share.model for share in shares],
+            *([share.counts[i] for share in shares] for i in range(6)),
+        )
+        rows = await calls.fetch(routine.call, arguments, writes=True)
+        turn = rows[0][0]
+        return None if turn is None else int(turn)
+
+    @staticmethod
+    def _usage_arguments(
+        session_id: str, pointer: BranchPointer, usage: UsageRecord
+    ) -> tuple[Any, ...]:
+        return (
             session_id,
             pointer.branch_id,
             pointer.generation,
@@ -786,9 +948,6 @@ class ConversationRepository:
             server_routines.json_argument(usage.input_tokens_details),
             server_routines.json_argument(usage.output_tokens_details),
         )
-        rows = await calls.fetch(routines.usage_call, arguments, writes=True)
-        turn = rows[0][0]
-        return None if turn is None else int(turn)
 
     def _record_usage(
         self, conn: Connection, session_id: str, pointer: BranchPointer, usage: UsageRecord
@@ -819,6 +978,30 @@ class ConversationRepository:
                 "output_tokens_details": usage.output_tokens_details,
             },
         )
+        if not self._has(self._t.turn_models):
+            return int(turn)
+        q.delete_turn_models.execute(conn, {**params, "turn": turn})
+        if usage.models:
+            q.insert_turn_models.execute_many(
+                conn,
+                [
+                    dict(
+                        zip(
+                            TURN_MODEL_COLUMNS,
+                            (
+                                session_id,
+                                pointer.branch_id,
+                                turn,
+                                position,
+                                share.model,
+                                *share.counts,
+                            ),
+                            strict=True,
+                        )
+                    )
+                    for position, share in enumerate(usage.models)
+                ],
+            )
         return int(turn)
 
     async def session_usage(
@@ -884,6 +1067,7 @@ class ConversationRepository:
         turn: int,
         branch_name: str | None,
         auto_name: str,
+        preview: Callable[[str], str | None] = lambda _data: None,
     ) -> CreatedBranch:
         """Fork a branch holding every item of the source branch before user turn ``turn``.
 
@@ -897,6 +1081,8 @@ class ConversationRepository:
             turn: The branch turn number of the user message to fork at.
             branch_name: The new branch's name, or ``None`` for ``auto_name``.
             auto_name: Base for a generated name; ``_2``, ``_3``... are appended if taken.
+            preview: Makes the fork turn's preview, recorded with the branch's lineage, from
+                the stored text of the turn's user message.
 
         Raises:
             TurnNotFoundError: The source branch has no user message at ``turn``.
@@ -906,7 +1092,7 @@ class ConversationRepository:
         if branch_name is not None:
             self.check_identifier(branch_name, "Branch names")
         return await self._handle.write(
-            self._create_branch, session_id, source, turn, branch_name, auto_name
+            self._create_branch, session_id, source, turn, branch_name, auto_name, preview
         )
 
     def _create_branch(
@@ -917,6 +1103,7 @@ class ConversationRepository:
         turn: int,
         branch_name: str | None,
         auto_name: str,
+        preview: Callable[[str], str | None],
     ) -> CreatedBranch:
         q = self._q
         q.lock_session.execute(conn, {"sid": session_id})
@@ -925,7 +1112,8 @@ class ConversationRepository:
         if generation != source.generation and source_branch != MAIN_BRANCH:
             source_branch = MAIN_BRANCH
         source_params = {"sid": session_id, "bid": source_branch, "turn": turn}
-        if q.user_turn_row.scalar(conn, source_params) is None:
+        fork_message = q.fork_message.scalar(conn, source_params)
+        if fork_message is None:
             raise TurnNotFoundError(
                 f"Turn {turn} does not contain a user message in branch '{source_branch}'"
             )
@@ -934,7 +1122,12 @@ class ConversationRepository:
         copied = q.copy_branch.execute(
             conn, {**source_params, "new_branch": new_branch, "after": after}
         )
-        return CreatedBranch(new_branch, source_branch, generation, copied)
+        fork_preview = preview(fork_message)
+        if self._has(self._t.lineage):
+            q.record_lineage.execute(
+                conn, {**source_params, "new_branch": new_branch, "preview": fork_preview}
+            )
+        return CreatedBranch(new_branch, source_branch, generation, copied, fork_preview)
 
     def _reserve_branch_name(
         self, conn: Connection, session_id: str, branch_name: str | None, auto_name: str
@@ -985,6 +1178,13 @@ class ConversationRepository:
         usage_rows = conn.execute(
             delete(u).where(u.c.session_id == session_id, u.c.branch_id == branch_id)
         ).rowcount
+        # The branch's own records go; branches forked from it keep naming it as their parent.
+        for own in (t.turn_models, t.lineage):
+            if not self._has(own):
+                continue
+            conn.execute(
+                delete(own).where(own.c.session_id == session_id, own.c.branch_id == branch_id)
+            )
         # Messages every structure row of which is on this branch: one pass over the
         # session's rows, grouped. A correlated "no other branch has it" check per message
         # is faster with good statistics, but Postgres plans it as a session scan per message
@@ -1013,6 +1213,47 @@ class ConversationRepository:
             BranchSummary(branch, int(count), int(users or 0), format_timestamp(created_at))
             for branch, count, users, created_at in rows
         ]
+
+    async def turn_models(self, session_id: str) -> list[StoredTurnModel]:
+        """Every turn-models row of a session, by branch, turn and position."""
+        if not self._has(self._t.turn_models):
+            return []
+        rows = await self._handle.read(self._q.turn_models.rows, {"sid": session_id})
+        return [
+            StoredTurnModel(branch, int(turn), ModelShare(model, *(int(v or 0) for v in counts)))
+            for branch, turn, _position, model, *counts in rows
+        ]
+
+    async def lineage(self, session_id: str) -> list[StoredLineage]:
+        """The recorded origins of a session's branches."""
+        lin = self._t.lineage
+        if not self._has(lin):
+            return []
+        stmt = select(
+            lin.c.branch_id,
+            lin.c.parent_branch_id,
+            lin.c.fork_turn,
+            lin.c.fork_preview,
+            _as_stored(lin.c.created_at),
+        ).where(lin.c.session_id == session_id)
+        rows = await self._handle.read(_all_rows, stmt)
+        return [
+            StoredLineage(branch, parent, int(turn), preview, format_timestamp(created))
+            for branch, parent, turn, preview, created in rows
+        ]
+
+    async def branch_messages(self, session_id: str) -> dict[str, list[tuple[int, int | None]]]:
+        """``{branch: [(message_id, branch_turn_number), ...]}`` in order, for lineage inference."""
+        s = self._t.structure
+        stmt = (
+            select(s.c.branch_id, s.c.message_id, s.c.branch_turn_number)
+            .where(s.c.session_id == session_id)
+            .order_by(s.c.branch_id, s.c.sequence_number)
+        )
+        found: dict[str, list[tuple[int, int | None]]] = {}
+        for branch, message, turn in await self._handle.read(_all_rows, stmt):
+            found.setdefault(branch, []).append((int(message), turn))
+        return found
 
     # -- structure queries ---------------------------------------------------------------
 

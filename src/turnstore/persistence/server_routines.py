@@ -364,3 +364,94 @@ def append_arguments(
 def json_argument(value: dict[str, Any] | None) -> str | None:
     """A JSONB argument as text, serialized as SQLAlchemy serializes JSONB binds."""
     return None if value is None else json.dumps(value)
+
+
+# -- the usage write that also records the models that served the turn (migration 0007) ----
+
+#: Released versions of the run-usage function, newest first.
+RUN_USAGE_VERSIONS = (1,)
+_RUN_USAGE_ARGUMENTS = (
+    f"{_USAGE_ARGUMENTS}, text[], integer[], integer[], integer[], integer[], integer[], integer[]"
+)
+
+
+@dataclass(frozen=True)
+class RunUsageRoutine:
+    """A function storing a turn's usage and the models that served it, in one call.
+
+    It calls the usage function of :attr:`usage_version` (which locks the session and upserts
+    ``turn_usage``), then replaces the turn's rows in the turn-models table: the two writes
+    are one statement, so they commit together.
+
+    Attributes:
+        name: The function's name.
+        usage_name: The usage function it calls.
+        version: Which version of the body this name holds.
+    """
+
+    name: str
+    usage_name: str
+    version: int
+
+    @property
+    def call(self) -> str:
+        """SQL calling the function; one value, the turn written or NULL."""
+        placeholders = ", ".join(f"${i}" for i in range(1, 17))
+        return f"SELECT {self.name}({placeholders})"
+
+    @property
+    def presence_query(self) -> str:
+        """SQL returning whether the function exists with the expected signature."""
+        return f"SELECT to_regprocedure('{self.name}({_RUN_USAGE_ARGUMENTS})') IS NOT NULL"
+
+
+def run_usage_routine(
+    sessions_table: str, messages_table: str, *, default: bool, version: int = 1
+) -> RunUsageRoutine:
+    """The run-usage function's name for a table set (see :func:`routines_for`)."""
+    usage = routines_for(sessions_table, messages_table, default=default, version=2)
+    suffix = usage.usage_name.removeprefix("turnstore_record_usage_v2")
+    return RunUsageRoutine(
+        f"turnstore_record_run_usage_v{version}{suffix}", usage.usage_name, version
+    )
+
+
+def run_usage_ddl(routine: RunUsageRoutine, *, turn_models_table: str) -> list[str]:
+    """``CREATE OR REPLACE FUNCTION`` for the run-usage function (version 1: frozen)."""
+    body = f"""
+CREATE OR REPLACE FUNCTION {routine.name}(
+    p_session text, p_branch text, p_generation integer, p_requests integer,
+    p_input_tokens integer, p_output_tokens integer, p_total_tokens integer,
+    p_input_details text, p_output_details text,
+    p_models text[], p_model_requests integer[], p_model_input integer[],
+    p_model_cached integer[], p_model_output integer[], p_model_reasoning integer[],
+    p_model_total integer[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SET enable_sort = off AS $turnstore$
+DECLARE
+    v_turn integer;
+BEGIN
+    -- Locks the session and upserts turn_usage; NULL when nothing was stored.
+    v_turn := {routine.usage_name}(p_session, p_branch, p_generation, p_requests,
+        p_input_tokens, p_output_tokens, p_total_tokens, p_input_details, p_output_details);
+    IF v_turn IS NULL THEN
+        RETURN NULL;
+    END IF;
+    DELETE FROM {turn_models_table} AS t
+        WHERE t.session_id = p_session AND t.branch_id = p_branch AND t.user_turn_number = v_turn;
+    INSERT INTO {turn_models_table} (session_id, branch_id, user_turn_number, position, model,
+            requests, input_tokens, cached_tokens, output_tokens, reasoning_tokens,
+            total_tokens)
+        SELECT p_session, p_branch, v_turn, r.i - 1, p_models[r.i], p_model_requests[r.i],
+            p_model_input[r.i], p_model_cached[r.i], p_model_output[r.i],
+            p_model_reasoning[r.i], p_model_total[r.i]
+        FROM generate_subscripts(p_models, 1) AS r(i);
+    RETURN v_turn;
+END
+$turnstore$"""
+    return [body.strip()]
+
+
+def run_usage_drop_ddl(routine: RunUsageRoutine) -> list[str]:
+    """``DROP FUNCTION`` for the run-usage function."""
+    return [f"DROP FUNCTION IF EXISTS {routine.name}({_RUN_USAGE_ARGUMENTS})"]
