@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from datetime import UTC, datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -17,13 +18,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
+    BigInteger,
     Column,
+    DateTime,
+    Float,
+    Integer,
+    Numeric,
     Table,
+    Text,
+    case,
+    cast,
     event,
     func,
     insert,
+    literal,
     literal_column,
     select,
+    type_coerce,
 )
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -214,6 +225,29 @@ class DialectProfile:
         """Why connecting to ``url`` must fail, when that is knowable without connecting."""
         return None
 
+    # -- time and JSON in store-wide queries (rollups) ---------------------------------------
+
+    def timestamp_column(self, column: ColumnElement[Any]) -> ColumnElement[Any]:
+        """A timestamp column as :meth:`timestamp_value` compares with it."""
+        return column
+
+    def timestamp_value(self, value: datetime) -> ColumnElement[Any]:
+        """A UTC instant to compare with :meth:`timestamp_column` (``value`` is aware)."""
+        return literal(value.astimezone(UTC).replace(tzinfo=None), DateTime())
+
+    def shifted(self, stamp: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
+        """A stored UTC timestamp moved by ``seconds`` (an integer expression), as wall time."""
+        raise NotImplementedError
+
+    def period_start(self, wall_time: ColumnElement[Any], unit: str) -> ColumnElement[Any]:
+        """The first day of the ``day``, ``week`` (from Monday) or ``month`` holding a
+        :meth:`shifted` wall time, as ``YYYY-MM-DD`` text."""  # noqa: D205, D209
+        raise NotImplementedError
+
+    def json_integer(self, document: ColumnElement[Any], key: str) -> ColumnElement[Any]:
+        """The integer at top-level ``key`` of a JSON document column (NULL if absent)."""
+        raise NotImplementedError
+
 
 class _OnConflictProfile(DialectProfile):
     """Dialects that spell upserts ``INSERT ... ON CONFLICT`` (SQLite and PostgreSQL).
@@ -324,6 +358,40 @@ class SQLiteProfile(_OnConflictProfile):
         """The database write lock also serializes DDL."""
         self.begin_write(conn)
 
+    def timestamp_column(self, column: ColumnElement[Any]) -> ColumnElement[Any]:
+        """Stored as ``YYYY-MM-DD HH:MM:SS`` text: compared as that text (still indexed)."""
+        return type_coerce(column, Text)
+
+    def timestamp_value(self, value: datetime) -> ColumnElement[Any]:
+        """The instant as the text ``CURRENT_TIMESTAMP`` stores."""
+        stamp = value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        return literal(stamp, Text)
+
+    def shifted(self, stamp: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
+        """``datetime(stamp, 'N seconds')``."""
+        return func.datetime(
+            type_coerce(stamp, Text), func.printf("%d seconds", seconds), type_=Text
+        )
+
+    def period_start(self, wall_time: ColumnElement[Any], unit: str) -> ColumnElement[Any]:
+        """``date()`` with modifiers: Sunday-ending weeks step back to their Monday."""
+        if unit == "day":
+            return func.date(wall_time, type_=Text)
+        if unit == "week":
+            return func.date(wall_time, "weekday 0", "-6 days", type_=Text)
+        return func.strftime("%Y-%m-01", wall_time, type_=Text)
+
+    def json_integer(self, document: ColumnElement[Any], key: str) -> ColumnElement[Any]:
+        """``json_extract``, only on valid JSON: the SDK's column may hold any text."""
+        text_document = type_coerce(document, Text)
+        return case(
+            (
+                func.json_valid(text_document) == 1,
+                cast(func.json_extract(text_document, f"$.{key}"), Integer),
+            ),
+            else_=None,
+        )
+
     def unreachable_reason(self, url: URL) -> str | None:
         """A file in a missing directory cannot be created.
 
@@ -415,6 +483,30 @@ class PostgresProfile(_OnConflictProfile):
         """PL/pgSQL functions for the append and the usage write (one round trip each)."""
         return server_routines.released_routines(
             tables.sessions.name, tables.messages.name, default=tables.is_default
+        )
+
+    def timestamp_value(self, value: datetime) -> ColumnElement[Any]:
+        """An aware instant: the column is ``timestamptz``."""
+        return literal(value.astimezone(UTC), postgresql.TIMESTAMP(timezone=True))
+
+    def shifted(self, stamp: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
+        """UTC wall time (independent of the session's TimeZone) plus an interval."""
+        utc_wall = func.timezone("UTC", stamp)
+        return utc_wall + func.make_interval(0, 0, 0, 0, 0, 0, cast(seconds, Float))
+
+    def period_start(self, wall_time: ColumnElement[Any], unit: str) -> ColumnElement[Any]:
+        """``date_trunc`` (its weeks start on Monday) rendered by ``to_char``."""
+        return func.to_char(func.date_trunc(unit, wall_time), "YYYY-MM-DD", type_=Text)
+
+    def json_integer(self, document: ColumnElement[Any], key: str) -> ColumnElement[Any]:
+        """``->>`` on JSONB, only where the value is a number."""
+        value = document.op("->")(literal(key, Text))
+        return case(
+            (
+                func.jsonb_typeof(value) == "number",
+                cast(cast(document.op("->>")(literal(key, Text)), Numeric), BigInteger),
+            ),
+            else_=None,
         )
 
     def run_usage_routine(self, tables: StoreTables) -> RunUsageRoutine | None:
@@ -571,6 +663,21 @@ class MySQLProfile(DialectProfile):
                 "the inserted rows, or the caller does not hold the lock that protects it"
             )
         return ids
+
+    def shifted(self, stamp: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
+        """``TIMESTAMPADD(SECOND, n, stamp)`` (connections run in UTC, so stamps are UTC)."""
+        return func.timestampadd(literal_column("SECOND"), seconds, stamp, type_=DateTime)
+
+    def period_start(self, wall_time: ColumnElement[Any], unit: str) -> ColumnElement[Any]:
+        """``DATE_FORMAT``; weeks step back ``WEEKDAY()`` days to their Monday."""
+        if unit == "week":
+            wall_time = func.subdate(wall_time, func.weekday(wall_time), type_=DateTime)
+        pattern = "%Y-%m-01" if unit == "month" else "%Y-%m-%d"
+        return func.date_format(wall_time, pattern, type_=Text)
+
+    def json_integer(self, document: ColumnElement[Any], key: str) -> ColumnElement[Any]:
+        """``JSON_EXTRACT`` cast to an integer."""
+        return cast(func.json_extract(document, f"$.{key}"), mysql.BIGINT)
 
     def lock_schema(self, conn: Connection) -> None:
         """A named server lock; DDL commits implicitly, so no transactional lock survives it.
