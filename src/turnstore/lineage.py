@@ -81,7 +81,7 @@ def build_tree(
     """Assemble the tree of a session's branches; returns the roots, ``main`` first.
 
     Args:
-        branches: The branches, in order of creation.
+        branches: The branches, in order of creation (as ``list_branches`` orders them).
         recorded: The recorded origins.
         messages: Per branch, ``(message_id, branch_turn_number)`` of its items in order.
         tokens: Per branch, its total tokens.
@@ -148,15 +148,11 @@ def _infer(
     own = messages.get(branch.branch_id, ())
     best: list[tuple[str, int]] = []
     best_length = 0
+    # Branches come in order of creation (first stored row, then first row id, which a
+    # copy takes at creation): only those before this one can be its parent.
     for other in branches:
         if other.branch_id == branch.branch_id:
-            continue
-        if (
-            other.created_at is not None
-            and branch.created_at is not None
-            and other.created_at > branch.created_at
-        ):
-            continue  # created after this branch: cannot be its parent
+            break
         theirs = messages.get(other.branch_id, ())
         length = _common_prefix(own, theirs)
         if length == 0:
