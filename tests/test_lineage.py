@@ -74,7 +74,7 @@ async def test_a_deleted_parent_leaves_its_children_as_roots_that_say_so(
 
 async def sdk_branches(path: Path) -> None:
     """Branches made by the SDK's class, which records no lineage."""
-    sdk = SDKSession(session_id="s", db_path=path, create_tables=True)
+    sdk: Any = SDKSession(session_id="s", db_path=path, create_tables=True)
     for text in ("one", "two", "three"):
         await sdk.add_items(turn(text))
     await sdk.create_branch_from_turn(3, "from_main_3")
@@ -113,7 +113,7 @@ async def test_branches_without_a_record_are_inferred_or_marked_unknown(sqlite_p
 
 
 async def test_equal_prefixes_pick_the_ancestor_and_say_so(sqlite_path: Path) -> None:
-    sdk = SDKSession(session_id="s", db_path=sqlite_path, create_tables=True)
+    sdk: Any = SDKSession(session_id="s", db_path=sqlite_path, create_tables=True)
     for text in ("one", "two", "three"):
         await sdk.add_items(turn(text))
     await sdk.create_branch_from_turn(3, "copy_of_two_turns")

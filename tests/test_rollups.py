@@ -36,8 +36,8 @@ def _no_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
 
 
-def utc(*parts: int) -> datetime:
-    return datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
 async def build(backend: Backend) -> None:
@@ -216,7 +216,7 @@ async def test_by_user_and_for_one_user(store: Any) -> None:
 
 
 async def test_bad_arguments_are_refused_before_any_query(store: Any) -> None:
-    for bad, message in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"group_by": ("year",)}, "group_by keys are"),
         ({"group_by": ("day", "week")}, "at most one of day, week and month"),
         ({"group_by": ("model", "model")}, "twice"),
@@ -225,7 +225,8 @@ async def test_bad_arguments_are_refused_before_any_query(store: Any) -> None:
         ({"since": "yesterday"}, "since must be a datetime"),
         ({"user_id": 7}, "user_id must be a str"),
         ({"group_by": ("user",), "owners": None}, "owners"),
-    ]:
+    ]
+    for bad, message in cases:
         with pytest.raises(InvalidArgumentError, match=message):
             await store(**bad)
 

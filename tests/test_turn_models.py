@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from agents import Agent, RunConfig
@@ -24,7 +25,9 @@ def _no_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
 
 
-def share(model: str | None, i: int, o: int, *, cached: int = 0, reasoning: int = 0) -> dict:
+def share(
+    model: str | None, i: int, o: int, *, cached: int = 0, reasoning: int = 0
+) -> dict[str, Any]:
     return {
         "model": model,
         "requests": 1,
@@ -141,7 +144,7 @@ async def test_model_rows_go_with_their_turn_branch_and_session(backend: Backend
 async def test_turns_stored_by_the_sdks_class_read_back_with_the_model_unknown(
     sqlite_path: Path,
 ) -> None:
-    sdk = SDKSession(session_id="s", db_path=sqlite_path, create_tables=True)
+    sdk: Any = SDKSession(session_id="s", db_path=sqlite_path, create_tables=True)
     await sdk.add_items(turn("from the sdk"))
     await sdk.store_run_usage(run_result(input_tokens=4))
     sdk.close()

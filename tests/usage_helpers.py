@@ -25,9 +25,7 @@ class NamedModel(ScriptedModel):
         self.model = name
 
 
-def usage(
-    input_tokens: int, output_tokens: int, *, cached: int = 0, reasoning: int = 0
-) -> Usage:
+def usage(input_tokens: int, output_tokens: int, *, cached: int = 0, reasoning: int = 0) -> Usage:
     return Usage(
         requests=1,
         input_tokens=input_tokens,

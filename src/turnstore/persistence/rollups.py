@@ -262,7 +262,7 @@ def _statement(
             keys.append(u.c.branch_id.label("branch"))
     utc_day = profile.period_start(profile.shifted(u.c.created_at, literal(0, Integer)), "day")
     grouping = [*keys, model.label("price_model"), utc_day.label("utc_day")]
-    statement = (
+    return (
         select(
             *grouping,
             turns.label("turns"),
@@ -277,7 +277,6 @@ def _statement(
         .where(*conditions)
         .group_by(*grouping)
     )
-    return statement
 
 
 def _offset_expression(
