@@ -21,12 +21,9 @@ COMMAND_MODULES = ("turnstore.cli.demo", "turnstore.cli.db")
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    import turnstore
 
-    try:
-        return version("turnstore")
-    except PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
-        return "unknown (not installed)"
+    return turnstore.__version__
 
 
 app = common.new_group(
