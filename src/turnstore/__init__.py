@@ -14,6 +14,7 @@ from turnstore.errors import (
     ProtectedBranchError,
     SchemaMissingError,
     SessionClosedError,
+    SessionNotFoundError,
     TurnNotFoundError,
     TurnstoreError,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ProtectedBranchError",
     "SchemaMissingError",
     "SessionClosedError",
+    "SessionNotFoundError",
     "SessionSettings",
     "TurnNotFoundError",
     "TurnstoreError",

@@ -45,6 +45,10 @@ class ContentNotFoundError(TurnstoreError, ValueError):
     """No user turn contains the searched text."""
 
 
+class SessionNotFoundError(TurnstoreError, LookupError):
+    """No session with that id has anything stored (command-line lookups of a session)."""
+
+
 class BranchNotFoundError(TurnstoreError, ValueError):
     """The requested branch does not exist in the session."""
 

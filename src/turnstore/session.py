@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -20,6 +21,7 @@ from typing import Any, Self
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from turnstore import cost
 from turnstore.errors import (
     BranchNotFoundError,
     ContentNotFoundError,
@@ -34,6 +36,7 @@ from turnstore.persistence.repository import (
     MAIN_BRANCH,
     BranchPointer,
     ConversationRepository,
+    ModelShare,
     UserTurn,
 )
 from turnstore.schema.migrate import bring_to_head
@@ -462,6 +465,54 @@ class AdvancedSession:
                 turns.setdefault(row.user_turn_number, []).append(share_record(row.share))
         return turns
 
+    async def get_items_by_turn(self, branch_id: str | None = None) -> dict[int, list[Any]]:
+        """The current (or given) branch's items grouped by user turn, oldest first.
+
+        Items stored before the first user message (a turn number of 0) are under ``0``.
+        """
+        store = await self._store()
+        branch = branch_id if branch_id is not None else await self._current_branch(store)
+        turns: dict[int, list[Any]] = {}
+        for turn, data in await store.turn_items(self.session_id, branch):
+            item = decode(data)
+            if item is not None:
+                turns.setdefault(turn or 0, []).append(item)
+        return turns
+
+    async def get_turn_costs(self, branch_id: str | None = None) -> dict[int, dict[str, Any]]:
+        """What each turn of the current (or given) branch cost, priced per model.
+
+        Returns:
+            ``{turn: {"models": [...], "cost_usd": Decimal | None, "cost_reason": str | None,
+            "recorded_at": str | None}}`` for every turn with stored usage. ``models`` is
+            :meth:`get_turn_models`' list for the turn (empty for turns stored without model
+            records, whose cost is then ``None``). Prices are those in force when the usage
+            was stored; see :mod:`turnstore.cost`.
+        """
+        store = await self._store()
+        branch = branch_id if branch_id is not None else await self._current_branch(store)
+        times = await store.usage_times(self.session_id, branch)
+        shares: dict[int, list[ModelShare]] = {}
+        for row in await store.turn_models(self.session_id):
+            if row.branch_id == branch:
+                shares.setdefault(row.user_turn_number, []).append(row.share)
+        result: dict[int, dict[str, Any]] = {}
+        for turn, recorded_at in sorted(times.items()):
+            parts = shares.get(turn, [])
+            at = None if recorded_at is None else datetime.fromisoformat(recorded_at)
+            priced = (
+                cost.Cost.total(cost.price(part.model, _counts(part), at) for part in parts)
+                if parts
+                else cost.Cost(None, cost.UNKNOWN_MODEL)
+            )
+            result[turn] = {
+                "models": [share_record(part) for part in parts],
+                "cost_usd": priced.usd,
+                "cost_reason": priced.reason,
+                "recorded_at": recorded_at,
+            }
+        return result
+
     async def branch_tree(self) -> list[BranchNode]:
         """The session's branches as a tree; the roots, ``main`` first.
 
@@ -794,3 +845,13 @@ def _preview(message_data: str) -> str | None:
     if not isinstance(item, dict):
         return None
     return content_preview(item.get("content", ""), FORK_PREVIEW_LENGTH)
+
+
+def _counts(share: ModelShare) -> cost.TokenCounts:
+    return cost.TokenCounts(
+        share.requests,
+        share.input_tokens,
+        share.cached_tokens,
+        share.output_tokens,
+        share.reasoning_tokens,
+    )

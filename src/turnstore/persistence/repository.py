@@ -1224,6 +1224,26 @@ class ConversationRepository:
             for branch, turn, _position, model, *counts in rows
         ]
 
+    async def turn_items(self, session_id: str, branch_id: str) -> list[tuple[int | None, str]]:
+        """``(user_turn_number, item text)`` of a branch's items, in order."""
+        s, m = self._t.structure, self._t.messages
+        stmt = (
+            select(s.c.user_turn_number, m.c.message_data)
+            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
+            .where(s.c.session_id == session_id, s.c.branch_id == branch_id)
+            .order_by(s.c.sequence_number)
+        )
+        return [(turn, data) for turn, data in await self._handle.read(_all_rows, stmt)]
+
+    async def usage_times(self, session_id: str, branch_id: str) -> dict[int, str | None]:
+        """When each turn's usage of a branch was stored (UTC text), by turn."""
+        u = self._t.usage
+        stmt = select(u.c.user_turn_number, _as_stored(u.c.created_at)).where(
+            u.c.session_id == session_id, u.c.branch_id == branch_id
+        )
+        rows = await self._handle.read(_all_rows, stmt)
+        return {int(turn): format_timestamp(created) for turn, created in rows}
+
     async def lineage(self, session_id: str) -> list[StoredLineage]:
         """The recorded origins of a session's branches."""
         lin = self._t.lineage

@@ -161,3 +161,20 @@ def search_pattern(term: str) -> re.Pattern[str]:
 def stored_form(term: str) -> str:
     """How ``term`` appears inside stored JSON text (escaped as ``json.dumps`` escapes it)."""
     return json.dumps(term)[1:-1]
+
+
+def item_texts(item: Any) -> list[str]:
+    """What a person reads in an item: message text, tool arguments, tool output.
+
+    Used by store-wide search, so JSON keys and ids never match a search term.
+    """
+    if not isinstance(item, Mapping):
+        return []
+    texts = content_texts(item.get("content", ""))
+    for key in ("arguments", "output", "name"):
+        value = item.get(key)
+        if isinstance(value, str):
+            texts.append(value)
+        elif value is not None and key == "output":
+            texts.append(json.dumps(value, ensure_ascii=False))
+    return [text for text in texts if text]
