@@ -153,3 +153,18 @@ async def test_server_floor_script_reports_rate_latency_and_cpu(postgres_url: st
         "cpus",
     }
     assert all(is_positive_number(value) for value in figures.values()), figures
+
+
+async def test_usage_rollup_benchmark_reports_its_figures() -> None:
+    script = SCRIPT.parent / "usage_rollups.py"
+    code, stdout, stderr = await run_script(script, "--quick")
+    assert code == 0, stderr
+    report = parse_report(stdout)
+    assert report["backend"] == "sqlite"
+    figures = {name: value for name, value in report.items() if name != "backend"}
+    assert {
+        "usage_write_with_models_p50_ms",
+        "usage_write_previous_p50_ms",
+        "rollup_large_over_small",
+    } <= set(figures)
+    assert all(is_positive_number(value) for value in figures.values()), figures
