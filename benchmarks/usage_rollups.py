@@ -125,7 +125,8 @@ async def fill(engine: AsyncEngine, total: int, now: datetime) -> None:
     t = DEFAULT_TABLES
     profile = profile_for(engine.dialect.name)
     sessions = [{"session_id": f"s{i}"} for i in range(1_000)]
-    usage_rows, model_rows = [], []
+    usage_rows: list[dict[str, Any]] = []
+    model_rows: list[dict[str, Any]] = []
     for i in range(total):
         recent = i < RECENT_TURNS
         age = timedelta(days=7 * i / RECENT_TURNS) if recent else timedelta(days=8 + i % 350)
