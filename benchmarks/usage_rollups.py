@@ -175,12 +175,12 @@ async def fill(engine: AsyncEngine, total: int, now: datetime) -> None:
                 row["created_at"] = _stored(profile, row["created_at"])
             await conn.execute(usage_insert, chunk)
             await conn.execute(insert(t.turn_models), model_rows[start : start + 5_000])
-    if engine.dialect.name == "postgresql":
-        async with engine.connect() as conn:
+    # Statistics, as autovacuum (off on the local Postgres) or a DBA would gather them.
+    async with engine.begin() as conn:
+        if engine.dialect.name in ("postgresql", "sqlite"):
             await conn.exec_driver_sql("ANALYZE")
-    elif engine.dialect.name == "sqlite":
-        async with engine.begin() as conn:
-            await conn.exec_driver_sql("ANALYZE")
+        else:
+            await conn.exec_driver_sql("ANALYZE TABLE turn_usage, turnstore_turn_models")
 
 
 def _stored(profile: Any, stamp: datetime) -> Any:
@@ -210,6 +210,8 @@ async def main() -> None:
     parser.add_argument("--backend", choices=("sqlite", "postgres", "mysql"), default="sqlite")
     parser.add_argument("--url", help="server URL (defaults to the local services)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    parser.add_argument("--large", type=int, default=100_000, help="turns of the large store")
+    parser.add_argument("--no-writes", action="store_true", help="skip the write latencies")
     args = parser.parse_args()
     writes, small, large, repeats = (
         (40, 1_000, 3_000, 3)
@@ -217,13 +219,14 @@ async def main() -> None:
         else (
             1_000,
             1_000,
-            100_000,
+            args.large,
             15,
         )
     )
     figures: dict[str, Any] = {"backend": args.backend}
-    async with database(args.backend, args.url) as engine:
-        figures.update(await usage_writes(engine, writes))
+    if not args.no_writes:
+        async with database(args.backend, args.url) as engine:
+            figures.update(await usage_writes(engine, writes))
     now = datetime.now(UTC).replace(microsecond=0)
     for total in (small, large):
         async with database(args.backend, args.url) as engine:
