@@ -12,11 +12,12 @@ reads and writes them):
 ``idx_turn_usage_created_at`` lets store-wide usage rollups read a time range of turns
 instead of the whole table; an extra index leaves the SDK's reads and writes unchanged.
 
-On PostgreSQL, ``turnstore_record_run_usage_v1`` stores a turn's usage and its model rows in one
-call (it calls version 2 of the usage function, then replaces the turn's model rows).
+On PostgreSQL, version 4 of the append and usage functions: version 3's, with a usage function
+that also replaces the turn's model rows, so the usage write stays one call. Version 3 stays for
+processes of the previous release.
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-06
 """
 
@@ -33,7 +34,7 @@ from sqlalchemy.sql.type_api import TypeEngine
 from turnstore.persistence import server_routines
 
 revision = "0007"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: tuple[str, ...] | None = None
 depends_on: tuple[str, ...] | None = None
 
@@ -56,8 +57,19 @@ TABLE_OPTIONS: Mapping[str, Any] = {
     "mysql_collate": _MYSQL_COLLATION,
 }
 
-# Version 1 of the run-usage function for the default tables; never edited once released.
-_ROUTINE = server_routines.run_usage_routine("agent_sessions", "agent_messages", default=True)
+# Version 4 of the functions for the default tables; never edited once released.
+_ROUTINES = server_routines.routines_for(
+    "agent_sessions", "agent_messages", default=True, version=4
+)
+_TABLES = {
+    "sessions_table": "agent_sessions",
+    "messages_table": "agent_messages",
+    "structure_table": "message_structure",
+    "usage_table": "turn_usage",
+    "generations_table": "session_clear_generations",
+    "info_table": "turnstore_session_info",
+    "turn_models_table": "turnstore_turn_models",
+}
 
 
 def _on_postgres() -> bool:
@@ -69,7 +81,7 @@ def _count(name: str) -> sa.Column[int]:
 
 
 def upgrade() -> None:
-    """Create the two tables, the time index and (PostgreSQL) the run-usage function."""
+    """Create the two tables, the time index and (PostgreSQL) version 4 of the functions."""
     op.create_table(
         "turnstore_turn_models",
         sa.Column("session_id", IDENTIFIER, nullable=False),
@@ -117,16 +129,14 @@ def upgrade() -> None:
     )
     op.create_index("idx_turn_usage_created_at", "turn_usage", ["created_at"])
     if _on_postgres():
-        for statement in server_routines.run_usage_ddl(
-            _ROUTINE, turn_models_table="turnstore_turn_models"
-        ):
+        for statement in server_routines.routine_ddl(_ROUTINES, **_TABLES):
             op.execute(statement)
 
 
 def downgrade() -> None:
-    """Drop the function, the index and the two tables (their rows go with them)."""
+    """Drop version 4 of the functions, the index and the two tables (and their rows)."""
     if _on_postgres():
-        for statement in server_routines.run_usage_drop_ddl(_ROUTINE):
+        for statement in server_routines.drop_ddl(_ROUTINES):
             op.execute(statement)
     op.drop_index("idx_turn_usage_created_at", table_name="turn_usage")
     op.drop_table("turnstore_branch_lineage")

@@ -37,7 +37,7 @@ from turnstore.errors import InvalidArgumentError, connection_lost
 from turnstore.persistence.batching import GroupRunner, Job, Outcome
 from turnstore.persistence.dialects import DialectProfile, profile_for
 from turnstore.persistence.driver_calls import AsyncpgCalls
-from turnstore.persistence.server_routines import RunUsageRoutine, ServerRoutines
+from turnstore.persistence.server_routines import ServerRoutines
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -73,7 +73,8 @@ class EngineHandle:
         absent_tables: Optional tables a ready table set lacks (not migrated yet).
         routines: Server functions known to exist, by table set (see
             :mod:`turnstore.persistence.server_routines`).
-        run_usage_routines: The usage-and-models function, by table set, where it exists.
+        without_info: Table sets whose database predates the session info table (migration
+            0005): sessions work, the store's features refuse.
         driver_calls: Runs single statements on the driver itself, where the engine's
             driver allows it (``None`` elsewhere).
         schema_lock: Serializes schema preparation within the loop.
@@ -87,7 +88,7 @@ class EngineHandle:
     ready_schemas: set[Hashable] = field(default_factory=set)
     absent_tables: dict[Hashable, frozenset[str]] = field(default_factory=dict)
     routines: dict[Hashable, ServerRoutines] = field(default_factory=dict)
-    run_usage_routines: dict[Hashable, RunUsageRoutine] = field(default_factory=dict)
+    without_info: set[Hashable] = field(default_factory=set)
     driver_calls: AsyncpgCalls | None = None
     schema_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -379,6 +380,12 @@ def acquire_for_engine(engine: AsyncEngine) -> EngineHandle:
         handle = handles[engine] = AsyncEngineHandle(
             engine, profile_for(engine.dialect.name), owned=False
         )
+    handle.users += 1
+    return handle
+
+
+def share(handle: EngineHandle) -> EngineHandle:
+    """Count one more user of a handle already held (a store lending its engine to a session)."""
     handle.users += 1
     return handle
 

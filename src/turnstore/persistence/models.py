@@ -4,9 +4,10 @@ The four documented tables of the SDK's ``AdvancedSQLiteSession`` (``agent_sessi
 ``agent_messages``, ``message_structure``, ``turn_usage``) with their documented columns, defaults,
 foreign keys, unique constraint and index names, so a database written by the SDK opens and
 continues; plus the two bookkeeping tables newer SDK versions add (``branch_reservations``,
-``session_clear_generations``) and one index of turnstore's own
-(``idx_structure_message_session``) that keeps branch and message deletion from scanning a
-whole session.
+``session_clear_generations``), one index of turnstore's own (``idx_structure_message_session``)
+that keeps branch and message deletion from scanning a whole session, and one table of
+turnstore's own, ``turnstore_session_info``: each session's owner, title, metadata and last
+activity, which the store lists and expires sessions by (see :mod:`turnstore.store`).
 
 Like the SDK, the two base tables may be renamed per session (``sessions_table`` /
 ``messages_table``); :func:`tables_for` builds the table set for such a pair. The declarative
@@ -22,6 +23,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     ForeignKey,
     Index,
@@ -52,6 +54,7 @@ RESERVATIONS_TABLE = "branch_reservations"
 GENERATIONS_TABLE = "session_clear_generations"
 TURN_MODELS_TABLE = "turnstore_turn_models"
 LINEAGE_TABLE = "turnstore_branch_lineage"
+SESSION_INFO_TABLE = "turnstore_session_info"
 
 # Explicit names make constraints addressable by migrations on every dialect; the documented
 # index names are given explicitly below and are not affected.
@@ -72,8 +75,11 @@ _FIXED_TABLES = frozenset(
         GENERATIONS_TABLE,
         TURN_MODELS_TABLE,
         LINEAGE_TABLE,
+        SESSION_INFO_TABLE,
     }
 )
+#: Longest ``title`` a session may carry, in characters (MySQL's TEXT holds 64 KiB of bytes).
+MAX_TITLE_LENGTH = 1000
 _NOW = text("CURRENT_TIMESTAMP")
 
 
@@ -87,6 +93,7 @@ class StoreTables:
     usage: Table
     reservations: Table
     generations: Table
+    info: Table
     turn_models: Table
     lineage: Table
 
@@ -112,12 +119,9 @@ class StoreTables:
             "structure_table": self.structure.name,
             "usage_table": self.usage.name,
             "generations_table": self.generations.name,
+            "info_table": self.info.name,
+            "turn_models_table": self.turn_models.name,
         }
-
-    @property
-    def turn_models_routine_tables(self) -> dict[str, str]:
-        """Table names as :func:`turnstore.persistence.server_routines.run_usage_ddl` takes them."""
-        return {"turn_models_table": self.turn_models.name}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -293,8 +297,26 @@ def define_tables(
         Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
         **TABLE_OPTIONS,
     )
+    # Not keyed to the sessions table: a session keeps its info across clear_session (which
+    # deletes the sessions row), and info may be set before the first item is written.
+    # Times are microseconds since the Unix epoch (UTC), stamped by the database's clock:
+    # exact in listing cursors and comparable the same way on every database.
+    info = Table(
+        SESSION_INFO_TABLE,
+        metadata,
+        Column("session_id", IDENTIFIER, primary_key=True),
+        Column("user_id", IDENTIFIER),
+        Column("title", Text),
+        Column("metadata", JSONDocument()),
+        Column("created_at_us", BigInteger, nullable=False),
+        Column("last_activity_us", BigInteger, nullable=False),
+        # Newest first is a backward scan of either index; session_id breaks ties.
+        Index("idx_session_info_activity", "last_activity_us", "session_id"),
+        Index("idx_session_info_user_activity", "user_id", "last_activity_us", "session_id"),
+        **TABLE_OPTIONS,
+    )
     return StoreTables(
-        sessions, messages, structure, usage, reservations, generations, turn_models, lineage
+        sessions, messages, structure, usage, reservations, generations, info, turn_models, lineage
     )
 
 
