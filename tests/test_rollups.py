@@ -243,3 +243,33 @@ def test_offsets_follow_transitions_to_the_second() -> None:
     assert offset_periods(UTC, utc(2026, 1, 1), utc(2026, 1, 1) + timedelta(days=400)) == [
         (utc(2026, 1, 1), 0)
     ]
+
+
+async def test_the_store_groups_by_the_owners_in_session_info(backend: Backend) -> None:
+    from turnstore import Store
+
+    for session_id, owner, model in (
+        ("a1", "alice", "gpt-4o"),
+        ("a2", "alice", "o3"),
+        ("b1", "bob", "o3"),
+        ("n1", None, "gpt-4o"),
+    ):
+        session = backend.session(session_id, user_id=owner)
+        await session.add_items(turn(f"hello from {session_id}"))
+        await session.store_run_usage(run_result(input_tokens=1000, output_tokens=100), model=model)
+    async with Store(engine=backend.engine) as store:
+        rows = await store.usage(group_by=("user", "model"))
+        assert [(r.user, r.model, r.turns) for r in rows] == [
+            ("alice", "gpt-4o", 1),
+            ("alice", "o3", 1),
+            ("bob", "o3", 1),
+            (None, "gpt-4o", 1),
+        ]
+        (bob,) = await store.usage(group_by=(), user_id="bob")
+        assert bob.cost == (1000 * 2 + 100 * 8) / Decimal(1_000_000)  # o3: $2 in, $8 out
+        (alice,) = await store.usage(group_by="user", user_id="alice")
+        assert (alice.user, alice.turns, alice.total_tokens) == ("alice", 2, 2200)
+        hits = (await store.search("hello", user_id="alice")).hits
+        assert sorted({hit.session_id for hit in hits}) == ["a1", "a2"]
+        assert [node.branch_id for node in await store.branch_tree("b1")] == ["main"]
+        assert await store.branch_tree("nobody") == []

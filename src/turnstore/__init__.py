@@ -20,9 +20,12 @@ from turnstore.errors import (
     TurnstoreError,
 )
 from turnstore.info import SessionSummary
+from turnstore.lineage import BranchNode
 from turnstore.persistence.engines import dispose_engines
+from turnstore.search import SearchHit, SearchPage
 from turnstore.session import AdvancedSession, AdvancedSQLiteSession, SessionSettings
 from turnstore.store import SessionPage, Store
+from turnstore.usage_report import UsageRow
 
 __version__ = "0.1.0"
 
@@ -30,6 +33,7 @@ __all__ = [
     "AdvancedSQLiteSession",
     "AdvancedSession",
     "BranchNameTakenError",
+    "BranchNode",
     "BranchNotFoundError",
     "ConnectionLostError",
     "ContentNotFoundError",
@@ -37,6 +41,8 @@ __all__ = [
     "InvalidItemError",
     "ProtectedBranchError",
     "SchemaMissingError",
+    "SearchHit",
+    "SearchPage",
     "SessionClosedError",
     "SessionNotFoundError",
     "SessionPage",
@@ -45,6 +51,7 @@ __all__ = [
     "Store",
     "TurnNotFoundError",
     "TurnstoreError",
+    "UsageRow",
     "__version__",
     "dispose_engines",
 ]

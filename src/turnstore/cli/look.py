@@ -33,13 +33,10 @@ from turnstore.errors import (
 )
 from turnstore.lineage import BranchNode
 from turnstore.persistence import engines
-from turnstore.persistence.engines import EngineHandle
-from turnstore.persistence.models import DEFAULT_TABLES
-from turnstore.persistence.repository import ConversationRepository
-from turnstore.persistence.rollups import Owners
-from turnstore.search import SearchPage, search
+from turnstore.search import SearchPage
 from turnstore.session import AdvancedSession
-from turnstore.usage_report import UsageRow, check_group_by, usage
+from turnstore.store import Store
+from turnstore.usage_report import UsageRow, check_group_by
 
 T = TypeVar("T")
 
@@ -88,6 +85,11 @@ def _run(work: Callable[[], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(main())
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"The driver for this URL is not installed ({exc.name}): install turnstore's "
+            "extra for the database, e.g. pip install 'turnstore[postgres]'"
+        ) from exc
     except (OSError, DBAPIError, TimeoutError) as exc:
         raise DatabaseUnavailableError(
             f"Cannot read the database: {common.one_line(exc)}; check the URL and that the "
@@ -105,25 +107,8 @@ def _checked_url(url: str | None) -> str:
     return target
 
 
-def _handle(url: str) -> EngineHandle:
-    try:
-        return engines.acquire_for_url(url)
-    except ImportError as exc:
-        raise MissingExtraError(
-            f"The driver for this URL is not installed ({exc.name}): install turnstore's "
-            "extra for the database, e.g. pip install 'turnstore[postgres]'"
-        ) from exc
-
-
-async def _repository(handle: EngineHandle) -> ConversationRepository:
-    repository = ConversationRepository(handle, DEFAULT_TABLES)
-    await repository.prepare_schema(create=False)
-    return repository
-
-
-def _owners(handle: EngineHandle) -> Owners | None:
-    """Where sessions' owners live, once the store's session-info table exists."""
-    return None
+def _store(url: str) -> Store:
+    return Store(url=url)
 
 
 async def _open_session(url: str, session_id: str, branch: str | None) -> AdvancedSession:
@@ -420,20 +405,8 @@ def search_cmd(
     target = _checked_url(url)
 
     async def work() -> SearchPage:
-        handle = _handle(target)
-        try:
-            await _repository(handle)
-            return await search(
-                handle,
-                DEFAULT_TABLES,
-                term,
-                user_id=user,
-                limit=limit,
-                cursor=cursor,
-                owners=_owners(handle),
-            )
-        finally:
-            await engines.release(handle)
+        async with _store(target) as store:
+            return await store.search(term, user_id=user, limit=limit, cursor=cursor)
 
     page = _run(work)
     data = {"hits": [hit.to_dict() for hit in page.hits], "next_cursor": page.next_cursor}
@@ -541,22 +514,17 @@ def usage_cmd(
     updater = _price_updates(update_prices)
 
     async def work() -> tuple[list[UsageRow], list[UsageRow]]:
-        handle = _handle(target)
-        try:
-            await _repository(handle)
+        async with _store(target) as store:
             options: dict[str, Any] = {
                 "since": moment_since,
                 "until": moment_until,
                 "user_id": user,
                 "session_id": session_id,
                 "tz": tz,
-                "owners": _owners(handle),
             }
-            rows = await usage(handle, DEFAULT_TABLES, group_by=keys, **options)
-            totals = await usage(handle, DEFAULT_TABLES, group_by=(), **options)
+            rows = await store.usage(group_by=keys, **options)
+            totals = await store.usage(group_by=(), **options)
             return rows, totals
-        finally:
-            await engines.release(handle)
 
     try:
         rows, totals = _run(work)

@@ -605,6 +605,11 @@ class ConversationRepository:
         """Whether the database has the session info table (known once the schema is ready)."""
         return self._t.metadata not in self._handle.without_info
 
+    @property
+    def records_models(self) -> bool:
+        """Whether the database has the turn-models table (migration 0007; known once ready)."""
+        return self._has(self._t.turn_models)
+
     def require_info_table(self) -> None:
         """Refuse a store feature on a database that predates the session info table.
 
