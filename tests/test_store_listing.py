@@ -112,7 +112,7 @@ async def test_activity_window(backend: Backend) -> None:
         ids = await make_sessions(store, 6)
         for n, session_id in enumerate(ids):
             await set_activity(backend, session_id, BASE + timedelta(days=n))
-        window = {
+        window: dict[str, Any] = {
             "active_after": BASE + timedelta(days=2),
             "active_before": BASE + timedelta(days=5),
         }
@@ -120,14 +120,14 @@ async def test_activity_window(backend: Backend) -> None:
         assert listed == ["s004", "s003", "s002"]
         assert await store.count_sessions(**window) == 3
         # Naive datetimes are UTC.
-        naive = {"active_after": datetime(2026, 1, 5)}
+        naive: dict[str, Any] = {"active_after": datetime(2026, 1, 5)}
         assert [s.session_id for s in (await store.list_sessions(**naive)).sessions] == [
             "s005",
             "s004",
         ]
 
 
-METADATA = {
+METADATA: dict[str, dict[str, Any] | None] = {
     "m-str": {"team": "Red", "n": 1},
     "m-lower": {"team": "red"},
     "m-float": {"n": 1.0, "team": "Red"},
