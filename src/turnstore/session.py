@@ -299,6 +299,9 @@ class AdvancedSession:
         if self._info_defaults.user_id is not None:
             store.check_identifier(self._info_defaults.user_id, "User ids")
         await store.prepare_schema(create=self._create_tables, migrate_default=bring_to_head)
+        if self._info_defaults.given and not store.has_info_table:
+            # Writes of this session need the table; reads do not.
+            await store.look_for_info_table()
         return store
 
     def _ordered(self) -> asyncio.Lock:
@@ -451,7 +454,7 @@ class AdvancedSession:
             changes["metadata"] = check_metadata(metadata)
         async with self._ordered():
             store = await self._store()
-            store.require_info_table()
+            await store.ensure_info_table()
             if changes.get("user_id") is not None:
                 store.check_identifier(changes["user_id"], "User ids")
             binding = self._binding()
@@ -464,7 +467,7 @@ class AdvancedSession:
             SchemaMissingError: The database predates the session info table.
         """
         store = await self._store()
-        store.require_info_table()
+        await store.ensure_info_table()
         row = await StoreQueries(self._binding().handle, self._tables).summary(self.session_id)
         return None if row is None else summary_from_row(row)
 

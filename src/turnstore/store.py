@@ -44,7 +44,7 @@ from turnstore.persistence.models import (
     tables_for,
 )
 from turnstore.persistence.repository import ConversationRepository
-from turnstore.persistence.store_queries import Selection, StoreQueries
+from turnstore.persistence.store_queries import Selection, StoreQueries, track_untracked
 from turnstore.schema.migrate import bring_to_head
 from turnstore.session import AdvancedSession
 from turnstore.store_cursors import CursorCodec
@@ -148,7 +148,7 @@ class Store:
         handle = self._handle()
         repository = ConversationRepository(handle, self._tables)
         await repository.prepare_schema(create=self._create_tables, migrate_default=bring_to_head)
-        repository.require_info_table()
+        await repository.ensure_info_table()
         return StoreQueries(handle, self._tables)
 
     def _check_id(self, value: str, what: str) -> None:
@@ -297,6 +297,34 @@ class Store:
         if selection.user_id is not None:
             self._check_id(selection.user_id, "User ids")
         return await queries.count(selection)
+
+    async def track_sessions(self, *, batch_size: int = 1000) -> int:
+        """Give sessions written without turnstore their info, and catch up their activity.
+
+        The SDK's own class (or a turnstore release before the info table) writes sessions
+        without the info the store lists and expires them by. Migration 0005 and
+        ``turnstore db adopt`` record every session they find, and turnstore's own writes
+        record theirs; run this where other writers keep writing the database, before a
+        listing or a prune that must see their sessions. It also moves forward the last
+        activity of sessions those writers touched. Batched, restartable.
+
+        Returns:
+            How many sessions got info or had their activity moved forward.
+
+        Raises:
+            InvalidArgumentError: A bad ``batch_size``.
+        """
+        batch_size = _check_count(batch_size, "batch_size", MAX_BATCH_SIZE)
+        await self._queries()
+        handle = self._handle()
+        total, after = 0, None
+        while True:
+            changed, after = await handle.write(
+                track_untracked, self._tables, handle.profile, after, batch_size
+            )
+            total += changed
+            if after is None:
+                return total
 
     # -- erasing -------------------------------------------------------------------------
 
