@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 from agents import Agent, RunConfig, Runner
 from agents.extensions.memory import EncryptedSession as SDKEncryptedSession
-from agents.memory import OpenAIResponsesCompactionSession, SessionSettings
+from agents.memory import SessionSettings
 from agents.memory.session import _session_accepts_wrapper
 from agents.testing import ModelStep, ScriptedModel, assistant_message
 from cryptography.fernet import Fernet, InvalidToken
 
 from tests.conftest import Backend
+from tests.fake_compaction import compacting, summary
 from tests.helpers import run_result, turn, user
 from turnstore import AdvancedSession
 from turnstore.sdk.encrypted import EncryptedSession
@@ -31,41 +31,10 @@ def _no_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
 
 
-class FakeResponses:
-    """``client.responses`` with a local ``compact``."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-
-    async def compact(self, **request: Any) -> Any:
-        self.calls.append(request)
-        kept = [item for item in request.get("input", []) if item.get("role") == "user"]
-        summary = {"type": "compaction", "encrypted_content": f"summary-{len(self.calls)}"}
-        return SimpleNamespace(output=[*kept, summary], usage=None)
-
-
-def compacting(session: Any, **options: Any) -> tuple[OpenAIResponsesCompactionSession, Any]:
-    """The SDK's compaction wrapper around ``session``, compacting after every run."""
-    responses = FakeResponses()
-    wrapper = OpenAIResponsesCompactionSession(
-        session.session_id,
-        session,
-        client=cast(Any, SimpleNamespace(responses=responses)),
-        compaction_mode="input",
-        should_trigger_compaction=lambda _context: True,
-        **options,
-    )
-    return wrapper, responses
-
-
 def replies(count: int) -> ScriptedModel:
     return ScriptedModel(
         [ModelStep(output=[assistant_message(f"answer {i}")]) for i in range(count)]
     )
-
-
-def summary(number: int) -> dict[str, Any]:
-    return {"type": "compaction", "encrypted_content": f"summary-{number}"}
 
 
 async def branched(backend: Backend) -> AdvancedSession:
