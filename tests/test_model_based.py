@@ -201,7 +201,7 @@ class SessionMachine(RuleBasedStateMachine):
 
     def reported_branch(self) -> str:
         """The current branch as the session reports it, by every name it has for it."""
-        names = {
+        names: set[str] = {
             getattr(self.session, name)
             for name in ("current_branch_id", "_current_branch_id")
             if hasattr(self.session, name)
