@@ -6,6 +6,8 @@ keeps the user messages it is sent and appends one compaction item, as the Respo
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, cast
@@ -213,6 +215,33 @@ async def test_encrypted_compacted_session_under_the_runner(backend: Backend) ->
     assert await encrypted.get_items() == expected
     assert await encrypted.get_items(limit=2) == expected[1:]
     assert await session.get_items(branch_id="alt") == kept_alt
+    assert await snapshot_of_store(session) == kept
+
+
+async def test_compaction_under_encryption_reclaims_expired_envelopes(backend: Backend) -> None:
+    session = await branched(backend)
+    await session.create_branch_from_turn(1, "sealed")
+    kept = await snapshot_of_store(session)
+    compaction, _responses = compacting(session)
+    encrypted: Any = SDKEncryptedSession(
+        session.session_id, cast(Any, compaction), Fernet.generate_key().decode(), ttl=60
+    )
+    long_ago = int(time.time()) - 3600
+    expired = [
+        {"__enc__": 1, "v": 1, "kid": "hkdf-v1", "payload": token.decode()}
+        for token in (
+            encrypted.cipher.encrypt_at_time(json.dumps(user(f"old {i}")).encode(), long_ago)
+            for i in range(5)
+        )
+    ]
+    await session.add_items(expired)
+    assert await encrypted.get_items() == []
+    agent = Agent(name="a", model=replies(1))
+
+    await Runner.run(agent, "new question", session=encrypted)
+
+    assert await encrypted.get_items() == [{"content": "new question", "role": "user"}, summary(1)]
+    assert len(await session.get_items()) == 2  # the expired envelopes are gone
     assert await snapshot_of_store(session) == kept
 
 
