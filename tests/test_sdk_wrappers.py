@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -23,7 +24,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from tests.conftest import Backend
 from tests.fake_compaction import compacting, summary
 from tests.helpers import run_result, turn, user
-from turnstore import AdvancedSession
+from turnstore import AdvancedSession, AdvancedSQLiteSession
 from turnstore.sdk.encrypted import EncryptedSession
 from turnstore.sdk.wrapper_hooks import SDK_VERSIONS_CHECKED
 
@@ -371,3 +372,33 @@ async def test_without_a_router_the_run_context_is_ignored(backend: Backend) -> 
     assert await session.pop_item(wrapper=object()) is not None
     await session.clear_session(wrapper=object())
     assert await session.get_items(wrapper=object()) == []
+
+
+async def test_the_drop_in_under_the_wrappers(sqlite_path: Path) -> None:
+    """The drop-in runs its writes on turnstore's own SQLite writer thread: the same hooks."""
+    session: Any = AdvancedSQLiteSession(session_id="s", db_path=sqlite_path, create_tables=True)
+    for number in (1, 2):
+        await session.add_items(turn(f"main {number}"))
+        await session.store_run_usage(run_result(input_tokens=number))
+    await session.create_branch_from_turn(2, "alt")
+    usage = await session.get_session_usage()
+    compaction, _responses = compacting(session)
+    agent = Agent(name="a", model=replies(1))
+
+    await Runner.run(agent, "alt question", session=compaction)
+
+    assert session._current_branch_id == "alt"
+    assert await session.get_items() == [user("main 1"), user("alt question"), summary(1)]
+    assert await session.get_items(branch_id="main") == [*turn("main 1"), *turn("main 2")]
+    assert await session.get_session_usage() == usage
+
+    key = Fernet.generate_key().decode()
+    encrypted: Any = EncryptedSession("s", session, key)
+    foreign: Any = EncryptedSession("s", session, Fernet.generate_key().decode())
+    await encrypted.add_items([user("mine")])
+    await foreign.add_items([user("theirs")])
+    with pytest.raises(InvalidToken):
+        await encrypted.pop_item()
+    assert await foreign.pop_item() == user("theirs")
+    assert await encrypted.pop_item() == user("mine")
+    await session.aclose()
