@@ -6,6 +6,7 @@ keeps the user messages it is sent and appends one compaction item, as the Respo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -167,6 +168,30 @@ async def test_suffix_replacement_refuses_after_another_writer(backend: Backend)
     assert await session.get_items() == [user("again"), summary(2)]
     assert await snapshot.replace_suffix(1, [summary(3)]) is False  # stale now
     await other.aclose()
+
+
+async def test_replacement_racing_an_append_loses_nothing(backend: Backend) -> None:
+    session = backend.session()
+    # A second engine, as another process would have: the two writers really race.
+    engine = backend.new_engine()
+    other = AdvancedSession(session_id=session.session_id, engine=engine)
+    await session.add_items(turn("start"))
+    for round_number in range(8):
+        before = await session.get_items()
+        snapshot = await session._get_compaction_snapshot(len(before))
+        late = user(f"late {round_number}")
+        replaced, _ = await asyncio.gather(
+            snapshot.replace_suffix(0, [summary(round_number)]), other.add_items([late])
+        )
+        after = await session.get_items()
+        # Either the replacement came first and the append followed it, or the append came
+        # first and the replacement refused: never a lost append, never half of either.
+        assert after in ([summary(round_number), late], [*before, late]), (replaced, after)
+        assert replaced == (after[0] == summary(round_number))
+        turns = [t["turn"] for t in await session.get_conversation_turns()]
+        assert turns == list(range(1, len(turns) + 1))
+    await other.aclose()
+    await engine.dispose()
 
 
 async def test_replacement_may_prune_the_oldest_items(backend: Backend) -> None:
