@@ -46,7 +46,7 @@ from turnstore.persistence.models import (
 from turnstore.persistence.repository import ConversationRepository
 from turnstore.persistence.store_queries import Selection, StoreQueries, track_untracked
 from turnstore.schema.migrate import bring_to_head
-from turnstore.session import AdvancedSession
+from turnstore.session import AdvancedSession, ContextRouter
 from turnstore.store_cursors import CursorCodec
 
 _default_logger = logging.getLogger("turnstore")
@@ -166,6 +166,7 @@ class Store:
         create_tables: bool | None = None,
         logger: logging.Logger | None = None,
         session_settings: Any = None,
+        session_for_context: ContextRouter | None = None,
     ) -> AdvancedSession:
         """A session on this store's engine and tables.
 
@@ -189,6 +190,7 @@ class Store:
             user_id=user_id,
             title=title,
             metadata=metadata,
+            session_for_context=session_for_context,
         )
 
     # -- inspection ----------------------------------------------------------------------
