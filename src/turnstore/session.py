@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from turnstore.errors import (
@@ -35,7 +36,7 @@ from turnstore.persistence.repository import (
     ConversationRepository,
     UserTurn,
 )
-from turnstore.schema.migrate import bring_to_head
+from turnstore.schema.check import at_head
 from turnstore.sdk.items import (
     TOOL_COUNT_RULE,
     content_preview,
@@ -62,8 +63,30 @@ class SessionSettings:
     limit: int | None = None
 
 
+def _bring_to_head(connection: Connection) -> None:
+    # Alembic is imported only when a database actually needs migrating.
+    from turnstore.schema.migrate import bring_to_head
+
+    bring_to_head(connection)
+
+
+def _sdk_loaded() -> bool:
+    """Whether the Agents SDK was imported by the application (turnstore never imports it)."""
+    return "agents" in sys.modules
+
+
 def _coerce_settings(value: Any) -> Any:
-    """The SDK's ``SessionSettings`` when the SDK is installed (the Runner calls its methods)."""
+    """The SDK's ``SessionSettings`` once the SDK is in use (the Runner calls its methods).
+
+    Importing the SDK takes seconds; a program that never imports it gets turnstore's own
+    :class:`SessionSettings` instead.
+    """
+    if not _sdk_loaded():
+        if value is None:
+            return SessionSettings()
+        if isinstance(value, Mapping):
+            return SessionSettings(**value)
+        return value
     try:
         from agents.memory.session_settings import (
             SessionSettings as SDKSessionSettings,
@@ -180,7 +203,8 @@ class AdvancedSession:
         messages_table: str,
     ) -> None:
         self.session_id = _check_text(session_id, "session_id")
-        self.session_settings = _coerce_settings(session_settings)
+        self._session_settings = _coerce_settings(session_settings)
+        self._settings_from_sdk = _sdk_loaded()
         self.sessions_table = sessions_table
         self.messages_table = messages_table
         self._tables = tables_for(sessions_table, messages_table)
@@ -215,6 +239,19 @@ class AdvancedSession:
             messages_table=messages_table,
         )
 
+    @property
+    def session_settings(self) -> Any:
+        """The session's settings: the SDK's ``SessionSettings`` once the SDK is imported."""
+        if not self._settings_from_sdk and _sdk_loaded():
+            self._session_settings = _coerce_settings(self._session_settings)
+            self._settings_from_sdk = True
+        return self._session_settings
+
+    @session_settings.setter
+    def session_settings(self, value: Any) -> None:
+        self._session_settings = _coerce_settings(value)
+        self._settings_from_sdk = _sdk_loaded()
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"branch={self._pointer.branch_id!r}"
         return f"{type(self).__name__}(session_id={self.session_id!r}, {state})"
@@ -236,7 +273,9 @@ class AdvancedSession:
     async def _store(self) -> ConversationRepository:
         store = self._binding().store
         store.check_identifier(self.session_id, "Session ids")
-        await store.prepare_schema(create=self._create_tables, migrate_default=bring_to_head)
+        await store.prepare_schema(
+            create=self._create_tables, migrate_default=_bring_to_head, default_is_current=at_head
+        )
         return store
 
     def _ordered(self) -> asyncio.Lock:
