@@ -105,3 +105,26 @@ async def test_first_schema_creation_on_mysql_logs_no_driver_warning(
         await session.add_items(turn("hello"))
         await session.aclose()
     assert [record.getMessage() for record in caplog.records if record.name == "asyncmy"] == []
+
+
+async def test_from_url_passes_engine_kwargs_to_the_engine_it_creates(backend: Backend) -> None:
+    from turnstore import AdvancedSession, InvalidArgumentError
+
+    # The backend's own options keep the test inside its private schema (Postgres).
+    kwargs = {**backend.engine_options, "pool_size": 4}
+    session = AdvancedSession.from_url(
+        session_id="kw", url=backend.url, create_tables=True, engine_kwargs=kwargs
+    )
+    twin = AdvancedSession.from_url(
+        session_id="kw", url=backend.url, create_tables=True, engine_kwargs=dict(kwargs)
+    )
+    await session.add_items(turn("hello"))
+    engine: Any = session._binding().handle.engine
+    assert engine.pool.size() == 4
+    assert twin._binding().handle is session._binding().handle  # same kwargs: one engine
+    # Written where the backend's own engine reads.
+    assert len(await backend.session("kw", create_tables=False).get_items()) == 2
+    await session.aclose()
+    await twin.aclose()
+    with pytest.raises(InvalidArgumentError, match="engine_kwargs"):
+        AdvancedSession(session_id="x", engine=backend.engine, engine_kwargs={"echo": True})

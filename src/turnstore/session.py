@@ -154,10 +154,13 @@ class AdvancedSession:
             default number of items ``get_items`` returns.
         sessions_table: Name of the sessions table.
         messages_table: Name of the messages table.
+        engine_kwargs: With ``url``: keyword arguments for the engine turnstore creates (as
+            for ``create_async_engine``; pool size, ``connect_args``...), over turnstore's own.
+            Sessions share an engine only when they pass the same ones.
 
     Raises:
-        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given, or a table
-            name is not a plain identifier.
+        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given,
+            ``engine_kwargs`` came with ``engine``, or a table name is not a plain identifier.
     """
 
     def __init__(
@@ -171,16 +174,22 @@ class AdvancedSession:
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if (engine is None) == (url is None):
             raise InvalidArgumentError("Pass exactly one of engine= or url=")
+        if engine_kwargs is not None and engine is not None:
+            raise InvalidArgumentError(
+                "engine_kwargs= applies to the engine turnstore creates for url=; configure "
+                "your own engine= yourself"
+            )
         acquire: Callable[[], engines.EngineHandle]
         if engine is not None:
             acquire = lambda: engines.acquire_for_engine(engine)  # noqa: E731
         else:
             target = url
             assert target is not None
-            acquire = lambda: engines.acquire_for_url(target)  # noqa: E731
+            acquire = lambda: engines.acquire_for_url(target, engine_kwargs)  # noqa: E731
         self._setup(
             session_id=session_id,
             acquire=acquire,
@@ -227,8 +236,13 @@ class AdvancedSession:
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        engine_kwargs: Mapping[str, Any] | None = None,
     ) -> AdvancedSession:
-        """A session on the database at ``url``, sharing the URL's engine with other sessions."""
+        """A session on the database at ``url``, sharing the URL's engine with other sessions.
+
+        ``engine_kwargs`` are passed to the engine turnstore creates (as the SDK's
+        ``SQLAlchemySession.from_url`` does); see the class's arguments.
+        """
         return AdvancedSession(
             session_id=session_id,
             url=url,
@@ -237,6 +251,7 @@ class AdvancedSession:
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            engine_kwargs=engine_kwargs,
         )
 
     @property
