@@ -45,7 +45,7 @@ from turnstore.persistence.models import (
 )
 from turnstore.persistence.repository import ConversationRepository
 from turnstore.persistence.store_queries import Selection, StoreQueries, track_untracked
-from turnstore.schema.migrate import bring_to_head
+from turnstore.schema.check import at_head, bring_to_head_when_needed
 from turnstore.session import AdvancedSession, ContextRouter
 from turnstore.store_cursors import CursorCodec
 
@@ -147,7 +147,11 @@ class Store:
     async def _queries(self) -> StoreQueries:
         handle = self._handle()
         repository = ConversationRepository(handle, self._tables)
-        await repository.prepare_schema(create=self._create_tables, migrate_default=bring_to_head)
+        await repository.prepare_schema(
+            create=self._create_tables,
+            migrate_default=bring_to_head_when_needed,
+            default_is_current=at_head,
+        )
         await repository.ensure_info_table()
         return StoreQueries(handle, self._tables)
 
