@@ -24,7 +24,7 @@ from turnstore.lineage import BranchNode
 from turnstore.persistence.engines import dispose_engines
 from turnstore.search import SearchHit, SearchPage
 from turnstore.session import AdvancedSession, AdvancedSQLiteSession, SessionSettings
-from turnstore.store import SessionPage, Store
+from turnstore.store import Removed, SessionPage, Store
 from turnstore.usage_report import UsageRow
 
 __version__ = "0.1.0"
@@ -40,6 +40,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidItemError",
     "ProtectedBranchError",
+    "Removed",
     "SchemaMissingError",
     "SearchHit",
     "SearchPage",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ from turnstore.persistence.repository import (
     UserTurn,
 )
 from turnstore.persistence.store_queries import StoreQueries
-from turnstore.schema.migrate import bring_to_head
+from turnstore.redaction import identifier, log_failure
+from turnstore.schema.check import at_head, bring_to_head_when_needed
 from turnstore.sdk.items import (
     TOOL_COUNT_RULE,
     content_preview,
@@ -62,6 +64,7 @@ from turnstore.sdk.items import (
     to_new_messages,
 )
 from turnstore.sdk.usage import share_record, usage_from_result
+from turnstore.sdk.wrapper_hooks import WrapperHooks
 
 _default_logger = logging.getLogger("turnstore")
 
@@ -77,8 +80,23 @@ class SessionSettings:
     limit: int | None = None
 
 
+def _sdk_loaded() -> bool:
+    """Whether the Agents SDK was imported by the application (turnstore never imports it)."""
+    return "agents" in sys.modules
+
+
 def _coerce_settings(value: Any) -> Any:
-    """The SDK's ``SessionSettings`` when the SDK is installed (the Runner calls its methods)."""
+    """The SDK's ``SessionSettings`` once the SDK is in use (the Runner calls its methods).
+
+    Importing the SDK takes seconds; a program that never imports it gets turnstore's own
+    :class:`SessionSettings` instead.
+    """
+    if not _sdk_loaded():
+        if value is None:
+            return SessionSettings()
+        if isinstance(value, Mapping):
+            return SessionSettings(**value)
+        return value
     try:
         from agents.memory.session_settings import (
             SessionSettings as SDKSessionSettings,
@@ -125,7 +143,12 @@ def _check_branch_name(branch_name: object, argument: str = "branch_name") -> st
     return name
 
 
-class AdvancedSession:
+#: Picks the session that serves a call the Runner made with its run context (see
+#: ``session_for_context``).
+ContextRouter = Callable[[Any], "AdvancedSession | None"]
+
+
+class AdvancedSession(WrapperHooks):
     """A conversation session with branches, per-turn usage and structure queries.
 
     Give it an engine you own (``engine=``) or a database URL (``url=``, or
@@ -151,11 +174,22 @@ class AdvancedSession:
             changed (use :meth:`set_info`).
         title: The session's title, stored likewise.
         metadata: A JSON dict stored likewise; the store's listings filter on its keys.
+        session_for_context: Routes the Runner's calls by run context: called with the
+            ``RunContextWrapper`` the Runner passes to ``get_items``, ``add_items``,
+            ``pop_item`` and ``clear_session`` (``wrapper=``) and that ``store_run_usage``
+            finds on its result, it returns the session that serves the call (for example
+            the tenant's own, on the tenant's engine or schema), or ``None`` for this one.
+            Without it the run context is ignored.
+
+        engine_kwargs: With ``url``: keyword arguments for the engine turnstore creates (as
+            for ``create_async_engine``; pool size, ``connect_args``...), over turnstore's own.
+            Sessions share an engine only when they pass the same ones.
 
     Raises:
-        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given, a table
-            name is not a plain identifier, or ``user_id``, ``title`` or ``metadata`` is not
-            acceptable (wrong type, too long, not JSON).
+        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given,
+            ``engine_kwargs`` came with ``engine``, a table name is not a plain identifier,
+            or ``user_id``, ``title`` or ``metadata`` is not acceptable (wrong type, too long,
+            not JSON).
     """
 
     def __init__(
@@ -172,16 +206,23 @@ class AdvancedSession:
         user_id: str | None = None,
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
+        engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if (engine is None) == (url is None):
             raise InvalidArgumentError("Pass exactly one of engine= or url=")
+        if engine_kwargs is not None and engine is not None:
+            raise InvalidArgumentError(
+                "engine_kwargs= applies to the engine turnstore creates for url=; configure "
+                "your own engine= yourself"
+            )
         acquire: Callable[[], engines.EngineHandle]
         if engine is not None:
             acquire = lambda: engines.acquire_for_engine(engine)  # noqa: E731
         else:
             target = url
             assert target is not None
-            acquire = lambda: engines.acquire_for_url(target)  # noqa: E731
+            acquire = lambda: engines.acquire_for_url(target, engine_kwargs)  # noqa: E731
         self._setup(
             session_id=session_id,
             acquire=acquire,
@@ -191,6 +232,7 @@ class AdvancedSession:
             sessions_table=sessions_table,
             messages_table=messages_table,
             info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
         )
 
     def _setup(
@@ -204,10 +246,18 @@ class AdvancedSession:
         sessions_table: str,
         messages_table: str,
         info: InfoDefaults = NO_INFO,
+        session_for_context: ContextRouter | None,
     ) -> None:
+        if session_for_context is not None and not callable(session_for_context):
+            raise InvalidArgumentError(
+                "session_for_context must be a callable taking the run context; "
+                f"got {type(session_for_context).__name__}"
+            )
         self.session_id = _check_text(session_id, "session_id")
         self._info_defaults = info
-        self.session_settings = _coerce_settings(session_settings)
+        self._session_for_context = session_for_context
+        self._session_settings = _coerce_settings(session_settings)
+        self._settings_from_sdk = _sdk_loaded()
         self.sessions_table = sessions_table
         self.messages_table = messages_table
         self._tables = tables_for(sessions_table, messages_table)
@@ -233,6 +283,7 @@ class AdvancedSession:
         user_id: str | None,
         title: str | None,
         metadata: Mapping[str, Any] | None,
+        session_for_context: ContextRouter | None = None,
     ) -> AdvancedSession:
         """A session on an engine handle someone else acquires (a store lending its engine)."""
         session = cls.__new__(cls)
@@ -245,6 +296,7 @@ class AdvancedSession:
             sessions_table=sessions_table,
             messages_table=messages_table,
             info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
         )
         return session
 
@@ -262,8 +314,14 @@ class AdvancedSession:
         user_id: str | None = None,
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
+        engine_kwargs: Mapping[str, Any] | None = None,
     ) -> AdvancedSession:
-        """A session on the database at ``url``, sharing the URL's engine with other sessions."""
+        """A session on the database at ``url``, sharing the URL's engine with other sessions.
+
+        ``engine_kwargs`` are passed to the engine turnstore creates (as the SDK's
+        ``SQLAlchemySession.from_url`` does); see the class's arguments.
+        """
         return AdvancedSession(
             session_id=session_id,
             url=url,
@@ -275,13 +333,56 @@ class AdvancedSession:
             user_id=user_id,
             title=title,
             metadata=metadata,
+            session_for_context=session_for_context,
+            engine_kwargs=engine_kwargs,
         )
+
+    @property
+    def session_settings(self) -> Any:
+        """The session's settings: the SDK's ``SessionSettings`` once the SDK is imported."""
+        if not self._settings_from_sdk and _sdk_loaded():
+            self._session_settings = _coerce_settings(self._session_settings)
+            self._settings_from_sdk = True
+        return self._session_settings
+
+    @session_settings.setter
+    def session_settings(self, value: Any) -> None:
+        self._session_settings = _coerce_settings(value)
+        self._settings_from_sdk = _sdk_loaded()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"branch={self._pointer.branch_id!r}"
         return f"{type(self).__name__}(session_id={self.session_id!r}, {state})"
 
+    @property
+    def current_branch_id(self) -> str:
+        """The branch that reads and writes without a ``branch_id`` use (read-only).
+
+        Changed by ``create_branch_*``, ``switch_to_branch``, ``delete_branch(force=True)``
+        and ``clear_session``. After another instance clears the session, it still names the
+        old branch until this session's next read or write finds the clear, and ``main``
+        from then on, as the SDK's class behaves.
+        """
+        return self._pointer.branch_id
+
     # -- plumbing ------------------------------------------------------------------------
+
+    def _routed(self, wrapper: Any) -> AdvancedSession:
+        """The session that serves a call made with run context ``wrapper``."""
+        if wrapper is None or self._session_for_context is None:
+            return self
+        target = self._session_for_context(wrapper)
+        if target is None:
+            return self
+        if not isinstance(target, AdvancedSession):
+            raise InvalidArgumentError(
+                "session_for_context must return a turnstore session or None; "
+                f"got {type(target).__name__}"
+            )
+        return target
+
+    def _log_context(self) -> dict[str, object]:
+        return {"session_id": self.session_id, "branch_id": self._pointer.branch_id}
 
     def _binding(self) -> _Binding:
         if self._closed:
@@ -302,7 +403,14 @@ class AdvancedSession:
         store.check_identifier(self.session_id, "Session ids")
         if self._info_defaults.user_id is not None:
             store.check_identifier(self._info_defaults.user_id, "User ids")
-        await store.prepare_schema(create=self._create_tables, migrate_default=bring_to_head)
+        await store.prepare_schema(
+            create=self._create_tables,
+            migrate_default=bring_to_head_when_needed,
+            default_is_current=at_head,
+        )
+        if self._info_defaults.given and not store.has_info_table:
+            # Writes of this session need the table; reads do not.
+            await store.look_for_info_table()
         return store
 
     def _ordered(self) -> asyncio.Lock:
@@ -327,14 +435,20 @@ class AdvancedSession:
 
     # -- the SDK Session protocol --------------------------------------------------------
 
-    async def get_items(self, limit: int | None = None, branch_id: str | None = None) -> list[Any]:
+    async def get_items(
+        self, limit: int | None = None, branch_id: str | None = None, *, wrapper: Any = None
+    ) -> list[Any]:
         """Items of the current (or given) branch, oldest first.
 
         Args:
             limit: At most this many of the newest items; defaults to
                 ``session_settings.limit`` (``None``: all).
             branch_id: Read this branch instead of the current one.
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
         """
+        target = self._routed(wrapper)
+        if target is not self:
+            return await target.get_items(limit, branch_id)
         limit = self._resolve_limit(limit)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
@@ -379,16 +493,24 @@ class AdvancedSession:
                 return
             after = page[-1][1]
 
-    async def add_items(self, items: list[Any]) -> None:
+    async def add_items(self, items: list[Any], *, wrapper: Any = None) -> None:
         """Append items to the current branch, in one transaction.
 
         A batch with a user message opens a new user turn; later batches without one (the
         Runner's tool calls and replies) belong to the current turn.
 
+        Args:
+            items: Responses input items.
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
+
         Raises:
             InvalidItemError: An item is not a dict or not JSON-serializable (nothing of the
                 batch is stored).
         """
+        target = self._routed(wrapper)
+        if target is not self:
+            await target.add_items(items)
+            return
         binding = self._binding()
         messages = to_new_messages(items)
         if not messages:
@@ -397,29 +519,40 @@ class AdvancedSession:
             try:
                 store = await self._store()
                 self._pointer = await store.append(self.session_id, self._pointer, messages)
-            except Exception:
-                self._logger.exception("Failed to add session items")
+            except Exception as exc:
+                log_failure(
+                    self._logger,
+                    "Failed to add session items",
+                    exc,
+                    kind="model_and_tool",
+                    context=self._log_context,
+                )
                 raise
 
-    async def pop_item(self) -> Any | None:
+    async def pop_item(self, *, wrapper: Any = None) -> Any | None:
         """Remove and return the newest item of the current branch (``None`` if empty).
 
         The message is deleted only if no other branch shares it; a turn's usage row goes with
         its last item.
-        """
-        async with self._ordered():
-            store = await self._store()
-            branch = await self._current_branch(store)
-            while True:
-                popped = await store.pop_latest(self.session_id, branch)
-                if popped is None:
-                    return None
-                item = None if popped.message_data is None else decode(popped.message_data)
-                if item is not None:
-                    return item
 
-    async def clear_session(self) -> None:
-        """Delete the whole session (every branch and its usage); branch names stay reserved."""
+        Args:
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
+        """
+        target = self._routed(wrapper)
+        if target is not self:
+            return await target.pop_item()
+        return await self._pop_item_with_validation(None)
+
+    async def clear_session(self, *, wrapper: Any = None) -> None:
+        """Delete the whole session (every branch and its usage); branch names stay reserved.
+
+        Args:
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
+        """
+        target = self._routed(wrapper)
+        if target is not self:
+            await target.clear_session()
+            return
         async with self._ordered():
             store = await self._store()
             generation = await store.clear(self.session_id)
@@ -455,7 +588,7 @@ class AdvancedSession:
             changes["metadata"] = check_metadata(metadata)
         async with self._ordered():
             store = await self._store()
-            store.require_info_table()
+            await store.ensure_info_table()
             if changes.get("user_id") is not None:
                 store.check_identifier(changes["user_id"], "User ids")
             binding = self._binding()
@@ -468,7 +601,7 @@ class AdvancedSession:
             SchemaMissingError: The database predates the session info table.
         """
         store = await self._store()
-        store.require_info_table()
+        await store.ensure_info_table()
         row = await StoreQueries(self._binding().handle, self._tables).summary(self.session_id)
         return None if row is None else summary_from_row(row)
 
@@ -495,6 +628,11 @@ class AdvancedSession:
                 (the result does not carry it).
         """
         try:
+            context = getattr(result, "context_wrapper", None)
+            target = self._routed(context)
+            if target is not self:
+                await target.store_run_usage(result, model=model, run_config=run_config)
+                return
             usage = usage_from_result(result, model=model, run_config=run_config)
             if usage is None:
                 return
@@ -502,9 +640,14 @@ class AdvancedSession:
                 store = await self._store()
                 turn = await store.record_usage(self.session_id, self._pointer, usage)
             if turn is None:
-                self._logger.debug("No current turn on branch %r; usage not stored", self._pointer)
-        except Exception:
-            self._logger.exception("Failed to store session usage")
+                self._logger.debug(
+                    "No current turn on branch %r; usage not stored",
+                    identifier(self._pointer.branch_id),
+                )
+        except Exception as exc:
+            log_failure(
+                self._logger, "Failed to store session usage", exc, context=self._log_context
+            )
 
     async def get_session_usage(self, branch_id: str | None = None) -> dict[str, int] | None:
         """Usage summed over all branches (or one): requests, tokens and turns; ``None`` if none."""
@@ -697,9 +840,9 @@ class AdvancedSession:
             self._pointer = BranchPointer(created.branch_id, created.generation)
         self._logger.debug(
             "Created branch %r from turn %s of %r (%s items)",
-            created.branch_id,
+            identifier(created.branch_id),
             turn_number,
-            created.source_branch_id,
+            identifier(created.source_branch_id),
             created.copied_messages,
         )
         return created.branch_id
@@ -731,7 +874,9 @@ class AdvancedSession:
                 raise BranchNotFoundError(f"Branch '{branch_id}' does not exist")
             previous = self._pointer.branch_id
             self._pointer = BranchPointer(branch_id, generation)
-        self._logger.info("Switched from branch %r to %r", previous, branch_id)
+        self._logger.info(
+            "Switched from branch %r to %r", identifier(previous), identifier(branch_id)
+        )
 
     async def delete_branch(self, branch_id: str, force: bool = False) -> None:
         """Delete a branch and its usage; messages another branch shares are kept.
@@ -761,7 +906,7 @@ class AdvancedSession:
                 self._pointer = BranchPointer(MAIN_BRANCH, self._pointer.generation)
         self._logger.info(
             "Deleted branch %r: %s message entries, %s usage entries, %s messages",
-            branch_id,
+            identifier(branch_id),
             deleted.structure_rows,
             deleted.usage_rows,
             deleted.messages,
@@ -887,6 +1032,8 @@ class AdvancedSQLiteSession(AdvancedSession):
         user_id: The session's owner (see :class:`AdvancedSession`).
         title: The session's title.
         metadata: The session's metadata, a JSON dict.
+        session_for_context: Routes the Runner's calls by run context (see
+            :class:`AdvancedSession`).
     """
 
     def __init__(
@@ -902,6 +1049,7 @@ class AdvancedSQLiteSession(AdvancedSession):
         user_id: str | None = None,
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
     ) -> None:
         url = engines.sqlite_url(db_path)
         self.db_path = db_path
@@ -914,7 +1062,13 @@ class AdvancedSQLiteSession(AdvancedSession):
             sessions_table=sessions_table,
             messages_table=messages_table,
             info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
         )
+
+    @property
+    def _current_branch_id(self) -> str:
+        """The current branch under the SDK class's name: the same as ``current_branch_id``."""
+        return self._pointer.branch_id
 
 
 def _info_defaults(user_id: object, title: object, metadata: object) -> InfoDefaults:
