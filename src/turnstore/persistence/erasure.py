@@ -142,6 +142,12 @@ class Eraser:
         """Delete every row of the sessions, children first (no cascade is relied on)."""
         t = self._t
         ids: BindParameter[Any] = bindparam("ids", list(session_ids), expanding=True)
+        # The models of each turn and branch lineage (migration 0007), where the database has
+        # them.
+        absent = self._handle.absent_tables.get(t.metadata, frozenset())
+        for own in (t.turn_models, t.lineage):
+            if own.name not in absent:
+                conn.execute(delete(own).where(own.c.session_id.in_(ids)))
         usage = conn.execute(delete(t.usage).where(t.usage.c.session_id.in_(ids))).rowcount
         conn.execute(delete(t.structure).where(t.structure.c.session_id.in_(ids)))
         items = conn.execute(delete(t.messages).where(t.messages.c.session_id.in_(ids))).rowcount
