@@ -168,6 +168,8 @@ async def test_usage_rollup_benchmark_reports_its_figures() -> None:
         "rollup_large_over_small",
     } <= set(figures)
     assert all(is_positive_number(value) for value in figures.values()), figures
+
+
 async def test_cold_start_script_reports_first_and_warm_calls(backend: Backend) -> None:
     args = ["--quick", "--backend", backend.name]
     if backend.name != "sqlite":
