@@ -6,6 +6,7 @@ subprocess.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -14,9 +15,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from tests.helpers import turn
+from tests.helpers import run_result, turn
 from tests.migration_helpers import run_cli
-from turnstore import AdvancedSQLiteSession
+from turnstore import AdvancedSQLiteSession, dispose_engines
 from turnstore.cli import common
 from turnstore.cli.demo import run_demo
 from turnstore.cli.main import app
@@ -265,3 +266,22 @@ def test_each_command_as_a_real_process(demo_url: str) -> None:
     missing = run_cli(["show", "nosuch"], **env)
     assert missing.returncode == 7
     assert missing.stderr == "turnstore show: error: No session 'nosuch' in this database\n"
+
+
+def test_usage_and_search_for_one_user(demo_url: str) -> None:
+    path = demo_url.removeprefix("sqlite+aiosqlite:///")
+
+    async def bob_asks() -> None:
+        async with AdvancedSQLiteSession(session_id="bobs", db_path=path, user_id="bob") as bob:
+            await bob.add_items(turn("Bob asks about the weather"))
+            await bob.store_run_usage(run_result(input_tokens=1000, output_tokens=100), model="o3")
+        await dispose_engines()
+
+    asyncio.run(bob_asks())
+    data = as_json("usage", "--by", "user,model", "--user", "bob", "--url", demo_url)
+    assert [(r["user"], r["model"], r["turns"]) for r in data["rows"]] == [("bob", "o3", 1)]
+    assert data["totals"]["cost_usd"] == pytest.approx((1000 * 2 + 100 * 8) / 1_000_000)
+    everyone = as_json("usage", "--by", "user", "--url", demo_url)["rows"]
+    assert [(r["user"], r["turns"]) for r in everyone] == [("bob", 1), (None, 4)]
+    hits = as_json("search", "weather", "--user", "bob", "--url", demo_url)["hits"]
+    assert {h["session_id"] for h in hits} == {"bobs"}
