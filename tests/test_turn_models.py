@@ -12,11 +12,12 @@ from agents import Agent, RunConfig
 from agents.extensions.memory import AdvancedSQLiteSession as SDKSession
 from agents.models import get_default_model
 from agents.testing import ScriptedModel
+from sqlalchemy import inspect as sqlalchemy_inspect
 
 from tests.conftest import Backend
 from tests.helpers import run_result, turn
 from tests.usage_helpers import NamedModel, ask, hand_off, reply, usage
-from turnstore import AdvancedSQLiteSession
+from turnstore import AdvancedSession, AdvancedSQLiteSession
 from turnstore.sdk.usage import model_name
 
 
@@ -165,3 +166,36 @@ async def test_turns_stored_by_the_sdks_class_read_back_with_the_model_unknown(
     sdk.close()
     with sqlite3.connect(sqlite_path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def test_migration_0007_down_and_up_keeps_the_conversation(backend: Backend) -> None:
+    from tests.migration_helpers import engine_drift
+    from turnstore.persistence.models import DEFAULT_TABLES
+    from turnstore.schema import migrate
+
+    await migrate.upgrade(backend.engine)
+    session = backend.session("kept", create_tables=False)
+    await session.add_items(turn("one"))
+    await session.store_run_usage(run_result(input_tokens=7), model="gpt-4o")
+    await session.add_items(turn("two"))
+    await session.create_branch_from_turn(2, "side")
+    assert (await session.branch_tree())[0].children[0].origin == "recorded"
+    before = (await session.get_items(branch_id="main"), await session.get_session_usage())
+
+    await migrate.downgrade(backend.engine, "0005")
+    async with backend.engine.connect() as conn:
+        names = set(await conn.run_sync(lambda sync: sqlalchemy_inspect(sync).get_table_names()))
+    assert DEFAULT_TABLES.turn_models.name not in names
+    assert DEFAULT_TABLES.lineage.name not in names
+    await migrate.upgrade(backend.engine)
+    assert await engine_drift(backend.engine) == []
+    engine = backend.new_engine()  # a process started after the upgrade
+    try:
+        again = AdvancedSession(session_id="kept", engine=engine)
+        assert (await again.get_items(branch_id="main"), await again.get_session_usage()) == before
+        assert await again.get_turn_models(branch_id="main") == {}  # model unknown again
+        tree = await again.branch_tree()  # lineage inferred from the shared items
+        assert (tree[0].children[0].branch_id, tree[0].children[0].origin) == ("side", "inferred")
+        await again.aclose()
+    finally:
+        await engine.dispose()
