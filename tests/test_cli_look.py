@@ -285,3 +285,32 @@ def test_usage_and_search_for_one_user(demo_url: str) -> None:
     assert [(r["user"], r["turns"]) for r in everyone] == [("bob", 1), (None, 4)]
     hits = as_json("search", "weather", "--user", "bob", "--url", demo_url)["hits"]
     assert {h["session_id"] for h in hits} == {"bobs"}
+
+
+def test_a_terminal_gets_a_table_with_bars_and_a_drawn_tree(
+    demo_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(common, "is_terminal", lambda _stream: True)
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "120")
+    usage = invoke("usage", "--by", "branch", "--url", demo_url)
+    assert usage.exit_code == 0, usage.stderr
+    lines = usage.stdout.splitlines()
+    main_row = next(line for line in lines if "main" in line)
+    side_row = next(line for line in lines if "weather_focus" in line)
+    # Bars scale with total tokens: main 182, weather_focus 72.
+    assert main_row.count("█") == 12
+    assert side_row.count("█") == round(12 * 72 / 182)
+    assert main_row.split()[:2] == ["main", "3"]
+    assert any(line.startswith("total") and "$0.000053" in line for line in lines)
+    # On 80 columns the bars, then detail columns, give way; keys and cost stay whole.
+    monkeypatch.setenv("COLUMNS", "80")
+    narrow = invoke("usage", "--by", "session,branch,model", "--url", demo_url).stdout
+    assert "█" not in narrow
+    assert "demo     weather_focus  gpt-4o-mini" in narrow
+    assert "$0.000017" in narrow
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    tree = invoke("tree", "demo", "--url", demo_url)
+    assert tree.exit_code == 0, tree.stderr
+    assert "└── " in tree.stdout
+    assert "weather_focus · forked before turn 2" in tree.stdout

@@ -552,6 +552,9 @@ def _stamp(value: datetime | timedelta | None) -> str | None:
     return value.isoformat()
 
 
+_BAR = 12  # characters of the longest bar
+# Column headings on a terminal, where width is short.
+_SHORT = {"requests": "req", "input": "in", "output": "out", "reasoning": "reason"}
 _COUNTS = (
     ("turns", "turns"),
     ("requests", "requests"),
@@ -588,18 +591,7 @@ def _print_usage(keys: tuple[str, ...], rows: list[UsageRow], total: UsageRow) -
     body = [cells(row, [_key_text(row, key) for key in keys]) for row in rows] if keys else []
     totals = cells(total, ["total", *([""] * (len(keys) - 1))] if keys else [])
     if common.is_terminal(sys.stdout):
-        from rich.table import Table
-
-        peak = max((row.total_tokens for row in rows), default=0) or 1
-        table = Table(show_footer=True, header_style="bold")
-        for index, name in enumerate(headers):
-            numeric = index >= len(keys) and name != "cost"
-            table.add_column(name, footer=totals[index], justify="right" if numeric else "left")
-        table.add_column("tokens", footer="")
-        for row, values in zip(rows if keys else [], body, strict=True):
-            bar = "█" * max(1, round(24 * row.total_tokens / peak)) if row.total_tokens else ""
-            table.add_row(*values, f"[cyan]{bar}[/cyan]")
-        _console().print(table)
+        _draw_usage(keys, rows, headers, body, totals)
         return
     table_rows = [headers, *body, totals]
     widths = [max(len(r[i]) for r in table_rows) for i in range(len(headers))]
@@ -612,3 +604,65 @@ def _print_usage(keys: tuple[str, ...], rows: list[UsageRow], total: UsageRow) -
                 for index, (value, width) in enumerate(zip(values, widths, strict=True))
             ).rstrip()
         )
+
+
+def _draw_usage(
+    keys: tuple[str, ...],
+    rows: list[UsageRow],
+    headers: list[str],
+    body: list[list[str]],
+    totals: list[str],
+) -> None:
+    """The usage table on a terminal, with a bar per row scaled to its total tokens.
+
+    Nothing is cut: on a narrow terminal the bars go first, then the detail columns (reasoning,
+    cached, requests); ``--json`` or a pipe always has every column.
+    """
+    from rich import box
+    from rich.table import Table
+
+    console = _console()
+    shown = list(range(len(headers)))
+    labels = [_SHORT.get(name, name) for name in headers]
+    widths = [
+        max(len(labels[i]), *(len(values[i]) for values in [*body, totals]))
+        for i in range(len(headers))
+    ]
+    bars = True
+
+    def needed() -> int:
+        return sum(widths[i] + 2 for i in shown) + (_BAR + 2 if bars else 0)
+
+    if needed() > console.width:
+        bars = False
+    for name in ("reasoning", "cached", "requests"):
+        if needed() <= console.width:
+            break
+        shown.remove(headers.index(name))
+    table = Table(
+        show_footer=True,
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for i in shown:
+        numeric = i >= len(keys) and headers[i] != "cost"
+        table.add_column(
+            labels[i],
+            footer=totals[i],
+            justify="right" if numeric else "left",
+            no_wrap=True,
+            min_width=widths[i],
+        )
+    if bars:
+        table.add_column("", footer="", no_wrap=True)
+    peak = max((row.total_tokens for row in rows), default=0) or 1
+    for row, values in zip(rows if keys else [], body, strict=True):
+        cells = [values[i] for i in shown]
+        if bars:
+            length = max(1, round(_BAR * row.total_tokens / peak)) if row.total_tokens else 0
+            cells.append(f"[cyan]{'█' * length}[/cyan]")
+        table.add_row(*cells)
+    console.print(table)
