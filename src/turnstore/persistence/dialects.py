@@ -24,8 +24,10 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    case,
     cast,
     event,
+    extract,
     func,
     insert,
     literal,
@@ -154,6 +156,7 @@ class DialectProfile:
         updates: Mapping[str, Any] | None = None,
         *,
         take_new_values: Sequence[str] = (),
+        keep_greater: Sequence[str] = (),
     ) -> Insert:
         """INSERT one row, or UPDATE the row that has the same ``conflict_columns``.
 
@@ -163,6 +166,8 @@ class DialectProfile:
             conflict_columns: Columns of the unique key that identifies an existing row.
             updates: Column assignments applied to an existing row (SQL expressions allowed).
             take_new_values: Columns of an existing row to overwrite with the new row's values.
+            keep_greater: Columns of an existing row to set to the greater of its value and
+                the new row's.
         """
         raise NotImplementedError
 
@@ -315,11 +320,13 @@ class _OnConflictProfile(DialectProfile):
         updates: Mapping[str, Any] | None = None,
         *,
         take_new_values: Sequence[str] = (),
+        keep_greater: Sequence[str] = (),
     ) -> Insert:
         """INSERT ... ON CONFLICT DO UPDATE."""
         stmt = self.insert(table).values(**values)
         assignments = dict(updates or {})
         assignments.update({column: stmt.excluded[column] for column in take_new_values})
+        assignments.update({c: _greater(stmt.excluded[c], table.c[c]) for c in keep_greater})
         return stmt.on_conflict_do_update(index_elements=list(conflict_columns), set_=assignments)
 
     def insert_if_absent(self, table: Table, conflict_columns: Sequence[str]) -> Insert:
@@ -430,13 +437,22 @@ class SQLiteProfile(_OnConflictProfile):
 
         ``'now'`` is one instant throughout a statement, so the two parts agree.
         """
-        return self.epoch_micros(literal("now"))
+        return self.epoch_micros(literal_column("'now'"))
 
     def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
-        """Seconds from ``strftime('%s')`` plus milliseconds from ``'%f'`` (``SS.SSS``)."""
-        seconds = cast(func.strftime("%s", timestamp), Integer)
-        millis = cast(func.substr(func.strftime("%f", timestamp), 4), Integer)
-        return cast(seconds * 1_000_000 + millis * 1000, BigInteger)
+        """Seconds from ``strftime('%s')`` plus milliseconds from ``'%f'`` (``SS.SSS``).
+
+        Written as literal SQL: it runs on every write, where binding its constants as
+        parameters cost more than evaluating them.
+        """
+        seconds = cast(func.strftime(literal_column("'%s'"), timestamp), Integer)
+        millis = cast(
+            func.substr(func.strftime(literal_column("'%f'"), timestamp), literal_column("4")),
+            Integer,
+        )
+        return cast(
+            seconds * literal_column("1000000") + millis * literal_column("1000"), BigInteger
+        )
 
     def metadata_matches(
         self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
@@ -565,7 +581,7 @@ class PostgresProfile(_OnConflictProfile):
 
     def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
         """``EXTRACT(EPOCH ...)`` is exact (numeric) for timestamps with time zone."""
-        return cast(func.extract("epoch", timestamp) * 1_000_000, BigInteger)
+        return cast(extract("epoch", timestamp) * literal_column("1000000"), BigInteger)
 
     def metadata_matches(
         self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
@@ -635,6 +651,7 @@ class MySQLProfile(DialectProfile):
         updates: Mapping[str, Any] | None = None,
         *,
         take_new_values: Sequence[str] = (),
+        keep_greater: Sequence[str] = (),
     ) -> Insert:
         """INSERT ... ON DUPLICATE KEY UPDATE (takes the row lock on conflict).
 
@@ -645,6 +662,7 @@ class MySQLProfile(DialectProfile):
         stmt = mysql.insert(table).values(**values)
         assignments = dict(updates or {})
         assignments.update({column: stmt.inserted[column] for column in take_new_values})
+        assignments.update({c: _greater(stmt.inserted[c], table.c[c]) for c in keep_greater})
         return stmt.on_duplicate_key_update(assignments)
 
     def insert_if_absent(self, table: Table, conflict_columns: Sequence[str]) -> Insert:
@@ -762,7 +780,7 @@ class MySQLProfile(DialectProfile):
 
     def now_micros(self) -> ColumnElement[int]:
         """Microseconds since the epoch of ``UTC_TIMESTAMP(6)``, whatever the session's zone."""
-        return self.epoch_micros(func.utc_timestamp(6))
+        return self.epoch_micros(func.utc_timestamp(literal_column("6")))
 
     def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
         """``TIMESTAMPDIFF`` from the epoch: stored DATETIMEs are UTC wall times."""
@@ -842,6 +860,10 @@ def _release_mysql_schema_lock(
             cursor.execute(f"DO RELEASE_LOCK({MySQLProfile._LOCK_NAME_SQL})")
     finally:
         cursor.close()
+
+
+def _greater(new: ColumnElement[Any], stored: ColumnElement[Any]) -> ColumnElement[Any]:
+    return case((new > stored, new), else_=stored)
 
 
 def _row_id_column(table: Table) -> Column[Any]:

@@ -267,7 +267,7 @@ class _Statements:
                     "last_activity_us": now,
                 },
                 ["session_id"],
-                {"last_activity_us": _later(now, i.c.last_activity_us)},
+                keep_greater=["last_activity_us"],
             )
         )
         self.bump_info = prepared(
