@@ -48,7 +48,7 @@ from turnstore.persistence.repository import (
 )
 from turnstore.persistence.store_queries import StoreQueries
 from turnstore.redaction import identifier, log_failure
-from turnstore.schema.startup import at_head, bring_to_head
+from turnstore.schema.startup import at_head, bring_to_head_when_needed
 from turnstore.sdk.items import (
     TOOL_COUNT_RULE,
     content_preview,
@@ -176,6 +176,7 @@ class AdvancedSession(WrapperHooks):
             finds on its result, it returns the session that serves the call (for example
             the tenant's own, on the tenant's engine or schema), or ``None`` for this one.
             Without it the run context is ignored.
+
         engine_kwargs: With ``url``: keyword arguments for the engine turnstore creates (as
             for ``create_async_engine``; pool size, ``connect_args``...), over turnstore's own.
             Sessions share an engine only when they pass the same ones.
@@ -183,8 +184,8 @@ class AdvancedSession(WrapperHooks):
     Raises:
         InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given,
             ``engine_kwargs`` came with ``engine``, a table name is not a plain identifier,
-            or ``user_id``, ``title`` or ``metadata`` is not acceptable (wrong type, too
-            long, not JSON).
+            or ``user_id``, ``title`` or ``metadata`` is not acceptable (wrong type, too long,
+            not JSON).
     """
 
     def __init__(
@@ -399,8 +400,13 @@ class AdvancedSession(WrapperHooks):
         if self._info_defaults.user_id is not None:
             store.check_identifier(self._info_defaults.user_id, "User ids")
         await store.prepare_schema(
-            create=self._create_tables, migrate_default=bring_to_head, default_is_current=at_head
+            create=self._create_tables,
+            migrate_default=bring_to_head_when_needed,
+            default_is_current=at_head,
         )
+        if self._info_defaults.given and not store.has_info_table:
+            # Writes of this session need the table; reads do not.
+            await store.look_for_info_table()
         return store
 
     def _ordered(self) -> asyncio.Lock:
@@ -578,7 +584,7 @@ class AdvancedSession(WrapperHooks):
             changes["metadata"] = check_metadata(metadata)
         async with self._ordered():
             store = await self._store()
-            store.require_info_table()
+            await store.ensure_info_table()
             if changes.get("user_id") is not None:
                 store.check_identifier(changes["user_id"], "User ids")
             binding = self._binding()
@@ -591,7 +597,7 @@ class AdvancedSession(WrapperHooks):
             SchemaMissingError: The database predates the session info table.
         """
         store = await self._store()
-        store.require_info_table()
+        await store.ensure_info_table()
         row = await StoreQueries(self._binding().handle, self._tables).summary(self.session_id)
         return None if row is None else summary_from_row(row)
 

@@ -572,9 +572,17 @@ class PostgresProfile(_OnConflictProfile):
     ) -> ColumnElement[bool]:
         """JSONB containment (``@>``), excluding array members (see ``_containment_fragments``)."""
         members, arrays = _containment_fragments(wanted)
-        conditions = [document.op("@>")(cast(literal(members, String()), postgresql.JSONB))]
+        conditions = [
+            document.op("@>", is_comparison=True)(
+                cast(literal(members, String()), postgresql.JSONB)
+            )
+        ]
         conditions += [
-            not_(document.op("@>")(cast(literal(fragment, String()), postgresql.JSONB)))
+            not_(
+                document.op("@>", is_comparison=True)(
+                    cast(literal(fragment, String()), postgresql.JSONB)
+                )
+            )
             for fragment in arrays
         ]
         return and_(*conditions)

@@ -509,6 +509,24 @@ class ConversationRepository:
                 "create_tables=True."
             )
 
+    async def ensure_info_table(self) -> None:
+        """Refuse unless the info table exists, looking again if it was missing before.
+
+        Raises:
+            SchemaMissingError: The table is still missing.
+        """
+        await self.look_for_info_table()
+        self.require_info_table()
+
+    async def look_for_info_table(self) -> None:
+        """Look again for an info table that was missing: a migration may have added it."""
+        key, name = self._t.metadata, self._t.info.name
+        if key in self._handle.without_info:
+            present = await self._handle.read(lambda conn: inspect(conn).has_table(name))
+            if present:
+                self._handle.without_info.discard(key)
+                await self._find_routines()
+
     def _touch_info(self, conn: Connection, session_id: str) -> None:
         """Inside a write: create the session's info if missing, move its activity forward."""
         if self.has_info_table:
