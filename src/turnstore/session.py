@@ -48,7 +48,7 @@ from turnstore.persistence.repository import (
 )
 from turnstore.persistence.store_queries import StoreQueries
 from turnstore.redaction import identifier, log_failure
-from turnstore.schema.ensure import at_head, bring_to_head_when_needed
+from turnstore.schema.startup import at_head, bring_to_head_when_needed
 from turnstore.sdk.items import (
     TOOL_COUNT_RULE,
     content_preview,
