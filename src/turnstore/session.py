@@ -9,25 +9,31 @@ Both implement the SDK's ``Session`` protocol, so they go straight into
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar, cast
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from turnstore.errors import (
     BranchNotFoundError,
+    ConnectionLostError,
     ContentNotFoundError,
     InvalidArgumentError,
     ProtectedBranchError,
+    SchemaLockTimeoutError,
     SessionClosedError,
+    StorageError,
 )
 from turnstore.persistence import engines
+from turnstore.persistence.failures import translated
 from turnstore.persistence.models import DEFAULT_MESSAGES_TABLE, DEFAULT_SESSIONS_TABLE, tables_for
 from turnstore.persistence.repository import (
     MAIN_BRANCH,
@@ -35,8 +41,10 @@ from turnstore.persistence.repository import (
     ConversationRepository,
     UserTurn,
 )
-from turnstore.schema.migrate import bring_to_head
+from turnstore.persistence.validation import check_identifier, check_int
+from turnstore.schema.migrate import bring_to_head, is_at_head
 from turnstore.sdk.items import (
+    DEFAULT_MAX_ITEM_BYTES,
     TOOL_COUNT_RULE,
     content_preview,
     content_texts,
@@ -85,12 +93,28 @@ def _coerce_settings(value: Any) -> Any:
 
 
 def _check_turn_number(turn_number: object, argument: str = "turn_number") -> int:
-    # bool is an int subclass; True as a turn number is always a mistake.
-    if isinstance(turn_number, bool) or not isinstance(turn_number, int):
-        raise InvalidArgumentError(
-            f"{argument} must be an int; got {type(turn_number).__name__} {turn_number!r}"
-        )
-    return turn_number
+    # Turns count from 1; 0 and numbers past the stored ones are turns that do not exist.
+    return check_int(turn_number, argument, minimum=0)
+
+
+def _check_branch_id(branch_id: str | None) -> str | None:
+    """A branch id argument of a read: ``None`` (the current branch) or a valid id."""
+    return None if branch_id is None else check_identifier(branch_id, "branch_id")
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+
+def _operation(method: _Method) -> _Method:
+    """Report database errors of a public method as :class:`StorageError` naming it."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def operation(self: AdvancedSession, *args: Any, **kwargs: Any) -> Any:
+        with self._failures(name):
+            return await method(self, *args, **kwargs)
+
+    return cast(_Method, operation)
 
 
 def _check_text(value: object, argument: str) -> str:
@@ -100,7 +124,7 @@ def _check_text(value: object, argument: str) -> str:
 
 
 def _check_branch_name(branch_name: object, argument: str = "branch_name") -> str:
-    name = _check_text(branch_name, argument)
+    name = check_identifier(branch_name, argument)
     if not name.strip():
         raise InvalidArgumentError(
             "Branch name cannot be empty"
@@ -131,10 +155,18 @@ class AdvancedSession:
             default number of items ``get_items`` returns.
         sessions_table: Name of the sessions table.
         messages_table: Name of the messages table.
+        max_item_bytes: The most bytes one item may take as JSON (64 MiB by default); larger
+            items raise ``InvalidItemError``. On MySQL the server's ``max_allowed_packet``
+            may allow less, and is checked too.
 
     Raises:
-        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given, or a table
-            name is not a plain identifier.
+        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given, a table
+            name is not a plain identifier, or ``session_id`` is not a valid id (see the
+            README's "Ids, names and limits").
+
+    Attributes:
+        dropped_usage_writes: How many ``store_run_usage`` calls of this instance stored
+            nothing because the write failed (each is logged at WARNING).
     """
 
     def __init__(
@@ -148,6 +180,7 @@ class AdvancedSession:
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> None:
         if (engine is None) == (url is None):
             raise InvalidArgumentError("Pass exactly one of engine= or url=")
@@ -166,6 +199,7 @@ class AdvancedSession:
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            max_item_bytes=max_item_bytes,
         )
 
     def _setup(
@@ -178,8 +212,11 @@ class AdvancedSession:
         session_settings: Any,
         sessions_table: str,
         messages_table: str,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> None:
-        self.session_id = _check_text(session_id, "session_id")
+        self.session_id = check_identifier(session_id, "session_id")
+        self.max_item_bytes = check_int(max_item_bytes, "max_item_bytes", minimum=1)
+        self.dropped_usage_writes = 0
         self.session_settings = _coerce_settings(session_settings)
         self.sessions_table = sessions_table
         self.messages_table = messages_table
@@ -203,6 +240,7 @@ class AdvancedSession:
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> AdvancedSession:
         """A session on the database at ``url``, sharing the URL's engine with other sessions."""
         return AdvancedSession(
@@ -213,6 +251,7 @@ class AdvancedSession:
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            max_item_bytes=max_item_bytes,
         )
 
     def __repr__(self) -> str:
@@ -235,9 +274,20 @@ class AdvancedSession:
 
     async def _store(self) -> ConversationRepository:
         store = self._binding().store
-        store.check_identifier(self.session_id, "Session ids")
-        await store.prepare_schema(create=self._create_tables, migrate_default=bring_to_head)
+        await store.prepare_schema(
+            create=self._create_tables,
+            migrate_default=bring_to_head,
+            default_is_current=is_at_head,
+        )
         return store
+
+    @contextlib.contextmanager
+    def _failures(self, operation: str) -> Iterator[None]:
+        """Raise database errors inside the block as ``StorageError`` naming ``operation``."""
+        binding = self._bindings.get(asyncio.get_running_loop())
+        profile = None if binding is None else binding.handle.profile
+        with translated(operation, self.session_id, profile):
+            yield
 
     def _ordered(self) -> asyncio.Lock:
         """Mutations of one instance run one at a time, in the order they were called."""
@@ -257,19 +307,23 @@ class AdvancedSession:
             limit = getattr(self.session_settings, "limit", None)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
             raise InvalidArgumentError(f"limit must be an int or None; got {limit!r}")
+        # A negative limit means "all items", as in the SDK's class (SQLite's LIMIT -1).
         return limit
 
     # -- the SDK Session protocol --------------------------------------------------------
 
+    @_operation
     async def get_items(self, limit: int | None = None, branch_id: str | None = None) -> list[Any]:
         """Items of the current (or given) branch, oldest first.
 
         Args:
             limit: At most this many of the newest items; defaults to
-                ``session_settings.limit`` (``None``: all).
+                ``session_settings.limit`` (``None``, a negative number or a number beyond
+                any stored count: all).
             branch_id: Read this branch instead of the current one.
         """
         limit = self._resolve_limit(limit)
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         if limit is None or limit <= 0:
@@ -300,11 +354,14 @@ class AdvancedSession:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidArgumentError(f"batch_size must be a positive int; got {batch_size!r}")
-        store = await self._store()
-        branch = branch_id if branch_id is not None else await self._current_branch(store)
+        branch_id = _check_branch_id(branch_id)
+        with self._failures("iter_items"):
+            store = await self._store()
+            branch = branch_id if branch_id is not None else await self._current_branch(store)
         after = 0
         while True:
-            page = await store.fetch_page(self.session_id, branch, after, batch_size)
+            with self._failures("iter_items"):
+                page = await store.fetch_page(self.session_id, branch, after, batch_size)
             for data, _sequence in page:
                 item = decode(data)
                 if item is not None:
@@ -313,28 +370,42 @@ class AdvancedSession:
                 return
             after = page[-1][1]
 
-    async def add_items(self, items: list[Any]) -> None:
+    async def add_items(self, items: list[Any], *, idempotency_key: str | None = None) -> None:
         """Append items to the current branch, in one transaction.
 
         A batch with a user message opens a new user turn; later batches without one (the
         Runner's tool calls and replies) belong to the current turn.
 
+        Args:
+            items: The batch.
+            idempotency_key: Makes the call safe to retry: if a batch with this key was
+                stored in the session before (and the session was not cleared since), the
+                call stores nothing. Use a fresh key per batch (say, a UUID) and the same key
+                for its retries after a cancellation or a ``ConnectionLostError``.
+
         Raises:
-            InvalidItemError: An item is not a dict or not JSON-serializable (nothing of the
-                batch is stored).
+            InvalidItemError: An item is not a dict, not JSON-serializable, nested too deep or
+                too large (nothing of the batch is stored).
+            InvalidArgumentError: ``idempotency_key`` is not a valid id.
         """
         binding = self._binding()
-        messages = to_new_messages(items)
+        messages = to_new_messages(items, max_item_bytes=self.max_item_bytes)
+        if idempotency_key is not None:
+            check_identifier(idempotency_key, "idempotency_key")
         if not messages:
             return
         async with binding.mutations:
             try:
-                store = await self._store()
-                self._pointer = await store.append(self.session_id, self._pointer, messages)
+                with self._failures("add_items"):
+                    store = await self._store()
+                    self._pointer = await store.append(
+                        self.session_id, self._pointer, messages, idempotency_key
+                    )
             except Exception:
                 self._logger.exception("Failed to add session items")
                 raise
 
+    @_operation
     async def pop_item(self) -> Any | None:
         """Remove and return the newest item of the current branch (``None`` if empty).
 
@@ -352,6 +423,7 @@ class AdvancedSession:
                 if item is not None:
                     return item
 
+    @_operation
     async def clear_session(self) -> None:
         """Delete the whole session (every branch and its usage); branch names stay reserved."""
         async with self._ordered():
@@ -365,22 +437,38 @@ class AdvancedSession:
         """Store a run's token usage against the current branch's latest user turn.
 
         Call it after ``Runner.run``. Storing again for the same turn replaces the earlier
-        figures. Failures are logged, never raised, so analytics cannot break a conversation.
+        figures. A write that loses a lock wait or a deadlock is retried, as appends are.
+        Failures are never raised, so analytics cannot break a conversation: a write that
+        finally fails is logged at WARNING and counted in :attr:`dropped_usage_writes`.
         """
         try:
             usage = usage_from_result(result)
             if usage is None:
                 return
             async with self._ordered():
-                store = await self._store()
-                turn = await store.record_usage(self.session_id, self._pointer, usage)
+                with self._failures("store_run_usage"):
+                    store = await self._store()
+                    turn = await store.record_usage(self.session_id, self._pointer, usage)
             if turn is None:
                 self._logger.debug("No current turn on branch %r; usage not stored", self._pointer)
+        except (StorageError, ConnectionLostError, SchemaLockTimeoutError) as exc:
+            # The database lost the write (after the retries): usage is analytics, so the
+            # conversation goes on; the drop is counted where the caller can read it.
+            self.dropped_usage_writes += 1
+            self._logger.warning(
+                "Dropped the usage of a run for session %r: %s (dropped so far: %d)",
+                self.session_id,
+                exc,
+                self.dropped_usage_writes,
+            )
         except Exception:
+            self.dropped_usage_writes += 1
             self._logger.exception("Failed to store session usage")
 
+    @_operation
     async def get_session_usage(self, branch_id: str | None = None) -> dict[str, int] | None:
         """Usage summed over all branches (or one): requests, tokens and turns; ``None`` if none."""
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         totals = await store.session_usage(self.session_id, branch_id or None)
         if totals is None:
@@ -394,6 +482,7 @@ class AdvancedSession:
             "total_turns": turns,
         }
 
+    @_operation
     async def get_turn_usage(
         self, user_turn_number: int | None = None, branch_id: str | None = None
     ) -> list[dict[str, Any]] | dict[str, Any]:
@@ -405,6 +494,7 @@ class AdvancedSession:
         """
         if user_turn_number is not None:
             _check_turn_number(user_turn_number, "user_turn_number")
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         rows = await store.turn_usage(self.session_id, branch, user_turn_number)
@@ -430,6 +520,7 @@ class AdvancedSession:
 
     # -- branching -----------------------------------------------------------------------
 
+    @_operation
     async def create_branch_from_turn(
         self, turn_number: int, branch_name: str | None = None
     ) -> str:
@@ -448,7 +539,8 @@ class AdvancedSession:
         Raises:
             TurnNotFoundError: The current branch has no user message at that turn.
             BranchNameTakenError: The name was used before in this session.
-            InvalidArgumentError: ``turn_number`` is not an int, or the name is blank.
+            InvalidArgumentError: ``turn_number`` is not an int or negative, or the name is
+                blank or not a valid id.
         """
         _check_turn_number(turn_number)
         if branch_name is not None:
@@ -473,6 +565,7 @@ class AdvancedSession:
         )
         return created.branch_id
 
+    @_operation
     async def create_branch_from_content(
         self, search_term: str, branch_name: str | None = None
     ) -> str:
@@ -486,13 +579,14 @@ class AdvancedSession:
             raise ContentNotFoundError(f"No user turns found containing '{search_term}'")
         return await self.create_branch_from_turn(matches[0]["turn"], branch_name)
 
+    @_operation
     async def switch_to_branch(self, branch_id: str) -> None:
         """Make ``branch_id`` the current branch.
 
         Raises:
             BranchNotFoundError: The branch does not exist.
         """
-        _check_text(branch_id, "branch_id")
+        check_identifier(branch_id, "branch_id")
         async with self._ordered():
             store = await self._store()
             generation = await store.branch_generation(self.session_id, branch_id)
@@ -502,6 +596,7 @@ class AdvancedSession:
             self._pointer = BranchPointer(branch_id, generation)
         self._logger.info("Switched from branch %r to %r", previous, branch_id)
 
+    @_operation
     async def delete_branch(self, branch_id: str, force: bool = False) -> None:
         """Delete a branch and its usage; messages another branch shares are kept.
 
@@ -536,6 +631,7 @@ class AdvancedSession:
             deleted.messages,
         )
 
+    @_operation
     async def list_branches(self) -> list[dict[str, Any]]:
         """Every branch: ``branch_id``, ``message_count``, ``user_turns``, ``is_current``,
         ``created_at``, in order of creation."""  # noqa: D205, D209
@@ -554,13 +650,16 @@ class AdvancedSession:
 
     # -- structure queries ---------------------------------------------------------------
 
+    @_operation
     async def get_conversation_turns(self, branch_id: str | None = None) -> list[dict[str, Any]]:
         """The user turns of a branch: ``turn``, ``content`` (first 100 characters),
         ``full_content``, ``timestamp``, ``can_branch``."""  # noqa: D205, D209
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         return _turn_records(await store.user_turns(self.session_id, branch), preview_length=100)
 
+    @_operation
     async def find_turns_by_content(
         self, search_term: str, branch_id: str | None = None
     ) -> list[dict[str, Any]]:
@@ -570,6 +669,7 @@ class AdvancedSession:
             Records shaped like ``get_conversation_turns``' with the whole content.
         """
         _check_text(search_term, "search_term")
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         candidates = await store.user_turns(self.session_id, branch, stored_form(search_term))
@@ -580,10 +680,12 @@ class AdvancedSession:
             keep=lambda content: any(pattern.search(text) for text in content_texts(content)),
         )
 
+    @_operation
     async def get_conversation_by_turns(
         self, branch_id: str | None = None
     ) -> dict[int, list[dict[str, str | None]]]:
         """A branch's items grouped by user turn: ``{turn: [{"type", "tool_name"}, ...]}``."""
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         turns: dict[int, list[dict[str, str | None]]] = {}
@@ -591,8 +693,10 @@ class AdvancedSession:
             turns.setdefault(turn, []).append({"type": kind, "tool_name": tool})  # type: ignore[arg-type]
         return turns
 
+    @_operation
     async def get_tool_usage(self, branch_id: str | None = None) -> list[tuple[str, int, int]]:
         """``(tool_name, count, user_turn_number)`` for each tool used per turn of a branch."""
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         return await store.tool_usage(self.session_id, branch, TOOL_COUNT_RULE)
@@ -653,6 +757,7 @@ class AdvancedSQLiteSession(AdvancedSession):
         session_settings: The SDK's ``SessionSettings`` (or a dict of it).
         sessions_table: Name of the sessions table.
         messages_table: Name of the messages table.
+        max_item_bytes: The most bytes one item may take as JSON (64 MiB by default).
     """
 
     def __init__(
@@ -665,6 +770,7 @@ class AdvancedSQLiteSession(AdvancedSession):
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> None:
         url = engines.sqlite_url(db_path)
         self.db_path = db_path
@@ -676,6 +782,7 @@ class AdvancedSQLiteSession(AdvancedSession):
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            max_item_bytes=max_item_bytes,
         )
 
 

@@ -75,6 +75,10 @@ class EngineHandle:
         driver_calls: Runs single statements on the driver itself, where the engine's
             driver allows it (``None`` elsewhere).
         schema_lock: Serializes schema preparation within the loop.
+        statement_size_limit: The most bytes one statement may have on this server (``None``:
+            no limit, or not read yet); read once per engine by :meth:`read_limits`.
+        absent_tables: Optional tables (see ``StoreTables.optional``) a ready table set
+            lacks, by table set.
     """
 
     profile: DialectProfile
@@ -86,6 +90,16 @@ class EngineHandle:
     routines: dict[Hashable, ServerRoutines] = field(default_factory=dict)
     driver_calls: AsyncpgCalls | None = None
     schema_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    statement_size_limit: int | None = None
+    absent_tables: dict[Hashable, frozenset[str]] = field(default_factory=dict)
+    _limits_read: bool = False
+
+    async def read_limits(self) -> None:
+        """Read the server's limits once per engine (``max_allowed_packet`` on MySQL)."""
+        if self._limits_read:
+            return
+        self.statement_size_limit = await self.read(self.profile.statement_size_limit)
+        self._limits_read = True
 
     @property
     def engine(self) -> object:
@@ -333,13 +347,16 @@ def _new_handle(url: URL, profile: DialectProfile, *, private: bool) -> EngineHa
     }
     if threaded is not None:
         return ThreadedEngineHandle(
-            create_engine(threaded.url, **threaded.engine_options),
+            create_engine(threaded.url, hide_parameters=True, **threaded.engine_options),
             profile,
             separate_reader=threaded.separate_reader,
             **options,
         )
+    # Statement parameters are the user's messages: keep them out of error text and logs.
     return AsyncEngineHandle(
-        create_async_engine(url, **profile.engine_options(url)), profile, **options
+        create_async_engine(url, hide_parameters=True, **profile.engine_options(url)),
+        profile,
+        **options,
     )
 
 

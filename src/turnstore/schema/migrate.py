@@ -197,7 +197,7 @@ async def _engine(target: Target) -> AsyncIterator[tuple[AsyncEngine, DialectPro
     url = _parse(target)
     profile = _profile(url)
     try:
-        engine = create_async_engine(url, **profile.engine_options(url))
+        engine = create_async_engine(url, hide_parameters=True, **profile.engine_options(url))
     except (ImportError, InvalidRequestError, ArgumentError) as exc:
         raise InvalidArgumentError(
             f"Cannot use {url.render_as_string(hide_password=True)!r}: {_one_line(exc)}; use an "
@@ -384,6 +384,11 @@ async def adopt(target: Target) -> adoption.Inspection:
         return found
 
     return await _run(target, work)
+
+
+def is_at_head(connection: Connection) -> bool:
+    """Whether the database records the newest revision (a read: no lock, no write)."""
+    return _recorded(connection) == (head(),)
 
 
 def bring_to_head(connection: Connection) -> None:
