@@ -515,7 +515,7 @@ class PostgresProfile(_OnConflictProfile):
         return self.error_code(error) in self._LOCK_CONFLICTS
 
 
-_POSTGRES_QUOTER = postgresql.dialect().identifier_preparer
+_POSTGRES_QUOTER = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
 
 
 def _replace_closed_connection(
