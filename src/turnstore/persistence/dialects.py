@@ -352,15 +352,17 @@ class SQLiteProfile(_OnConflictProfile):
                 {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}},
                 separate_reader=False,
             )
-        return ThreadedEngine(
-            sync_url,
+        options: dict[str, Any] = {
+            "connect_args": {"timeout": self.busy_timeout_seconds, "check_same_thread": False},
             # Writer and reader hold one connection each; schema checks may take a third.
-            {
-                "connect_args": {"timeout": self.busy_timeout_seconds, "check_same_thread": False},
-                "pool_size": 3,
-                "max_overflow": 2,
-            },
-        )
+            "pool_size": 3,
+            "max_overflow": 2,
+        }
+        database = url.database or ""
+        if not database.startswith("file:") and not url.query:
+            # A plain path: also readable where its directory is read-only.
+            options["creator"] = _sqlite_file_connector(database, self.busy_timeout_seconds)
+        return ThreadedEngine(sync_url, options)
 
     def prepare_engine(self, engine: Engine) -> None:
         """Switch on WAL, foreign keys and a busy timeout on every new connection."""
@@ -433,11 +435,43 @@ def _enable_wal(cursor: Any) -> None:
         try:
             cursor.execute("PRAGMA journal_mode=WAL")
         except sqlite3.OperationalError as exc:
+            if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_READONLY:
+                return  # a read-only database keeps its journal mode; reads work in any
             if "locked" not in str(exc).lower() or time.monotonic() >= deadline:
                 raise
             time.sleep(0.01)
         else:
             return
+
+
+def _sqlite_file_connector(path: str, timeout: float) -> Any:
+    """Connect to a database file, read-only if its directory lets nothing else happen.
+
+    A WAL database is read through its ``-shm`` file, which SQLite creates next to the
+    database; in a read-only directory it cannot, and the connection cannot even read. If
+    no ``-wal`` file holds commits beyond the database file either (a writer closes both
+    cleanly), the file is opened ``immutable``: read-only, and without the shared memory.
+    """
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+            wal = Path(path + "-wal")
+            if (
+                code != sqlite3.SQLITE_CANTOPEN
+                or not Path(path).is_file()
+                or (wal.exists() and wal.stat().st_size > 0)
+            ):
+                raise
+            uri = f"{Path(path).as_uri()}?mode=ro&immutable=1"
+            return sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
+        return conn
+
+    return connect
 
 
 class PostgresProfile(_OnConflictProfile):
