@@ -61,7 +61,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Drop the append-keys table; identifier columns go back to the padded collation."""
-    op.drop_table("turnstore_append_keys")
+    """Identifier columns go back to the padded collation; drop the append-keys table."""
     bind = op.get_bind()
+    # First, so that a refusal leaves everything as it was.
     profile_for(bind.dialect.name).convert_identifier_collation(bind, exact=False)
+    op.drop_table("turnstore_append_keys")

@@ -14,6 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -57,6 +58,9 @@ from turnstore.sdk.items import (
 from turnstore.sdk.usage import usage_from_result
 
 _default_logger = logging.getLogger("turnstore")
+
+# The public method the running task called first, for error messages.
+_OPERATION: ContextVar[str | None] = ContextVar("turnstore_operation", default=None)
 
 
 @dataclass
@@ -283,11 +287,20 @@ class AdvancedSession:
 
     @contextlib.contextmanager
     def _failures(self, operation: str) -> Iterator[None]:
-        """Raise database errors inside the block as ``StorageError`` naming ``operation``."""
+        """Raise database errors inside the block as ``StorageError`` naming ``operation``.
+
+        Inside another public method (``create_branch_from_content`` runs
+        ``create_branch_from_turn``), the error names the method the caller called.
+        """
+        named = _OPERATION.get() or operation
+        token = _OPERATION.set(named)
         binding = self._bindings.get(asyncio.get_running_loop())
         profile = None if binding is None else binding.handle.profile
-        with translated(operation, self.session_id, profile):
-            yield
+        try:
+            with translated(named, self.session_id, profile):
+                yield
+        finally:
+            _OPERATION.reset(token)
 
     def _ordered(self) -> asyncio.Lock:
         """Mutations of one instance run one at a time, in the order they were called."""
