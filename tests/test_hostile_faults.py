@@ -173,9 +173,9 @@ async def test_opting_in_to_model_data_adds_the_database_message(
 async def test_engines_turnstore_creates_hide_statement_parameters(backend: Backend) -> None:
     session = AdvancedSession(session_id="hidden", url=backend.url)
     try:
-        engine = session._binding().handle.engine
+        engine: Any = session._binding().handle.engine
         sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-        assert sync_engine.hide_parameters is True  # type: ignore[union-attr]
+        assert sync_engine.hide_parameters is True
     finally:
         await session.aclose()
 

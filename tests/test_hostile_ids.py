@@ -181,7 +181,8 @@ async def test_bad_branch_ids_are_refused_by_every_method(backend: Backend, bad:
 async def test_an_idempotency_key_follows_the_id_rules(backend: Backend) -> None:
     session = await with_history(backend)
     async with unchanged(backend, session):
-        for bad in [*BAD_IDS.values(), 7]:
+        bad_keys: list[Any] = [*BAD_IDS.values(), 7]
+        for bad in bad_keys:
             with pytest.raises(InvalidArgumentError, match="idempotency_key"):
                 await session.add_items(turn("never"), idempotency_key=bad)
 
@@ -273,7 +274,7 @@ async def test_a_second_table_set_in_one_database_is_refused(
     ids=["mixed case", "reserved", "reserved mixed"],
 )
 async def test_custom_names_that_need_quoting_work_everywhere(
-    backend: Backend, names: dict[str, str]
+    backend: Backend, names: dict[str, Any]
 ) -> None:
     session = backend.session("quoted", **names)
     await session.add_items([user("hello"), *turn("x", "hi")[1:]])
@@ -290,12 +291,14 @@ async def test_custom_names_that_need_quoting_work_everywhere(
     await session.clear_session()
     assert await session.get_items() == []
     # A new engine (another process) finds the tables and, on Postgres, the functions.
-    other = AdvancedSession(session_id="quoted", engine=backend.new_engine(), **names)
+    engine = backend.new_engine()
+    other = AdvancedSession(session_id="quoted", engine=engine, **names)
     try:
         await other.add_items(turn("from elsewhere"))
         assert await session.get_items() == turn("from elsewhere")
     finally:
         await other.aclose()
+        await engine.dispose()
 
 
 @pytest.mark.parametrize(
@@ -306,6 +309,6 @@ async def test_custom_names_that_need_quoting_work_everywhere(
         ("messages_table", "Agent_Sessions"),
     ],
 )
-def test_names_that_fold_onto_another_table_are_refused(argument: str, name: str) -> None:
+def test_names_that_fold_onto_another_table_are_refused(argument: str, name: Any) -> None:
     with pytest.raises(InvalidArgumentError, match=rf"{argument}|must differ"):
         AdvancedSession(session_id="t", url="sqlite+aiosqlite:///:memory:", **{argument: name})

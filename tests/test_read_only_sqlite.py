@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from tests.helpers import function_call, function_output, run_result, turn, user
 from tests.hostile_support import snapshot
 from turnstore import AdvancedSession, AdvancedSQLiteSession, ReadOnlyDatabaseError
 
-WRITES = {
+WRITES: dict[str, Callable[[AdvancedSession], Awaitable[Any]]] = {
     "add_items": lambda s: s.add_items(turn("never")),
     "keyed add_items": lambda s: s.add_items(turn("never"), idempotency_key="k"),
     "pop_item": lambda s: s.pop_item(),
