@@ -45,9 +45,9 @@ async def execute(backend: Backend, *statements: str) -> None:
             await conn.exec_driver_sql(statement)
 
 
-async def at_0004_with_a_later_table(backend: Backend) -> None:
+async def before_0006_with_another_table(backend: Backend) -> None:
     """The schema before 0006, plus a table another revision (say 0005) added meanwhile."""
-    await migrate.upgrade(backend.engine, "0004")
+    await migrate.upgrade(backend.engine, "0005")
     await execute(
         backend,
         "CREATE TABLE session_info (session_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE "
@@ -57,7 +57,7 @@ async def at_0004_with_a_later_table(backend: Backend) -> None:
 
 
 async def test_upgrade_makes_every_identifier_column_exact(mysql: Backend) -> None:
-    await at_0004_with_a_later_table(mysql)
+    await before_0006_with_another_table(mysql)
     session = AdvancedSession(session_id="user-42", engine=mysql.engine)
     await session.add_items(turn("before the upgrade"))
     before = await collations(mysql)
@@ -77,7 +77,7 @@ async def test_upgrade_makes_every_identifier_column_exact(mysql: Backend) -> No
 
 
 async def test_upgrade_refuses_ids_that_would_split(mysql: Backend) -> None:
-    await at_0004_with_a_later_table(mysql)
+    await before_0006_with_another_table(mysql)
     owner = AdvancedSession(session_id="user-42", engine=mysql.engine)
     await owner.add_items(turn("owner"))
     await owner.add_items(turn("owner again"))
@@ -95,7 +95,7 @@ async def test_upgrade_refuses_ids_that_would_split(mysql: Backend) -> None:
     assert "branch_id 'b2' / 'b2 ' in session 'user-42'" in message
     assert "Rename or delete" in message
     assert await collations(mysql) == before
-    assert await migrate.current(mysql.engine) == ("0004",)
+    assert await migrate.current(mysql.engine) == ("0005",)
     # Once the ids are one way each, it goes through.
     await execute(
         mysql,
@@ -113,12 +113,13 @@ async def test_downgrade_refuses_ids_that_would_merge(mysql: Backend) -> None:
     await AdvancedSession(session_id="a ", engine=mysql.engine).add_items(turn("a space"))
     before = await collations(mysql)
     with pytest.raises(MigrationError, match="would merge"):
-        await migrate.downgrade(mysql.engine, "0004")
+        await migrate.downgrade(mysql.engine, "0005")
     assert await collations(mysql) == before
     await AdvancedSession(session_id="a ", engine=mysql.engine).clear_session()
     await execute(mysql, "DELETE FROM session_clear_generations WHERE session_id = 'a '")
     await execute(mysql, "DELETE FROM branch_reservations WHERE session_id = 'a '")
-    await migrate.downgrade(mysql.engine, "0004")
+    await execute(mysql, "DELETE FROM turnstore_session_info WHERE session_id = 'a '")
+    await migrate.downgrade(mysql.engine, "0005")
     assert set((await collations(mysql)).values()) == {"utf8mb4_bin"}
     await migrate.upgrade(mysql.engine)
     assert await AdvancedSession(session_id="a", engine=mysql.engine).get_items() == turn("a")

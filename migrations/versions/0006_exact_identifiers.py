@@ -14,7 +14,7 @@ the batches it stored, so that retrying a batch after a cancellation or a lost c
 never stores it twice.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-06
 """
 
@@ -31,7 +31,7 @@ from turnstore.persistence.dialects import profile_for
 from turnstore.persistence.types import identifier_column_type
 
 revision = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: tuple[str, ...] | None = None
 depends_on: tuple[str, ...] | None = None
 

@@ -33,16 +33,28 @@ from turnstore.errors import (
     SessionClosedError,
     StorageError,
 )
+from turnstore.info import (
+    UNSET,
+    SessionSummary,
+    check_metadata,
+    check_title,
+    check_user_id,
+    summary_from_row,
+)
 from turnstore.persistence import engines
 from turnstore.persistence.failures import translated
 from turnstore.persistence.models import DEFAULT_MESSAGES_TABLE, DEFAULT_SESSIONS_TABLE, tables_for
 from turnstore.persistence.repository import (
     MAIN_BRANCH,
+    NO_INFO,
     BranchPointer,
     ConversationRepository,
+    InfoDefaults,
     UserTurn,
 )
+from turnstore.persistence.store_queries import StoreQueries
 from turnstore.persistence.validation import check_identifier, check_int
+from turnstore.redaction import identifier, log_failure
 from turnstore.schema.migrate import bring_to_head, is_at_head
 from turnstore.sdk.items import (
     DEFAULT_MAX_ITEM_BYTES,
@@ -56,6 +68,7 @@ from turnstore.sdk.items import (
     to_new_messages,
 )
 from turnstore.sdk.usage import usage_from_result
+from turnstore.sdk.wrapper_hooks import WrapperHooks
 
 _default_logger = logging.getLogger("turnstore")
 
@@ -138,7 +151,12 @@ def _check_branch_name(branch_name: object, argument: str = "branch_name") -> st
     return name
 
 
-class AdvancedSession:
+#: Picks the session that serves a call the Runner made with its run context (see
+#: ``session_for_context``).
+ContextRouter = Callable[[Any], "AdvancedSession | None"]
+
+
+class AdvancedSession(WrapperHooks):
     """A conversation session with branches, per-turn usage and structure queries.
 
     Give it an engine you own (``engine=``) or a database URL (``url=``, or
@@ -159,14 +177,26 @@ class AdvancedSession:
             default number of items ``get_items`` returns.
         sessions_table: Name of the sessions table.
         messages_table: Name of the messages table.
+        user_id: The session's owner, stored when the session gets its info (its first
+            write, unless ``set_info`` came first); an existing session's owner is not
+            changed (use :meth:`set_info`).
+        title: The session's title, stored likewise.
+        metadata: A JSON dict stored likewise; the store's listings filter on its keys.
+        session_for_context: Routes the Runner's calls by run context: called with the
+            ``RunContextWrapper`` the Runner passes to ``get_items``, ``add_items``,
+            ``pop_item`` and ``clear_session`` (``wrapper=``) and that ``store_run_usage``
+            finds on its result, it returns the session that serves the call (for example
+            the tenant's own, on the tenant's engine or schema), or ``None`` for this one.
+            Without it the run context is ignored.
         max_item_bytes: The most bytes one item may take as JSON (64 MiB by default); larger
             items raise ``InvalidItemError``. On MySQL the server's ``max_allowed_packet``
             may allow less, and is checked too.
 
     Raises:
         InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given, a table
-            name is not a plain identifier, or ``session_id`` is not a valid id (see the
-            README's "Ids, names and limits").
+            name is not a plain identifier, ``session_id`` is not a valid id (see the
+            README's "Ids, names and limits"), or ``user_id``, ``title`` or ``metadata`` is
+            not acceptable (wrong type, too long, not JSON).
 
     Attributes:
         dropped_usage_writes: How many ``store_run_usage`` calls of this instance stored
@@ -184,6 +214,10 @@ class AdvancedSession:
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        user_id: str | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
         max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> None:
         if (engine is None) == (url is None):
@@ -203,6 +237,8 @@ class AdvancedSession:
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
             max_item_bytes=max_item_bytes,
         )
 
@@ -216,11 +252,20 @@ class AdvancedSession:
         session_settings: Any,
         sessions_table: str,
         messages_table: str,
+        info: InfoDefaults = NO_INFO,
+        session_for_context: ContextRouter | None,
         max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> None:
+        if session_for_context is not None and not callable(session_for_context):
+            raise InvalidArgumentError(
+                "session_for_context must be a callable taking the run context; "
+                f"got {type(session_for_context).__name__}"
+            )
         self.session_id = check_identifier(session_id, "session_id")
         self.max_item_bytes = check_int(max_item_bytes, "max_item_bytes", minimum=1)
         self.dropped_usage_writes = 0
+        self._info_defaults = info
+        self._session_for_context = session_for_context
         self.session_settings = _coerce_settings(session_settings)
         self.sessions_table = sessions_table
         self.messages_table = messages_table
@@ -234,6 +279,37 @@ class AdvancedSession:
         self._pending_releases: set[asyncio.Task[None]] = set()
 
     @classmethod
+    def _on_shared_engine(
+        cls,
+        *,
+        session_id: str,
+        acquire: Callable[[], engines.EngineHandle],
+        create_tables: bool,
+        logger: logging.Logger | None,
+        session_settings: Any,
+        sessions_table: str,
+        messages_table: str,
+        user_id: str | None,
+        title: str | None,
+        metadata: Mapping[str, Any] | None,
+        session_for_context: ContextRouter | None = None,
+    ) -> AdvancedSession:
+        """A session on an engine handle someone else acquires (a store lending its engine)."""
+        session = cls.__new__(cls)
+        session._setup(
+            session_id=session_id,
+            acquire=acquire,
+            create_tables=create_tables,
+            logger=logger,
+            session_settings=session_settings,
+            sessions_table=sessions_table,
+            messages_table=messages_table,
+            info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
+        )
+        return session
+
+    @classmethod
     def from_url(
         cls,
         *,
@@ -244,6 +320,10 @@ class AdvancedSession:
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        user_id: str | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
         max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> AdvancedSession:
         """A session on the database at ``url``, sharing the URL's engine with other sessions."""
@@ -255,6 +335,10 @@ class AdvancedSession:
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            user_id=user_id,
+            title=title,
+            metadata=metadata,
+            session_for_context=session_for_context,
             max_item_bytes=max_item_bytes,
         )
 
@@ -262,7 +346,35 @@ class AdvancedSession:
         state = "closed" if self._closed else f"branch={self._pointer.branch_id!r}"
         return f"{type(self).__name__}(session_id={self.session_id!r}, {state})"
 
+    @property
+    def current_branch_id(self) -> str:
+        """The branch that reads and writes without a ``branch_id`` use (read-only).
+
+        Changed by ``create_branch_*``, ``switch_to_branch``, ``delete_branch(force=True)``
+        and ``clear_session``. After another instance clears the session, it still names the
+        old branch until this session's next read or write finds the clear, and ``main``
+        from then on, as the SDK's class behaves.
+        """
+        return self._pointer.branch_id
+
     # -- plumbing ------------------------------------------------------------------------
+
+    def _routed(self, wrapper: Any) -> AdvancedSession:
+        """The session that serves a call made with run context ``wrapper``."""
+        if wrapper is None or self._session_for_context is None:
+            return self
+        target = self._session_for_context(wrapper)
+        if target is None:
+            return self
+        if not isinstance(target, AdvancedSession):
+            raise InvalidArgumentError(
+                "session_for_context must return a turnstore session or None; "
+                f"got {type(target).__name__}"
+            )
+        return target
+
+    def _log_context(self) -> dict[str, object]:
+        return {"session_id": self.session_id, "branch_id": self._pointer.branch_id}
 
     def _binding(self) -> _Binding:
         if self._closed:
@@ -272,12 +384,16 @@ class AdvancedSession:
         if binding is None:
             handle = self._acquire()
             binding = self._bindings[loop] = _Binding(
-                handle, ConversationRepository(handle, self._tables), asyncio.Lock()
+                handle,
+                ConversationRepository(handle, self._tables, self._info_defaults),
+                asyncio.Lock(),
             )
         return binding
 
     async def _store(self) -> ConversationRepository:
         store = self._binding().store
+        if self._info_defaults.user_id is not None:
+            store.check_identifier(self._info_defaults.user_id, "user_id")
         await store.prepare_schema(
             create=self._create_tables,
             migrate_default=bring_to_head,
@@ -326,7 +442,9 @@ class AdvancedSession:
     # -- the SDK Session protocol --------------------------------------------------------
 
     @_operation
-    async def get_items(self, limit: int | None = None, branch_id: str | None = None) -> list[Any]:
+    async def get_items(
+        self, limit: int | None = None, branch_id: str | None = None, *, wrapper: Any = None
+    ) -> list[Any]:
         """Items of the current (or given) branch, oldest first.
 
         Args:
@@ -334,7 +452,11 @@ class AdvancedSession:
                 ``session_settings.limit`` (``None``, a negative number or a number beyond
                 any stored count: all).
             branch_id: Read this branch instead of the current one.
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
         """
+        target = self._routed(wrapper)
+        if target is not self:
+            return await target.get_items(limit, branch_id)
         limit = self._resolve_limit(limit)
         branch_id = _check_branch_id(branch_id)
         store = await self._store()
@@ -383,14 +505,17 @@ class AdvancedSession:
                 return
             after = page[-1][1]
 
-    async def add_items(self, items: list[Any], *, idempotency_key: str | None = None) -> None:
+    async def add_items(
+        self, items: list[Any], *, wrapper: Any = None, idempotency_key: str | None = None
+    ) -> None:
         """Append items to the current branch, in one transaction.
 
         A batch with a user message opens a new user turn; later batches without one (the
         Runner's tool calls and replies) belong to the current turn.
 
         Args:
-            items: The batch.
+            items: Responses input items.
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
             idempotency_key: Makes the call safe to retry: if a batch with this key was
                 stored in the session before (and the session was not cleared since), the
                 call stores nothing. Use a fresh key per batch (say, a UUID) and the same key
@@ -401,6 +526,10 @@ class AdvancedSession:
                 too large (nothing of the batch is stored).
             InvalidArgumentError: ``idempotency_key`` is not a valid id.
         """
+        target = self._routed(wrapper)
+        if target is not self:
+            await target.add_items(items)
+            return
         binding = self._binding()
         messages = to_new_messages(items, max_item_bytes=self.max_item_bytes)
         if idempotency_key is not None:
@@ -414,35 +543,93 @@ class AdvancedSession:
                     self._pointer = await store.append(
                         self.session_id, self._pointer, messages, idempotency_key
                     )
-            except Exception:
-                self._logger.exception("Failed to add session items")
+            except Exception as exc:
+                log_failure(
+                    self._logger,
+                    "Failed to add session items",
+                    exc,
+                    kind="model_and_tool",
+                    context=self._log_context,
+                )
                 raise
 
     @_operation
-    async def pop_item(self) -> Any | None:
+    async def pop_item(self, *, wrapper: Any = None) -> Any | None:
         """Remove and return the newest item of the current branch (``None`` if empty).
 
         The message is deleted only if no other branch shares it; a turn's usage row goes with
         its last item.
+
+        Args:
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
         """
-        async with self._ordered():
-            store = await self._store()
-            branch = await self._current_branch(store)
-            while True:
-                popped = await store.pop_latest(self.session_id, branch)
-                if popped is None:
-                    return None
-                item = None if popped.message_data is None else decode(popped.message_data)
-                if item is not None:
-                    return item
+        target = self._routed(wrapper)
+        if target is not self:
+            return await target.pop_item()
+        return await self._pop_item_with_validation(None)
 
     @_operation
-    async def clear_session(self) -> None:
-        """Delete the whole session (every branch and its usage); branch names stay reserved."""
+    async def clear_session(self, *, wrapper: Any = None) -> None:
+        """Delete the whole session (every branch and its usage); branch names stay reserved.
+
+        Args:
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
+        """
+        target = self._routed(wrapper)
+        if target is not self:
+            await target.clear_session()
+            return
         async with self._ordered():
             store = await self._store()
             generation = await store.clear(self.session_id)
             self._pointer = BranchPointer(MAIN_BRANCH, generation)
+
+    # -- session info --------------------------------------------------------------------
+
+    async def set_info(
+        self,
+        *,
+        user_id: str | None = UNSET,
+        title: str | None = UNSET,
+        metadata: Mapping[str, Any] | None = UNSET,
+    ) -> None:
+        """Change the session's owner, title or metadata (``None`` clears one).
+
+        Only the keywords given change; ``metadata`` replaces the whole dict. A session
+        without info gets it (and so appears in the store's listings, with no items yet).
+        The last activity does not change: renaming a conversation does not reorder a
+        sidebar.
+
+        Raises:
+            InvalidArgumentError: A value has the wrong type, or ``metadata`` is not JSON
+                (nothing is stored).
+            SchemaMissingError: The database predates the session info table.
+        """
+        changes: dict[str, Any] = {}
+        if user_id is not UNSET:
+            changes["user_id"] = check_user_id(user_id)
+        if title is not UNSET:
+            changes["title"] = check_title(title)
+        if metadata is not UNSET:
+            changes["metadata"] = check_metadata(metadata)
+        async with self._ordered():
+            store = await self._store()
+            store.require_info_table()
+            if changes.get("user_id") is not None:
+                store.check_identifier(changes["user_id"], "User ids")
+            binding = self._binding()
+            await StoreQueries(binding.handle, self._tables).set_info(self.session_id, changes)
+
+    async def get_info(self) -> SessionSummary | None:
+        """The session's summary, as the store lists it; ``None`` if the store does not know it.
+
+        Raises:
+            SchemaMissingError: The database predates the session info table.
+        """
+        store = await self._store()
+        store.require_info_table()
+        row = await StoreQueries(self._binding().handle, self._tables).summary(self.session_id)
+        return None if row is None else summary_from_row(row)
 
     # -- usage ---------------------------------------------------------------------------
 
@@ -455,6 +642,11 @@ class AdvancedSession:
         finally fails is logged at WARNING and counted in :attr:`dropped_usage_writes`.
         """
         try:
+            context = getattr(result, "context_wrapper", None)
+            target = self._routed(context)
+            if target is not self:
+                await target.store_run_usage(result)
+                return
             usage = usage_from_result(result)
             if usage is None:
                 return
@@ -463,20 +655,26 @@ class AdvancedSession:
                     store = await self._store()
                     turn = await store.record_usage(self.session_id, self._pointer, usage)
             if turn is None:
-                self._logger.debug("No current turn on branch %r; usage not stored", self._pointer)
+                self._logger.debug(
+                    "No current turn on branch %r; usage not stored",
+                    identifier(self._pointer.branch_id),
+                )
         except (StorageError, ConnectionLostError, SchemaLockTimeoutError) as exc:
             # The database lost the write (after the retries): usage is analytics, so the
             # conversation goes on; the drop is counted where the caller can read it.
             self.dropped_usage_writes += 1
-            self._logger.warning(
-                "Dropped the usage of a run for session %r: %s (dropped so far: %d)",
-                self.session_id,
+            log_failure(
+                self._logger,
+                f"Dropped the usage of a run (dropped so far: {self.dropped_usage_writes})",
                 exc,
-                self.dropped_usage_writes,
+                level=logging.WARNING,
+                context=self._log_context,
             )
-        except Exception:
+        except Exception as exc:
             self.dropped_usage_writes += 1
-            self._logger.exception("Failed to store session usage")
+            log_failure(
+                self._logger, "Failed to store session usage", exc, context=self._log_context
+            )
 
     @_operation
     async def get_session_usage(self, branch_id: str | None = None) -> dict[str, int] | None:
@@ -571,9 +769,9 @@ class AdvancedSession:
             self._pointer = BranchPointer(created.branch_id, created.generation)
         self._logger.debug(
             "Created branch %r from turn %s of %r (%s items)",
-            created.branch_id,
+            identifier(created.branch_id),
             turn_number,
-            created.source_branch_id,
+            identifier(created.source_branch_id),
             created.copied_messages,
         )
         return created.branch_id
@@ -607,7 +805,9 @@ class AdvancedSession:
                 raise BranchNotFoundError(f"Branch '{branch_id}' does not exist")
             previous = self._pointer.branch_id
             self._pointer = BranchPointer(branch_id, generation)
-        self._logger.info("Switched from branch %r to %r", previous, branch_id)
+        self._logger.info(
+            "Switched from branch %r to %r", identifier(previous), identifier(branch_id)
+        )
 
     @_operation
     async def delete_branch(self, branch_id: str, force: bool = False) -> None:
@@ -638,7 +838,7 @@ class AdvancedSession:
                 self._pointer = BranchPointer(MAIN_BRANCH, self._pointer.generation)
         self._logger.info(
             "Deleted branch %r: %s message entries, %s usage entries, %s messages",
-            branch_id,
+            identifier(branch_id),
             deleted.structure_rows,
             deleted.usage_rows,
             deleted.messages,
@@ -770,6 +970,11 @@ class AdvancedSQLiteSession(AdvancedSession):
         session_settings: The SDK's ``SessionSettings`` (or a dict of it).
         sessions_table: Name of the sessions table.
         messages_table: Name of the messages table.
+        user_id: The session's owner (see :class:`AdvancedSession`).
+        title: The session's title.
+        metadata: The session's metadata, a JSON dict.
+        session_for_context: Routes the Runner's calls by run context (see
+            :class:`AdvancedSession`).
         max_item_bytes: The most bytes one item may take as JSON (64 MiB by default).
     """
 
@@ -783,6 +988,10 @@ class AdvancedSQLiteSession(AdvancedSession):
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        user_id: str | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
         max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> None:
         url = engines.sqlite_url(db_path)
@@ -795,8 +1004,20 @@ class AdvancedSQLiteSession(AdvancedSession):
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
             max_item_bytes=max_item_bytes,
         )
+
+    @property
+    def _current_branch_id(self) -> str:
+        """The current branch under the SDK class's name: the same as ``current_branch_id``."""
+        return self._pointer.branch_id
+
+
+def _info_defaults(user_id: object, title: object, metadata: object) -> InfoDefaults:
+    """Checked constructor keywords: what a session's first write stores as its info."""
+    return InfoDefaults(check_user_id(user_id), check_title(title), check_metadata(metadata))
 
 
 @dataclass(eq=False)

@@ -8,6 +8,7 @@ the dialect name.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -17,14 +18,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
+    BigInteger,
     Column,
+    Integer,
+    String,
     Table,
+    and_,
+    cast,
     event,
     func,
     insert,
     inspect,
+    literal,
     literal_column,
+    not_,
+    or_,
     select,
+    true,
+    tuple_,
 )
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -50,6 +61,19 @@ from turnstore.persistence.types import (
     PADDED_IDENTIFIER_COLLATION,
     exact_identifier_collation,
 )
+
+#: A value a metadata filter may compare with.
+JSONScalar = str | int | float | bool | None
+
+
+def _containment_fragments(wanted: Mapping[str, JSONScalar]) -> tuple[str, list[str]]:
+    """JSON for "document contains these members" and, per key, "contains an array there".
+
+    Containment of a scalar member is equality, except that an array holding the scalar
+    contains it too; a document whose member is an array contains ``{key: []}``, which rules
+    those out.
+    """
+    return json.dumps(dict(wanted)), [json.dumps({key: []}) for key in wanted]
 
 
 @dataclass(frozen=True)
@@ -93,10 +117,36 @@ class DialectProfile:
     serializes_writers_in_process: ClassVar[bool] = False
     lock_statement_may_read: ClassVar[bool] = False
     read_execution_options: ClassVar[Mapping[str, Any]] = {}
+    max_identifier_length: ClassVar[int | None] = None
+    # The asyncio drivers turnstore supports, first the recommended one, each with the
+    # turnstore extra that installs it (None: a core dependency, or no extra ships it).
+    async_drivers: ClassVar[Mapping[str, str | None]] = {}
 
     def insert(self, table: Table) -> Insert:
         """Return the dialect's INSERT construct (with its upsert extensions) for ``table``."""
         raise NotImplementedError
+
+    def driver_hint(self, url: URL) -> str:
+        """What to install or write so that ``url``'s driver can be loaded.
+
+        Names the turnstore extra for a supported driver that is not installed, and the
+        recommended asyncio driver for a URL naming another (or no) driver.
+        """
+        driver = url.get_driver_name()
+        backend = url.get_backend_name()
+        if driver in self.async_drivers:
+            extra = self.async_drivers[driver]
+            install = f"pip install 'turnstore[{extra}]'" if extra else f"pip install {driver}"
+            return f"the {driver} driver is not installed: {install}"
+        recommended = next(iter(self.async_drivers), None)
+        if recommended is None:
+            return f"turnstore has no asyncio driver for {backend}"
+        extra = self.async_drivers[recommended]
+        install = f" (pip install 'turnstore[{extra}]')" if extra else ""
+        return (
+            f"turnstore needs an asyncio driver, not {driver}: "
+            f"use {backend}+{recommended}://...{install}"
+        )
 
     def upsert(
         self,
@@ -215,6 +265,13 @@ class DialectProfile:
         """
         return name
 
+    def missing_file(self, url: URL) -> Path | None:
+        """The database file ``url`` names, if it is a file that does not exist yet.
+
+        Read-only commands check it so that they never create a database by connecting.
+        """
+        return None
+
     def unreachable_reason(self, url: URL) -> str | None:
         """Why connecting to ``url`` must fail, when that is knowable without connecting."""
         return None
@@ -264,6 +321,37 @@ class DialectProfile:
         """
         return []
 
+    def now_micros(self) -> ColumnElement[int]:
+        """The database clock's current time, in microseconds since the Unix epoch (UTC)."""
+        raise NotImplementedError
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """A stored ``TIMESTAMP_UTC`` value in microseconds since the Unix epoch."""
+        raise NotImplementedError
+
+    def keyset_before(
+        self, columns: Sequence[ColumnElement[Any]], values: Sequence[Any]
+    ) -> ColumnElement[bool]:
+        """``columns`` sort strictly before ``values`` (a keyset position), as an index range.
+
+        A row-value comparison, which SQLite and Postgres turn into one range of an index on
+        ``columns``.
+        """
+        return tuple_(*columns) < tuple_(
+            *(literal(v, c.type) for c, v in zip(columns, values, strict=True))
+        )
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """Each top-level key of ``wanted`` holds the equal JSON scalar in ``document``.
+
+        Equality is JSON's on every database: strings compare exactly (case and accents
+        count), numbers by value (``1`` equals ``1.0``), ``true`` is not ``1``, and ``None``
+        matches a stored ``null`` only, not a missing key.
+        """
+        raise NotImplementedError
+
 
 class _OnConflictProfile(DialectProfile):
     """Dialects that spell upserts ``INSERT ... ON CONFLICT`` (SQLite and PostgreSQL).
@@ -300,6 +388,7 @@ class SQLiteProfile(_OnConflictProfile):
     """SQLite: one writer at a time, WAL for concurrent readers, foreign keys switched on."""
 
     name = "sqlite"
+    async_drivers: ClassVar[Mapping[str, str | None]] = {"aiosqlite": None}
     serializes_writers_in_process = True
     lock_statement_may_read = True
     runs_prepared_statements_directly = True
@@ -397,6 +486,14 @@ class SQLiteProfile(_OnConflictProfile):
         code = getattr(error, "sqlite_errorcode", None)
         return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
 
+    def missing_file(self, url: URL) -> Path | None:
+        """The database file ``url`` names, if it does not exist (connecting would create it)."""
+        database = url.database
+        if database in (None, "", ":memory:") or database.startswith("file:"):
+            return None
+        path = Path(database).expanduser()
+        return None if path.exists() else path
+
     def unreachable_reason(self, url: URL) -> str | None:
         """A file in a missing directory cannot be created.
 
@@ -407,6 +504,43 @@ class SQLiteProfile(_OnConflictProfile):
             return None
         directory = Path(url.database).expanduser().resolve().parent
         return None if directory.is_dir() else f"directory {directory} does not exist"
+
+    def now_micros(self) -> ColumnElement[int]:
+        """Whole seconds and the milliseconds SQLite's clock has, both read from ``'now'``.
+
+        ``'now'`` is one instant throughout a statement, so the two parts agree.
+        """
+        return self.epoch_micros(literal("now"))
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """Seconds from ``strftime('%s')`` plus milliseconds from ``'%f'`` (``SS.SSS``)."""
+        seconds = cast(func.strftime("%s", timestamp), Integer)
+        millis = cast(func.substr(func.strftime("%f", timestamp), 4), Integer)
+        return cast(seconds * 1_000_000 + millis * 1000, BigInteger)
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """One ``json_each`` lookup per key, comparing the member's JSON type and value."""
+        conditions = []
+        for key, value in wanted.items():
+            members = func.json_each(document).table_valued("key", "value", "type")
+            kind = members.c.type
+            if value is None:
+                same = kind == "null"
+            elif isinstance(value, bool):
+                same = kind == ("true" if value else "false")
+            elif isinstance(value, str):
+                same = and_(kind == "text", members.c.value == literal(value, String()))
+            else:
+                same = and_(kind.in_(("integer", "real")), members.c.value == literal(value))
+            conditions.append(
+                select(literal_column("1"))
+                .select_from(members)
+                .where(members.c.key == literal(key, String()), same)
+                .exists()
+            )
+        return and_(true(), *conditions)
 
 
 @cache
@@ -478,6 +612,7 @@ class PostgresProfile(_OnConflictProfile):
     """PostgreSQL: row locks serialize writers of one session; readers never block."""
 
     name = "postgresql"
+    async_drivers: ClassVar[Mapping[str, str | None]] = {"asyncpg": "postgres"}
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
     # Any fixed 64-bit key; shared by every turnstore process touching the schema.
     schema_lock_key: ClassVar[int] = 0x7475726E73746F72  # "turnstor"
@@ -548,6 +683,26 @@ class PostgresProfile(_OnConflictProfile):
         """A deadlock, a serialization failure or a lock_timeout."""
         return self.error_code(error) in self._LOCK_CONFLICTS
 
+    def now_micros(self) -> ColumnElement[int]:
+        """``clock_timestamp()``: the time of the statement, not of the transaction's start."""
+        return self.epoch_micros(func.clock_timestamp())
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """``EXTRACT(EPOCH ...)`` is exact (numeric) for timestamps with time zone."""
+        return cast(func.extract("epoch", timestamp) * 1_000_000, BigInteger)
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """JSONB containment (``@>``), excluding array members (see ``_containment_fragments``)."""
+        members, arrays = _containment_fragments(wanted)
+        conditions = [document.op("@>")(cast(literal(members, String()), postgresql.JSONB))]
+        conditions += [
+            not_(document.op("@>")(cast(literal(fragment, String()), postgresql.JSONB)))
+            for fragment in arrays
+        ]
+        return and_(*conditions)
+
 
 _POSTGRES_QUOTER = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
 
@@ -576,6 +731,7 @@ class MySQLProfile(DialectProfile):
     """
 
     name = "mysql"
+    async_drivers: ClassVar[Mapping[str, str | None]] = {"asyncmy": "mysql", "aiomysql": None}
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
     schema_lock_timeout_seconds: ClassVar[int] = 300
     prefer_returning: bool = True
@@ -822,6 +978,43 @@ class MySQLProfile(DialectProfile):
                     + (f" ON DELETE {ondelete}" if ondelete else "")
                 )
         return [f"{table}.{column}" for table, column, _ in columns]
+
+    def now_micros(self) -> ColumnElement[int]:
+        """Microseconds since the epoch of ``UTC_TIMESTAMP(6)``, whatever the session's zone."""
+        return self.epoch_micros(func.utc_timestamp(6))
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """``TIMESTAMPDIFF`` from the epoch: stored DATETIMEs are UTC wall times."""
+        return func.timestampdiff(
+            literal_column("MICROSECOND"), literal_column("'1970-01-01 00:00:00'"), timestamp
+        )
+
+    def keyset_before(
+        self, columns: Sequence[ColumnElement[Any]], values: Sequence[Any]
+    ) -> ColumnElement[bool]:
+        """The comparison spelt out as ``a < x OR (a = x AND b < y)``.
+
+        MariaDB and MySQL evaluate a row-value comparison row by row along the index instead
+        of seeking to it, so a deep page would cost as much as every page before it; the
+        spelt-out form becomes index ranges.
+        """
+        bound = [literal(v, c.type) for c, v in zip(columns, values, strict=True)]
+        alternatives = []
+        for position in range(len(columns)):
+            equal = [columns[i] == bound[i] for i in range(position)]
+            alternatives.append(and_(*equal, columns[position] < bound[position]))
+        return or_(*alternatives)
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """``JSON_CONTAINS``, excluding array members (see ``_containment_fragments``)."""
+        members, arrays = _containment_fragments(wanted)
+        conditions = [func.json_contains(document, literal(members, String())) == 1]
+        conditions += [
+            func.json_contains(document, literal(fragment, String())) == 0 for fragment in arrays
+        ]
+        return and_(*conditions)
 
 
 def _identifier_columns(conn: Connection, collation: str) -> list[tuple[str, str, str]]:

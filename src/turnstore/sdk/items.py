@@ -18,6 +18,7 @@ from turnstore.errors import InvalidItemError
 from turnstore.persistence import jsoncodec
 from turnstore.persistence.repository import NewMessage, ToolCountRule
 from turnstore.persistence.validation import text_problem
+from turnstore.redaction import model_data
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,11 @@ def decode(data: str) -> Any | None:
     try:
         return jsoncodec.loads(data)
     except (TypeError, ValueError):
-        logger.warning("Skipping a stored item that is not valid JSON")
+        # The start of the text helps find the row; it is content, so only where allowed.
+        logger.warning(
+            "Skipping a stored item that is not valid JSON: %r",
+            model_data(data[:80] if isinstance(data, str) else type(data).__name__),
+        )
         return None
 
 
