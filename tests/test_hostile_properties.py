@@ -20,7 +20,7 @@ from tests.conftest import Backend
 from turnstore import AdvancedSession
 
 # Valid id characters: anything but NUL and surrogates (refused as ids everywhere).
-_ID_CHARACTERS = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
+_ID_CHARACTERS = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 _LOOKALIKE_SUFFIXES = ["", " ", "  ", "\t", "\n", "\u00a0", "\u200b", "\u3000"]
 
 

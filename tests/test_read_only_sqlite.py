@@ -79,10 +79,17 @@ async def test_a_database_opened_with_mode_ro(tmp_path: Path, create_tables: boo
         url=f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true",
         create_tables=create_tables,
     )
+    store = turnstore.Store(
+        url=f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true", create_tables=create_tables
+    )
     try:
         await check_read_only(session, expected)
+        info = await store.get_session_info("ro")
+        assert info is not None
+        assert info.session_id == "ro"
     finally:
         await session.aclose()
+        await store.aclose()
         await turnstore.dispose_engines()
     assert digest(tmp_path)["store.db"] == before["store.db"]
 

@@ -44,7 +44,7 @@ from turnstore.persistence.models import (
 )
 from turnstore.persistence.repository import ConversationRepository
 from turnstore.persistence.store_queries import Selection, StoreQueries
-from turnstore.schema.migrate import bring_to_head
+from turnstore.schema.migrate import bring_to_head, is_at_head
 from turnstore.session import AdvancedSession, ContextRouter
 from turnstore.store_cursors import CursorCodec
 
@@ -139,7 +139,11 @@ class Store:
     async def _queries(self) -> StoreQueries:
         handle = self._handle()
         repository = ConversationRepository(handle, self._tables)
-        await repository.prepare_schema(create=self._create_tables, migrate_default=bring_to_head)
+        await repository.prepare_schema(
+            create=self._create_tables,
+            migrate_default=bring_to_head,
+            default_is_current=is_at_head,
+        )
         repository.require_info_table()
         return StoreQueries(handle, self._tables)
 
