@@ -123,3 +123,16 @@ async def test_downgrade_refuses_ids_that_would_merge(mysql: Backend) -> None:
     assert set((await collations(mysql)).values()) == {"utf8mb4_bin"}
     await migrate.upgrade(mysql.engine)
     assert await AdvancedSession(session_id="a", engine=mysql.engine).get_items() == turn("a")
+
+
+async def test_adopting_an_unversioned_database_makes_ids_exact(mysql: Backend) -> None:
+    # Tables from a turnstore without migrations: no version table, padded identifiers.
+    await before_0006_with_another_table(mysql)
+    await execute(mysql, "DROP TABLE turnstore_alembic_version")
+    session = AdvancedSession(session_id="user-42", engine=mysql.engine, create_tables=True)
+    await session.add_items(turn("adopted"))
+    async with mysql.engine.connect() as conn:
+        exact = await conn.run_sync(lambda sync: exact_identifier_collation(sync.dialect))
+    assert set((await collations(mysql)).values()) == {exact}
+    assert await migrate.current(mysql.engine) == (migrate.head(),)
+    assert await AdvancedSession(session_id="user-42 ", engine=mysql.engine).get_items() == []
