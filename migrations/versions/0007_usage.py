@@ -17,7 +17,7 @@ that also replaces the turn's model rows, so the usage write stays one call. Ver
 processes of the previous release.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-06
 """
 
@@ -32,20 +32,19 @@ from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.sql.type_api import TypeEngine
 
 from turnstore.persistence import server_routines
+from turnstore.persistence.types import identifier_column_type
 
 revision = "0007"
-down_revision: str | None = "0005"
+down_revision: str | None = "0006"
 branch_labels: tuple[str, ...] | None = None
 depends_on: tuple[str, ...] | None = None
 
-# Frozen copies of the column types and options of this revision (see 0001 for why).
+# Frozen copies of the timestamp type and table options of this revision (see 0001 for why);
+# identifier columns take the exact type 0006 gave every identifier column of the database.
 _MYSQL_NAMES = ("mysql", "mariadb")
 _MYSQL_CHARSET = "utf8mb4"
 _MYSQL_COLLATION = "utf8mb4_bin"
 
-IDENTIFIER: TypeEngine[str] = sa.Text().with_variant(
-    mysql.VARCHAR(255, charset=_MYSQL_CHARSET, collation=_MYSQL_COLLATION), *_MYSQL_NAMES
-)
 TIMESTAMP_UTC: TypeEngine[Any] = (
     sa.TIMESTAMP()
     .with_variant(postgresql.TIMESTAMP(timezone=True), "postgresql")
@@ -82,13 +81,14 @@ def _count(name: str) -> sa.Column[int]:
 
 def upgrade() -> None:
     """Create the two tables, the time index and (PostgreSQL) version 4 of the functions."""
+    identifier = identifier_column_type(op.get_bind().dialect)
     op.create_table(
         "turnstore_turn_models",
-        sa.Column("session_id", IDENTIFIER, nullable=False),
-        sa.Column("branch_id", IDENTIFIER, nullable=False),
+        sa.Column("session_id", identifier, nullable=False),
+        sa.Column("branch_id", identifier, nullable=False),
         sa.Column("user_turn_number", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("position", sa.Integer(), autoincrement=False, nullable=False),
-        sa.Column("model", IDENTIFIER),
+        sa.Column("model", identifier),
         _count("requests"),
         _count("input_tokens"),
         _count("cached_tokens"),
@@ -112,9 +112,9 @@ def upgrade() -> None:
     )
     op.create_table(
         "turnstore_branch_lineage",
-        sa.Column("session_id", IDENTIFIER, nullable=False),
-        sa.Column("branch_id", IDENTIFIER, nullable=False),
-        sa.Column("parent_branch_id", IDENTIFIER, nullable=False),
+        sa.Column("session_id", identifier, nullable=False),
+        sa.Column("branch_id", identifier, nullable=False),
+        sa.Column("parent_branch_id", identifier, nullable=False),
         sa.Column("fork_turn", sa.Integer(), nullable=False),
         sa.Column("fork_preview", sa.Text()),
         sa.Column("created_at", TIMESTAMP_UTC, server_default=sa.text("CURRENT_TIMESTAMP")),

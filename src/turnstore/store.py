@@ -49,7 +49,7 @@ from turnstore.persistence.models import (
 from turnstore.persistence.repository import ConversationRepository
 from turnstore.persistence.rollups import Owners
 from turnstore.persistence.store_queries import Selection, StoreQueries, track_untracked
-from turnstore.schema.check import at_head, bring_to_head_when_needed
+from turnstore.schema.startup import at_head, bring_to_head_when_needed
 from turnstore.search import SearchPage
 from turnstore.session import AdvancedSession, ContextRouter
 from turnstore.store_cursors import CursorCodec

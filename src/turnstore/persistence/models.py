@@ -54,6 +54,7 @@ RESERVATIONS_TABLE = "branch_reservations"
 GENERATIONS_TABLE = "session_clear_generations"
 TURN_MODELS_TABLE = "turnstore_turn_models"
 LINEAGE_TABLE = "turnstore_branch_lineage"
+APPEND_KEYS_TABLE = "turnstore_append_keys"
 SESSION_INFO_TABLE = "turnstore_session_info"
 
 # Explicit names make constraints addressable by migrations on every dialect; the documented
@@ -73,9 +74,10 @@ _FIXED_TABLES = frozenset(
         USAGE_TABLE,
         RESERVATIONS_TABLE,
         GENERATIONS_TABLE,
+        SESSION_INFO_TABLE,
+        APPEND_KEYS_TABLE,
         TURN_MODELS_TABLE,
         LINEAGE_TABLE,
-        SESSION_INFO_TABLE,
     }
 )
 #: Longest ``title`` a session may carry, in characters (MySQL's TEXT holds 64 KiB of bytes).
@@ -94,6 +96,7 @@ class StoreTables:
     reservations: Table
     generations: Table
     info: Table
+    append_keys: Table
     turn_models: Table
     lineage: Table
 
@@ -108,6 +111,17 @@ class StoreTables:
         return (self.sessions.name, self.messages.name) == (
             DEFAULT_SESSIONS_TABLE,
             DEFAULT_MESSAGES_TABLE,
+        )
+
+    @property
+    def optional(self) -> frozenset[str]:
+        """Tables a database may lack while the store still works without what they add.
+
+        Databases written by the SDK's class, or migrated by an older turnstore and opened
+        without ``create_tables``, lack them until the migrations run.
+        """
+        return frozenset(
+            {self.info.name, self.append_keys.name, self.turn_models.name, self.lineage.name}
         )
 
     @property
@@ -127,15 +141,6 @@ class StoreTables:
     def names(self) -> tuple[str, ...]:
         """Table names, parents first."""
         return tuple(table.name for table in self.metadata.sorted_tables)
-
-    @property
-    def optional_names(self) -> frozenset[str]:
-        """Tables of turnstore's own a database may lack until it is migrated (0007 onwards).
-
-        Without them conversations work as before; what they record (the models of a turn,
-        branch lineage) is not recorded.
-        """
-        return frozenset({self.turn_models.name, self.lineage.name})
 
     @property
     def index_names(self) -> tuple[str, ...]:
@@ -315,8 +320,27 @@ def define_tables(
         Index("idx_session_info_user_activity", "user_id", "last_activity_us", "session_id"),
         **TABLE_OPTIONS,
     )
+    # turnstore's own: the keys of appends made with an idempotency key, so a retried batch
+    # is stored once (see ConversationRepository.append). Cleared with the session.
+    append_keys = Table(
+        APPEND_KEYS_TABLE,
+        metadata,
+        Column("session_id", IDENTIFIER, primary_key=True),
+        Column("append_key", IDENTIFIER, primary_key=True),
+        Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
+        **TABLE_OPTIONS,
+    )
     return StoreTables(
-        sessions, messages, structure, usage, reservations, generations, info, turn_models, lineage
+        sessions,
+        messages,
+        structure,
+        usage,
+        reservations,
+        generations,
+        info,
+        append_keys,
+        turn_models,
+        lineage,
     )
 
 
@@ -331,7 +355,8 @@ def validate_table_name(name: object, argument: str) -> str:
             f"{argument} must be a plain identifier (letters, digits and underscores, not "
             f"starting with a digit, at most 63 characters); got {name!r}"
         )
-    if name in _FIXED_TABLES:
+    # SQLite (and MySQL on some systems) compare table names case-insensitively.
+    if name.lower() in _FIXED_TABLES:
         raise InvalidArgumentError(f"{argument} may not be {name!r}: turnstore uses that table")
     return name
 
@@ -410,6 +435,16 @@ class BranchReservation(Base):
     branch_id: Mapped[str]
 
 
+class AppendKey(Base):
+    """The idempotency key of an append that was stored, so a retry is not stored twice."""
+
+    __table__ = DEFAULT_TABLES.append_keys
+
+    session_id: Mapped[str]
+    append_key: Mapped[str]
+    created_at: Mapped[datetime | None]
+
+
 class SessionClearGeneration(Base):
     """How many times a session was cleared; lets other instances notice a clear."""
 
@@ -459,7 +494,7 @@ def tables_for(sessions_table: str, messages_table: str) -> StoreTables:
     """
     validate_table_name(sessions_table, "sessions_table")
     validate_table_name(messages_table, "messages_table")
-    if sessions_table == messages_table:
+    if sessions_table.lower() == messages_table.lower():
         raise InvalidArgumentError("sessions_table and messages_table must differ")
     if (sessions_table, messages_table) == (DEFAULT_SESSIONS_TABLE, DEFAULT_MESSAGES_TABLE):
         return DEFAULT_TABLES
