@@ -198,9 +198,14 @@ async def prepared_store(url: str) -> tuple[AsyncEngine, Store]:
 
 
 def milliseconds(samples: list[float]) -> dict[str, float]:
-    """p50 and p99 of samples in seconds, in milliseconds."""
+    """Fastest, p50 and p99 of samples in seconds, in milliseconds.
+
+    On a shared machine the fastest run shows what the work costs; p50 and p99 add the
+    machine's contention.
+    """
     ordered = sorted(samples)
     return {
+        "min_ms": round(ordered[0] * 1e3, 3),
         "p50_ms": round(statistics.median(ordered) * 1e3, 3),
         "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3, 3),
     }
@@ -264,13 +269,12 @@ async def listing(backend: str, server_url: str | None, sizes: Sizes) -> dict[st
             finally:
                 await store.aclose()
                 await engine.dispose()
-    smallest, largest = str(sizes.listing[0]), str(sizes.listing[-1])
-    figures["ratio_largest_to_smallest_page_1"] = round(
-        figures[largest]["page_1"]["p50_ms"] / figures[smallest]["page_1"]["p50_ms"], 2
-    )
-    figures["ratio_largest_to_smallest_page_90pct"] = round(
-        figures[largest]["page_90pct"]["p50_ms"] / figures[smallest]["page_90pct"]["p50_ms"], 2
-    )
+    smallest, largest = figures[str(sizes.listing[0])], figures[str(sizes.listing[-1])]
+    for where in ("page_1", "page_90pct"):
+        for statistic in ("min_ms", "p50_ms"):
+            figures[f"ratio_largest_to_smallest_{where}_{statistic.removesuffix('_ms')}"] = round(
+                largest[where][statistic] / smallest[where][statistic], 2
+            )
     return figures
 
 
