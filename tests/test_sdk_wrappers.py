@@ -127,9 +127,17 @@ async def test_manual_compaction_replaces_the_current_branch_atomically(backend:
     session = await branched(backend)
     await session.add_items(turn("alt 3"))
     kept = await snapshot_of_store(session)
+    info = await session.get_info()
     compaction, responses = compacting(session)
 
     await compaction.run_compaction({"force": True})
+
+    # The store lists the session as just written; its main branch is as it was.
+    after = await session.get_info()
+    assert info is not None
+    assert after is not None
+    assert after.last_activity > info.last_activity
+    assert (after.items, after.branches) == (info.items, info.branches)
 
     assert responses.calls[0]["input"] == [*turn("main 1"), *turn("main 2"), *turn("alt 3")]
     assert await session.get_items() == [user("main 1"), user("main 2"), user("alt 3"), summary(1)]
