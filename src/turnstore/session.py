@@ -149,17 +149,17 @@ class AdvancedSession(WrapperHooks):
             default number of items ``get_items`` returns.
         sessions_table: Name of the sessions table.
         messages_table: Name of the messages table.
+        user_id: The session's owner, stored when the session gets its info (its first
+            write, unless ``set_info`` came first); an existing session's owner is not
+            changed (use :meth:`set_info`).
+        title: The session's title, stored likewise.
+        metadata: A JSON dict stored likewise; the store's listings filter on its keys.
         session_for_context: Routes the Runner's calls by run context: called with the
             ``RunContextWrapper`` the Runner passes to ``get_items``, ``add_items``,
             ``pop_item`` and ``clear_session`` (``wrapper=``) and that ``store_run_usage``
             finds on its result, it returns the session that serves the call (for example
             the tenant's own, on the tenant's engine or schema), or ``None`` for this one.
             Without it the run context is ignored.
-        user_id: The session's owner, stored when the session gets its info (its first
-            write, unless ``set_info`` came first); an existing session's owner is not
-            changed (use :meth:`set_info`).
-        title: The session's title, stored likewise.
-        metadata: A JSON dict stored likewise; the store's listings filter on its keys.
 
     Raises:
         InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given, a table
@@ -178,10 +178,10 @@ class AdvancedSession(WrapperHooks):
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
-        session_for_context: ContextRouter | None = None,
         user_id: str | None = None,
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
     ) -> None:
         if (engine is None) == (url is None):
             raise InvalidArgumentError("Pass exactly one of engine= or url=")
@@ -200,8 +200,8 @@ class AdvancedSession(WrapperHooks):
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
-            session_for_context=session_for_context,
             info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
         )
 
     def _setup(
@@ -214,8 +214,8 @@ class AdvancedSession(WrapperHooks):
         session_settings: Any,
         sessions_table: str,
         messages_table: str,
-        session_for_context: ContextRouter | None = None,
         info: InfoDefaults = NO_INFO,
+        session_for_context: ContextRouter | None,
     ) -> None:
         if session_for_context is not None and not callable(session_for_context):
             raise InvalidArgumentError(
@@ -223,8 +223,8 @@ class AdvancedSession(WrapperHooks):
                 f"got {type(session_for_context).__name__}"
             )
         self.session_id = _check_text(session_id, "session_id")
-        self._session_for_context = session_for_context
         self._info_defaults = info
+        self._session_for_context = session_for_context
         self.session_settings = _coerce_settings(session_settings)
         self.sessions_table = sessions_table
         self.messages_table = messages_table
@@ -251,6 +251,7 @@ class AdvancedSession(WrapperHooks):
         user_id: str | None,
         title: str | None,
         metadata: Mapping[str, Any] | None,
+        session_for_context: ContextRouter | None = None,
     ) -> AdvancedSession:
         """A session on an engine handle someone else acquires (a store lending its engine)."""
         session = cls.__new__(cls)
@@ -263,6 +264,7 @@ class AdvancedSession(WrapperHooks):
             sessions_table=sessions_table,
             messages_table=messages_table,
             info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
         )
         return session
 
@@ -277,10 +279,10 @@ class AdvancedSession(WrapperHooks):
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
-        session_for_context: ContextRouter | None = None,
         user_id: str | None = None,
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
     ) -> AdvancedSession:
         """A session on the database at ``url``, sharing the URL's engine with other sessions."""
         return AdvancedSession(
@@ -291,10 +293,10 @@ class AdvancedSession(WrapperHooks):
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
-            session_for_context=session_for_context,
             user_id=user_id,
             title=title,
             metadata=metadata,
+            session_for_context=session_for_context,
         )
 
     def __repr__(self) -> str:
@@ -851,11 +853,11 @@ class AdvancedSQLiteSession(AdvancedSession):
         session_settings: The SDK's ``SessionSettings`` (or a dict of it).
         sessions_table: Name of the sessions table.
         messages_table: Name of the messages table.
-        session_for_context: Routes the Runner's calls by run context (see
-            :class:`AdvancedSession`).
         user_id: The session's owner (see :class:`AdvancedSession`).
         title: The session's title.
         metadata: The session's metadata, a JSON dict.
+        session_for_context: Routes the Runner's calls by run context (see
+            :class:`AdvancedSession`).
     """
 
     def __init__(
@@ -868,10 +870,10 @@ class AdvancedSQLiteSession(AdvancedSession):
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
-        session_for_context: ContextRouter | None = None,
         user_id: str | None = None,
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
     ) -> None:
         url = engines.sqlite_url(db_path)
         self.db_path = db_path
@@ -883,8 +885,8 @@ class AdvancedSQLiteSession(AdvancedSession):
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
-            session_for_context=session_for_context,
             info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
         )
 
     @property

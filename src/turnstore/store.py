@@ -45,7 +45,7 @@ from turnstore.persistence.models import (
 from turnstore.persistence.repository import ConversationRepository
 from turnstore.persistence.store_queries import Selection, StoreQueries
 from turnstore.schema.migrate import bring_to_head
-from turnstore.session import AdvancedSession
+from turnstore.session import AdvancedSession, ContextRouter
 from turnstore.store_cursors import CursorCodec
 
 _default_logger = logging.getLogger("turnstore")
@@ -158,6 +158,7 @@ class Store:
         create_tables: bool | None = None,
         logger: logging.Logger | None = None,
         session_settings: Any = None,
+        session_for_context: ContextRouter | None = None,
     ) -> AdvancedSession:
         """A session on this store's engine and tables.
 
@@ -181,6 +182,7 @@ class Store:
             user_id=user_id,
             title=title,
             metadata=metadata,
+            session_for_context=session_for_context,
         )
 
     # -- inspection ----------------------------------------------------------------------
