@@ -13,15 +13,18 @@ from turnstore.errors import (
     InvalidArgumentError,
     InvalidItemError,
     ProtectedBranchError,
+    ReadOnlyDatabaseError,
     SchemaMissingError,
     SessionClosedError,
+    StorageError,
+    TableSetConflictError,
     TurnNotFoundError,
     TurnstoreError,
 )
 from turnstore.info import SessionSummary
 from turnstore.persistence.engines import dispose_engines
 from turnstore.session import AdvancedSession, AdvancedSQLiteSession, SessionSettings
-from turnstore.store import SessionPage, Store
+from turnstore.store import Removed, SessionPage, Store
 
 __version__ = "0.1.0"
 
@@ -35,12 +38,16 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidItemError",
     "ProtectedBranchError",
+    "ReadOnlyDatabaseError",
+    "Removed",
     "SchemaMissingError",
     "SessionClosedError",
     "SessionPage",
     "SessionSettings",
     "SessionSummary",
+    "StorageError",
     "Store",
+    "TableSetConflictError",
     "TurnNotFoundError",
     "TurnstoreError",
     "__version__",

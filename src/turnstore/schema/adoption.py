@@ -3,7 +3,9 @@
 A database written by the SDK's ``AdvancedSQLiteSession`` already has turnstore's tables (the
 models reproduce the SDK's layout); depending on the SDK version it lacks the two bookkeeping
 tables, and it always lacks turnstore's ``idx_structure_message_session`` index. Completing it only
-adds: no existing table is rebuilt and no row is changed or removed.
+adds: no existing table is rebuilt and no row is changed or removed. Every session gets a row
+in turnstore's own ``turnstore_session_info`` (its times taken from ``agent_sessions``), so the
+store lists the adopted sessions.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sqlalchemy.engine import Connection
 
 from turnstore.persistence.dialects import profile_for
 from turnstore.persistence.models import DEFAULT_TABLES, STRUCTURE_TABLE
+from turnstore.persistence.store_queries import track_untracked
 
 
 class DatabaseKind(enum.Enum):
@@ -113,13 +116,32 @@ def complete_schema(connection: Connection) -> list[str]:
                 index.create(connection)
                 done.append(f"created index {index.name}")
     profile = profile_for(connection.dialect.name)
+    # Tables made before migration 0006 (by a turnstore without migrations) still compare
+    # ids with a padded collation on MySQL: stamping head must not skip its conversion.
+    converted = profile.convert_identifier_collation(connection, exact=True)
+    if converted:
+        done.append(f"made {len(converted)} identifier column(s) exact")
     created = profile.create_server_routines(connection, DEFAULT_TABLES)
     if created:
         done.append(f"created functions {', '.join(created)}")
     backfilled = _reserve_used_branches(connection)
     if backfilled:
         done.append(f"reserved {backfilled} branch name(s) already in use")
+    tracked = _track_sessions(connection)
+    if tracked:
+        done.append(f"recorded the info of {tracked} session(s) for the store's listings")
     return done
+
+
+def _track_sessions(connection: Connection) -> int:
+    """Give every session an info row (as migration 0005 does for the sessions it finds)."""
+    profile = profile_for(connection.dialect.name)
+    total, after = 0, None
+    while True:
+        changed, after = track_untracked(connection, DEFAULT_TABLES, profile, after, 10_000)
+        total += changed
+        if after is None:
+            return total
 
 
 def _reserve_used_branches(connection: Connection) -> int:
