@@ -83,6 +83,7 @@ def next_steps(db_path: Path) -> list[str]:
     url = shlex.quote(f"sqlite+aiosqlite:///{db_path}")
     return [
         "Next, look at it:",
+        f"  turnstore sessions --url {url}    # the conversations, newest first",
         f"  turnstore tree {DEMO_SESSION} --url {url}    # the branch tree",
         f"  turnstore show {DEMO_SESSION} --url {url}    # the conversation, turn by turn",
         f"  turnstore usage --by day,model --url {url}    # tokens and cost",

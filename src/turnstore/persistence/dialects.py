@@ -29,6 +29,8 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    any_,
+    bindparam,
     case,
     cast,
     event,
@@ -360,6 +362,19 @@ class DialectProfile:
         """
         return []
 
+    def in_ids(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+        """``column`` is one of a list of ids bound as the one parameter ``name``.
+
+        One parameter whatever the list's length, so the statement compiles once and runs
+        as prepared; bind the list through :meth:`ids_value`. This default expands the list
+        into one parameter per id at run time.
+        """
+        return column.in_(bindparam(name, expanding=True))
+
+    def ids_value(self, ids: Sequence[str]) -> Any:
+        """The value of an :meth:`in_ids` parameter."""
+        return list(ids)
+
     def now_micros(self) -> ColumnElement[int]:
         """The database clock's current time, in microseconds since the Unix epoch (UTC)."""
         raise NotImplementedError
@@ -373,12 +388,12 @@ class DialectProfile:
     ) -> ColumnElement[bool]:
         """``columns`` sort strictly before ``values`` (a keyset position), as an index range.
 
+        ``values`` may be plain values or SQL expressions (bind parameters, say).
+
         A row-value comparison, which SQLite and Postgres turn into one range of an index on
         ``columns``.
         """
-        return tuple_(*columns) < tuple_(
-            *(literal(v, c.type) for c, v in zip(columns, values, strict=True))
-        )
+        return tuple_(*columns) < tuple_(*_bound(columns, values))
 
     def metadata_matches(
         self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
@@ -579,6 +594,15 @@ class SQLiteProfile(_OnConflictProfile):
             return None
         directory = Path(url.database).expanduser().resolve().parent
         return None if directory.is_dir() else f"directory {directory} does not exist"
+
+    def in_ids(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+        """The ids as a JSON array text, unpacked by ``json_each``."""
+        members = func.json_each(bindparam(name, type_=String())).table_valued("value")
+        return column.in_(select(members.c.value))
+
+    def ids_value(self, ids: Sequence[str]) -> Any:
+        """A JSON array of the ids."""
+        return json.dumps(list(ids))
 
     def now_micros(self) -> ColumnElement[int]:
         """Whole seconds and the milliseconds SQLite's clock has, both read from ``'now'``.
@@ -800,6 +824,10 @@ class PostgresProfile(_OnConflictProfile):
     def is_lock_conflict(self, error: BaseException) -> bool:
         """A deadlock, a serialization failure or a lock_timeout."""
         return self.error_code(error) in self._LOCK_CONFLICTS
+
+    def in_ids(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+        """``column = ANY(:ids)`` with the ids as one text array."""
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(String())))
 
     def now_micros(self) -> ColumnElement[int]:
         """``clock_timestamp()``: the time of the statement, not of the transaction's start."""
@@ -1141,7 +1169,7 @@ class MySQLProfile(DialectProfile):
         of seeking to it, so a deep page would cost as much as every page before it; the
         spelt-out form becomes index ranges.
         """
-        bound = [literal(v, c.type) for c, v in zip(columns, values, strict=True)]
+        bound = _bound(columns, values)
         alternatives = []
         for position in range(len(columns)):
             equal = [columns[i] == bound[i] for i in range(position)]
@@ -1290,6 +1318,14 @@ def _release_mysql_schema_lock(
             cursor.execute(f"DO RELEASE_LOCK({MySQLProfile._LOCK_NAME_SQL})")
     finally:
         cursor.close()
+
+
+def _bound(columns: Sequence[ColumnElement[Any]], values: Sequence[Any]) -> list[Any]:
+    """Values as SQL: expressions (bind parameters) as they are, plain values bound."""
+    return [
+        value if isinstance(value, ColumnElement) else literal(value, column.type)
+        for column, value in zip(columns, values, strict=True)
+    ]
 
 
 def _greater(new: ColumnElement[Any], stored: ColumnElement[Any]) -> ColumnElement[Any]:

@@ -1236,6 +1236,7 @@ class ConversationRepository:
             )
         rewrite.delete_rows(conn, t, session_id, expected)
         rewrite.append_numbered(conn, t, self._profile, session_id, tail.branch_id, messages)
+        self._touch_info(conn, session_id)
         return True
 
     async def replace_branch(
@@ -1266,6 +1267,7 @@ class ConversationRepository:
             branch_id = MAIN_BRANCH
         rewrite.delete_branch_rows(conn, self._t, session_id, branch_id)
         rewrite.append_numbered(conn, self._t, self._profile, session_id, branch_id, messages)
+        self._touch_info(conn, session_id)
         return BranchPointer(branch_id, generation)
 
     async def clear(self, session_id: str) -> int:
