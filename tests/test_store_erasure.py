@@ -156,6 +156,7 @@ async def test_prune_removes_sessions_inactive_past_the_cut_off(backend: Backend
         assert nothing == Removed()
         dry = await store.prune(inactive_for=timedelta(days=30), dry_run=True)
         assert dry.sessions == 6
+        assert await store.prune(inactive_for=timedelta.max, dry_run=True) == Removed()
         assert await store.count_sessions() == 9
         only_alice = await store.prune(before=OLD + timedelta(days=1), user_id="alice")
         assert only_alice.sessions == 2  # s1 and s3

@@ -444,7 +444,9 @@ class Store:
         checked_progress = _check_progress(progress)
         if inactive_for is not None:
             queries = await self._queries()
-            cutoff = await queries.now_micros() - inactive_for // timedelta(microseconds=1)
+            # A span longer than the clock's past selects everything: clamp to what BIGINT holds.
+            idle = inactive_for // timedelta(microseconds=1)
+            cutoff = max(await queries.now_micros() - idle, -(2**62))
         return await self._remove(
             Criteria(user_id=owner, inactive_before_us=cutoff),
             batch_size,
