@@ -176,6 +176,13 @@ class DialectProfile:
     def begin_write(self, conn: Connection) -> None:
         """Start a write transaction that cannot interleave with another writer's."""
 
+    def begin_snapshot(self, conn: Connection) -> None:
+        """Make the transaction just begun on ``conn`` read one snapshot throughout, read-only.
+
+        For reads spread over several statements that must agree with one another (a session
+        exported batch by batch while writers write).
+        """
+
     def lock_schema(self, conn: Connection) -> None:
         """Serialize schema changes across processes for the rest of the transaction."""
 
@@ -309,6 +316,11 @@ class SQLiteProfile(_OnConflictProfile):
         if not getattr(conn.connection.driver_connection, "in_transaction", False):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+    def begin_snapshot(self, conn: Connection) -> None:
+        """A deferred BEGIN: in WAL mode the first read fixes the snapshot for the rest."""
+        if not getattr(conn.connection.driver_connection, "in_transaction", False):
+            conn.exec_driver_sql("BEGIN")
+
     def lock_schema(self, conn: Connection) -> None:
         """The database write lock also serializes DDL."""
         self.begin_write(conn)
@@ -395,6 +407,10 @@ class PostgresProfile(_OnConflictProfile):
         off the same way.)
         """
         conn.exec_driver_sql("SET LOCAL enable_sort = off")
+
+    def begin_snapshot(self, conn: Connection) -> None:
+        """REPEATABLE READ: every statement of the transaction sees the first one's snapshot."""
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
     def lock_schema(self, conn: Connection) -> None:
         """Transaction-scoped advisory lock, released by COMMIT or ROLLBACK."""
@@ -511,6 +527,10 @@ class MySQLProfile(DialectProfile):
         serializes writers of one session; READ COMMITTED drops the gap locks.
         """
         conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+    def begin_snapshot(self, conn: Connection) -> None:
+        """InnoDB's REPEATABLE READ: the first read fixes the snapshot (set before it starts)."""
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
     def insert_returning_ids(
         self,

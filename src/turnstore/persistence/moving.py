@@ -1,0 +1,630 @@
+"""Whole sessions read out of one store and written into another, batch by batch.
+
+Moving a conversation between databases is more than copying rows: message ids are assigned
+by each database, and structure rows point at them. A :class:`SessionReader` streams one
+session as plain records (its head, then its messages, structure rows and usage rows in
+bounded batches, in id order, all from one snapshot); a :class:`SessionWriter` writes such a
+stream into a store in one transaction, giving messages new ids and pointing the structure
+rows at them. Everything else (sequence and turn numbers, branch names, tool names,
+timestamps, token details, reserved branch names, clear generations) is written as read.
+
+Only one batch of rows is in memory at a time, plus 16 bytes per message of the session being
+written (the map from old to new message ids).
+"""
+
+from __future__ import annotations
+
+import bisect
+from array import array
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from functools import cache
+from typing import Any, cast
+
+from sqlalchemy import Integer, Text, and_, bindparam, delete, insert, select, type_coerce, union
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import BindParameter
+
+from turnstore.errors import InvalidArgumentError, SessionExistsError
+from turnstore.persistence.dialects import DialectProfile
+from turnstore.persistence.engines import EngineHandle
+from turnstore.persistence.models import StoreTables
+from turnstore.persistence.prepared import PreparedStatement
+from turnstore.persistence.types import ExchangedJSON, ExchangedTimestamp, stored_timestamp
+
+#: Rows per batch when a caller does not say.
+DEFAULT_BATCH_SIZE = 2000
+
+
+class OnConflict(StrEnum):
+    """What writing a session does when the target already has a session of that id."""
+
+    SKIP = "skip"
+    REPLACE = "replace"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionHead:
+    """What a session is besides its rows.
+
+    Attributes:
+        session_id: The session.
+        has_session_row: Whether the session has its ``agent_sessions`` row (a session
+            cleared and not written since has only its generation and reserved names).
+        created_at: The session row's creation time (export text form), if any.
+        updated_at: The session row's last update time (export text form), if any.
+        clear_generation: How often the session was cleared (``None``: never recorded).
+        reserved_branches: Branch names reserved for good, in name order.
+        info: The session's store information (owner, title, metadata), if any.
+    """
+
+    session_id: str
+    has_session_row: bool
+    created_at: str | None
+    updated_at: str | None
+    clear_generation: int | None
+    reserved_branches: tuple[str, ...]
+    info: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    """One stored message: its id in the source, its creation time, its text as stored."""
+
+    id: int
+    created_at: str | None
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class StructureRow:
+    """One structure row; ``message_id`` is the message's id in the source."""
+
+    message_id: int
+    branch_id: str
+    message_type: str
+    sequence_number: int
+    user_turn_number: int | None
+    branch_turn_number: int | None
+    tool_name: str | None
+    created_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One ``turn_usage`` row; token details are the JSON text the source stored."""
+
+    branch_id: str
+    user_turn_number: int
+    requests: int | None
+    input_tokens: int | None
+    output_tokens: int | None
+    total_tokens: int | None
+    input_tokens_details: str | None
+    output_tokens_details: str | None
+    created_at: str | None
+
+
+#: A batch of one kind of row. A session's batches come messages first, then structure rows,
+#: then usage rows.
+Batch = list[MessageRow] | list[StructureRow] | list[UsageRow]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCounts:
+    """How many rows of each kind a session has."""
+
+    messages: int = 0
+    structure: int = 0
+    usage: int = 0
+
+    @property
+    def items(self) -> int:
+        """Structure rows: the items of every branch."""
+        return self.structure
+
+    def __add__(self, other: SessionCounts) -> SessionCounts:
+        return SessionCounts(
+            self.messages + other.messages,
+            self.structure + other.structure,
+            self.usage + other.usage,
+        )
+
+
+def export_timestamp(value: object) -> str | None:
+    """A stored timestamp in the export's text form: UTC, microseconds only if not zero.
+
+    SQLite's text passes through as it is stored.
+    """
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        if value.microsecond:
+            return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def _json_text(value: object) -> str | None:
+    """Token details as text; drivers hand back text under a Text type (bytes on some)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8")
+    raise TypeError(f"unexpected token-details value of type {type(value).__name__}")
+
+
+class _Queries:
+    """Statements built once per table set and dialect."""
+
+    def __init__(self, tables: StoreTables, profile: DialectProfile) -> None:
+        t = tables
+        sessions, m, s, u = t.sessions, t.messages, t.structure, t.usage
+        g, r = t.generations, t.reservations
+        direct = profile.runs_prepared_statements_directly
+        sid: BindParameter[str] = bindparam("sid", type_=sessions.c.session_id.type)
+        after: BindParameter[int] = bindparam("after", type_=Integer)
+        limit: BindParameter[int] = bindparam("limit", type_=Integer)
+        after_id: BindParameter[str] = bindparam("after_id", type_=sessions.c.session_id.type)
+
+        def prepared(statement: Any) -> PreparedStatement:
+            return PreparedStatement(statement, direct=direct)
+
+        # -- reading
+        self.session_row = prepared(
+            select(
+                type_coerce(sessions.c.created_at, Text), type_coerce(sessions.c.updated_at, Text)
+            ).where(sessions.c.session_id == sid)
+        )
+        self.generation = prepared(select(g.c.generation).where(g.c.session_id == sid))
+        self.reserved = prepared(
+            select(r.c.branch_id).where(r.c.session_id == sid).order_by(r.c.branch_id)
+        )
+        self.messages = prepared(
+            select(m.c.id, type_coerce(m.c.created_at, Text), m.c.message_data)
+            .where(m.c.session_id == sid, m.c.id > after)
+            .order_by(m.c.id)
+            .limit(limit)
+        )
+        self.structure = prepared(
+            select(
+                s.c.id,
+                s.c.message_id,
+                s.c.branch_id,
+                s.c.message_type,
+                s.c.sequence_number,
+                s.c.user_turn_number,
+                s.c.branch_turn_number,
+                s.c.tool_name,
+                type_coerce(s.c.created_at, Text),
+            )
+            # Rows whose message is not this session's are invisible to every read; they
+            # are not part of the conversation and are left behind.
+            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
+            .where(s.c.session_id == sid, s.c.id > after)
+            .order_by(s.c.id)
+            .limit(limit)
+        )
+        self.usage = prepared(
+            select(
+                u.c.id,
+                u.c.branch_id,
+                u.c.user_turn_number,
+                u.c.requests,
+                u.c.input_tokens,
+                u.c.output_tokens,
+                u.c.total_tokens,
+                type_coerce(u.c.input_tokens_details, Text),
+                type_coerce(u.c.output_tokens_details, Text),
+                type_coerce(u.c.created_at, Text),
+            )
+            .where(u.c.session_id == sid, u.c.id > after)
+            .order_by(u.c.id)
+            .limit(limit)
+        )
+        # Every session the store knows: one with rows, or one cleared and not written since.
+        known = union(
+            select(sessions.c.session_id.label("session_id")).where(
+                sessions.c.session_id > after_id
+            ),
+            select(g.c.session_id).where(g.c.session_id > after_id),
+        ).subquery()
+        self.session_ids = prepared(
+            select(known.c.session_id).order_by(known.c.session_id).limit(limit)
+        )
+        known_first = union(
+            select(sessions.c.session_id.label("session_id")), select(g.c.session_id)
+        ).subquery()
+        self.first_session_ids = prepared(
+            select(known_first.c.session_id).order_by(known_first.c.session_id).limit(limit)
+        )
+
+        # -- writing
+        def stamped(name: str = "created_at") -> BindParameter[Any]:
+            return bindparam(name, type_=ExchangedTimestamp())
+
+        self.lock_session = prepared(
+            select(sessions.c.session_id).where(sessions.c.session_id == sid).with_for_update()
+        )
+        self.insert_session = prepared(
+            insert(sessions).values(
+                session_id=sid, created_at=stamped(), updated_at=stamped("updated_at")
+            )
+        )
+        self.insert_generation = prepared(
+            insert(g).values(session_id=sid, generation=bindparam("generation", type_=Integer))
+        )
+        self.insert_reservation = prepared(
+            insert(r).values(session_id=sid, branch_id=bindparam("branch_id"))
+        )
+        self.insert_messages = (
+            insert(m)
+            .values(
+                session_id=bindparam("session_id", type_=m.c.session_id.type),
+                message_data=bindparam("message_data", type_=m.c.message_data.type),
+                created_at=stamped(),
+            )
+            .returning(m.c.id, sort_by_parameter_order=True)
+        )
+        self.insert_structure = prepared(
+            insert(s).values(
+                session_id=sid,
+                message_id=bindparam("message_id", type_=s.c.message_id.type),
+                branch_id=bindparam("branch_id", type_=s.c.branch_id.type),
+                message_type=bindparam("message_type", type_=Text),
+                sequence_number=bindparam("sequence_number", type_=Integer),
+                user_turn_number=bindparam("user_turn_number", type_=Integer),
+                branch_turn_number=bindparam("branch_turn_number", type_=Integer),
+                tool_name=bindparam("tool_name", type_=Text),
+                created_at=stamped(),
+            )
+        )
+        self.insert_usage = prepared(
+            insert(u).values(
+                session_id=sid,
+                branch_id=bindparam("branch_id", type_=u.c.branch_id.type),
+                user_turn_number=bindparam("user_turn_number", type_=Integer),
+                requests=bindparam("requests", type_=Integer),
+                input_tokens=bindparam("input_tokens", type_=Integer),
+                output_tokens=bindparam("output_tokens", type_=Integer),
+                total_tokens=bindparam("total_tokens", type_=Integer),
+                input_tokens_details=bindparam("input_tokens_details", type_=ExchangedJSON()),
+                output_tokens_details=bindparam("output_tokens_details", type_=ExchangedJSON()),
+                created_at=stamped(),
+            )
+        )
+        # Children before parents; the sessions row last.
+        self.erase = [
+            delete(table).where(table.c.session_id == sid) for table in (s, u, m, r, g, sessions)
+        ]
+
+
+@cache
+def _queries(tables: StoreTables, profile: DialectProfile) -> _Queries:
+    return _Queries(tables, profile)
+
+
+class SessionReader:
+    """Reads sessions of one store as records, each session from one snapshot.
+
+    Args:
+        handle: The store's engine handle.
+        tables: The store's tables.
+        batch_size: Rows per batch.
+    """
+
+    def __init__(
+        self, handle: EngineHandle, tables: StoreTables, *, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidArgumentError(f"batch_size must be a positive int; got {batch_size!r}")
+        self._handle = handle
+        self._q = _queries(tables, handle.profile)
+        self.batch_size = batch_size
+
+    async def session_ids(self, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` ids of sessions in the store, in id order, after ``after``."""
+        if after is None:
+            return await self._handle.read(self._q.first_session_ids.scalars, {"limit": limit})
+        params = {"after_id": after, "limit": limit}
+        return await self._handle.read(self._q.session_ids.scalars, params)
+
+    async def all_session_ids(self) -> AsyncIterator[str]:
+        """Every session id of the store, in id order, a page at a time (keyset)."""
+        after: str | None = None
+        while True:
+            page = await self.session_ids(after, self.batch_size)
+            for session_id in page:
+                yield session_id
+            if len(page) < self.batch_size:
+                return
+            after = page[-1]
+
+    async def read(self, session_id: str) -> AsyncIterator[SessionHead | Batch]:
+        """The session's head, then its batches; nothing if the store has no such session.
+
+        Every batch comes from the snapshot the head was read from, so a writer working on
+        the session meanwhile cannot make the records disagree with one another.
+        """
+        q, size = self._q, self.batch_size
+        async with self._handle.steps(write=False) as steps:
+            head = await steps.run(self._head, session_id)
+            if head is None:
+                return
+            yield head
+            for statement, shape in (
+                (q.messages, _message),
+                (q.structure, _structure),
+                (q.usage, _usage),
+            ):
+                after = 0
+                while True:
+                    params = {"sid": session_id, "after": after, "limit": size}
+                    rows = await steps.run(statement.rows, params)
+                    if rows:
+                        yield [shape(row) for row in rows]  # type: ignore[misc]
+                    if len(rows) < size:
+                        break
+                    after = int(rows[-1][0])
+
+    def _head(self, conn: Connection, session_id: str) -> SessionHead | None:
+        q = self._q
+        params = {"sid": session_id}
+        row = q.session_row.first(conn, params)
+        generation = q.generation.scalar(conn, params)
+        if row is None and generation is None:
+            return None
+        return SessionHead(
+            session_id=session_id,
+            has_session_row=row is not None,
+            created_at=None if row is None else export_timestamp(row[0]),
+            updated_at=None if row is None else export_timestamp(row[1]),
+            clear_generation=None if generation is None else int(generation),
+            reserved_branches=tuple(q.reserved.scalars(conn, params)),
+        )
+
+
+def _message(row: Sequence[Any]) -> MessageRow:
+    return MessageRow(int(row[0]), export_timestamp(row[1]), row[2])
+
+
+def _structure(row: Sequence[Any]) -> StructureRow:
+    return StructureRow(
+        int(row[1]), row[2], row[3], int(row[4]), row[5], row[6], row[7], export_timestamp(row[8])
+    )
+
+
+def _usage(row: Sequence[Any]) -> UsageRow:
+    return UsageRow(
+        row[1],
+        int(row[2]),
+        row[3],
+        row[4],
+        row[5],
+        row[6],
+        _json_text(row[7]),
+        _json_text(row[8]),
+        export_timestamp(row[9]),
+    )
+
+
+class MessageIdMap:
+    """Old message ids to new ones, for one session: 16 bytes a message.
+
+    Old ids arrive in increasing order (as sessions are read and as export files must list
+    them), so a lookup is a binary search.
+    """
+
+    def __init__(self) -> None:
+        self._old = array("q")
+        self._new = array("q")
+
+    def __len__(self) -> int:
+        return len(self._old)
+
+    def add(self, old_ids: Sequence[int], new_ids: Sequence[int]) -> None:
+        """Record a batch of ids, old ids increasing and above every one recorded before.
+
+        Raises:
+            InvalidArgumentError: The old ids are not increasing.
+        """
+        previous = self._old[-1] if self._old else None
+        for old in old_ids:
+            if previous is not None and old <= previous:
+                raise InvalidArgumentError(
+                    f"message ids must increase within a session; {old} follows {previous}"
+                )
+            previous = old
+        self._old.extend(old_ids)
+        self._new.extend(new_ids)
+
+    def get(self, old_id: int) -> int | None:
+        """The new id of ``old_id``, or ``None`` if the session defined no such message."""
+        at = bisect.bisect_left(self._old, old_id)
+        if at < len(self._old) and self._old[at] == old_id:
+            return self._new[at]
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    """What writing one session did.
+
+    Attributes:
+        written: Whether the session was written (``False``: skipped, it existed).
+        replaced: Whether an existing session of that id was replaced.
+        counts: The rows written.
+    """
+
+    written: bool
+    replaced: bool
+    counts: SessionCounts
+
+
+class SessionWriter:
+    """Writes sessions, each in one transaction, into one store."""
+
+    def __init__(self, handle: EngineHandle, tables: StoreTables) -> None:
+        self._handle = handle
+        self._profile = handle.profile
+        self._q = _queries(tables, handle.profile)
+
+    async def exists(self, session_id: str) -> bool:
+        """Whether the store has a session of that id (rows, or a clear generation)."""
+        q = self._q
+
+        def probe(conn: Connection) -> bool:
+            params = {"sid": session_id}
+            return (
+                q.session_row.first(conn, params) is not None
+                or q.generation.scalar(conn, params) is not None
+            )
+
+        return await self._handle.read(probe)
+
+    async def write(
+        self,
+        head: SessionHead,
+        batches: AsyncIterator[Batch],
+        on_conflict: OnConflict = OnConflict.SKIP,
+    ) -> WriteOutcome:
+        """Write one session in one transaction: all of it, or (on any error) nothing.
+
+        Args:
+            head: The session's head.
+            batches: Its rows, messages first (old ids increasing), then structure rows, then
+                usage rows. Not consumed when the session is skipped.
+            on_conflict: What to do when the store already has the session.
+
+        Raises:
+            SessionExistsError: The session exists and ``on_conflict`` is ``fail``.
+            InvalidArgumentError: A structure row refers to a message the session did not
+                define, or message ids do not increase.
+        """
+        try:
+            async with self._handle.steps(write=True) as steps:
+                replaced = await steps.run(self._begin, head, on_conflict)
+                if replaced is None:
+                    return WriteOutcome(False, False, SessionCounts())
+                ids = MessageIdMap()
+                messages = structure = usage = 0
+                async for batch in batches:
+                    if not batch:
+                        continue
+                    first = batch[0]
+                    if isinstance(first, MessageRow):
+                        rows = cast(list[MessageRow], batch)
+                        await steps.run(self._messages, head.session_id, rows, ids)
+                        messages += len(batch)
+                    elif isinstance(first, StructureRow):
+                        links = cast(list[StructureRow], batch)
+                        await steps.run(self._structure, head.session_id, links, ids)
+                        structure += len(batch)
+                    else:
+                        await steps.run(self._usage, head.session_id, cast(list[UsageRow], batch))
+                        usage += len(batch)
+                return WriteOutcome(True, replaced, SessionCounts(messages, structure, usage))
+        finally:
+            # A source that reads from a snapshot ends it here, even when nothing was read.
+            close = getattr(batches, "aclose", None)
+            if close is not None:
+                await close()
+
+    def _begin(self, conn: Connection, head: SessionHead, on_conflict: OnConflict) -> bool | None:
+        """Lock, settle a conflict, write the head; ``None`` to skip, else whether replaced."""
+        q, sid = self._q, head.session_id
+        params = {"sid": sid}
+        exists = (
+            q.lock_session.first(conn, params) is not None
+            or q.generation.scalar(conn, params) is not None
+        )
+        replaced = False
+        if exists:
+            if on_conflict is OnConflict.SKIP:
+                return None
+            if on_conflict is OnConflict.FAIL:
+                raise SessionExistsError(
+                    f"Session {sid!r} already exists in the target; nothing of it was written. "
+                    'Pass on_conflict="skip" to keep it or "replace" to overwrite it.'
+                )
+            for statement in q.erase:
+                conn.execute(statement, params)
+            replaced = True
+        if head.has_session_row:
+            q.insert_session.execute(
+                conn, {"sid": sid, "created_at": head.created_at, "updated_at": head.updated_at}
+            )
+        if head.clear_generation is not None:
+            q.insert_generation.execute(conn, {"sid": sid, "generation": head.clear_generation})
+        q.insert_reservation.execute_many(
+            conn, [{"sid": sid, "branch_id": name} for name in head.reserved_branches]
+        )
+        return replaced
+
+    def _messages(
+        self, conn: Connection, session_id: str, batch: list[MessageRow], ids: MessageIdMap
+    ) -> None:
+        dialect = conn.dialect
+        rows = [
+            {
+                "session_id": session_id,
+                "message_data": row.data,
+                "created_at": stored_timestamp(row.created_at, dialect),
+            }
+            for row in batch
+        ]
+        new_ids = self._profile.insert_returning_ids(
+            conn, self._q.insert_messages, rows, {"session_id": session_id}
+        )
+        ids.add([row.id for row in batch], new_ids)
+
+    def _structure(
+        self, conn: Connection, session_id: str, batch: list[StructureRow], ids: MessageIdMap
+    ) -> None:
+        rows = []
+        for row in batch:
+            new_id = ids.get(row.message_id)
+            if new_id is None:
+                raise InvalidArgumentError(
+                    f"A structure row of session {session_id!r} refers to message id "
+                    f"{row.message_id}, which the session does not define"
+                )
+            rows.append(
+                {
+                    "sid": session_id,
+                    "message_id": new_id,
+                    "branch_id": row.branch_id,
+                    "message_type": row.message_type,
+                    "sequence_number": row.sequence_number,
+                    "user_turn_number": row.user_turn_number,
+                    "branch_turn_number": row.branch_turn_number,
+                    "tool_name": row.tool_name,
+                    "created_at": row.created_at,
+                }
+            )
+        self._q.insert_structure.execute_many(conn, rows)
+
+    def _usage(self, conn: Connection, session_id: str, batch: list[UsageRow]) -> None:
+        self._q.insert_usage.execute_many(
+            conn,
+            [
+                {
+                    "sid": session_id,
+                    "branch_id": row.branch_id,
+                    "user_turn_number": row.user_turn_number,
+                    "requests": row.requests,
+                    "input_tokens": row.input_tokens,
+                    "output_tokens": row.output_tokens,
+                    "total_tokens": row.total_tokens,
+                    "input_tokens_details": row.input_tokens_details,
+                    "output_tokens_details": row.output_tokens_details,
+                    "created_at": row.created_at,
+                }
+                for row in batch
+            ],
+        )

@@ -1,0 +1,432 @@
+"""Moving conversations: export to records or a file, import them, copy between databases.
+
+Built on :mod:`turnstore.persistence.moving` (sessions as streams of rows, written one
+session per transaction with new message ids) and :mod:`turnstore.persistence.exportfile`
+(the JSON Lines format). :class:`turnstore.Store` exposes these as ``export``,
+``import_records``, ``import_file`` and ``copy_to``.
+
+Every session is read from one snapshot and written in one transaction, so an import or copy
+that is stopped at any moment leaves whole sessions only; run again with
+``on_conflict="skip"`` (the default) it writes the sessions still missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import IO, Any
+
+from turnstore.errors import ExportFileError, InvalidArgumentError
+from turnstore.persistence.engines import EngineHandle
+from turnstore.persistence.exportfile import (
+    LineWriter,
+    Record,
+    RecordDecoder,
+    batch_records,
+    end_record,
+    file_records,
+    header_record,
+    numbered,
+    session_end_record,
+    session_record,
+)
+from turnstore.persistence.models import StoreTables
+from turnstore.persistence.moving import (
+    DEFAULT_BATCH_SIZE,
+    Batch,
+    MessageRow,
+    OnConflict,
+    SessionCounts,
+    SessionHead,
+    SessionReader,
+    SessionWriter,
+    StructureRow,
+)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a running export, import or copy stands; handed to a progress callback.
+
+    Attributes:
+        sessions_done: Sessions handled so far (written, replaced or skipped).
+        sessions_total: Sessions to handle, when known up front.
+        items: Items (structure rows) written or exported so far.
+        rows: Rows of every kind written or exported so far.
+        elapsed: Seconds since the operation started.
+        session_id: The session just handled.
+    """
+
+    sessions_done: int
+    sessions_total: int | None
+    items: int
+    rows: int
+    elapsed: float
+    session_id: str
+
+    @property
+    def rows_per_second(self) -> float:
+        """Rows handled per second so far."""
+        return self.rows / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds left at the rate so far, when the total is known."""
+        if not self.sessions_total or not self.sessions_done or self.elapsed <= 0:
+            return None
+        rate = self.sessions_done / self.elapsed
+        return max(0.0, (self.sessions_total - self.sessions_done) / rate)
+
+
+ProgressCallback = Callable[[Progress], object]
+
+
+@dataclass
+class TransferSummary:
+    """What an export, import or copy did.
+
+    Attributes:
+        sessions: Sessions written (exported, for an export), replaced ones included.
+        replaced: Sessions that existed in the target and were replaced.
+        skipped: Sessions that existed in the target and were left as they were.
+        messages: Message rows written.
+        items: Items (structure rows) written.
+        usage: Usage rows written.
+        seconds: How long it took.
+        session_ids: The ids of the sessions written (only if asked for).
+    """
+
+    sessions: int = 0
+    replaced: int = 0
+    skipped: int = 0
+    messages: int = 0
+    items: int = 0
+    usage: int = 0
+    seconds: float = 0.0
+    session_ids: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> int:
+        """Rows of every kind written."""
+        return self.messages + self.items + self.usage
+
+    def _add(self, counts: SessionCounts) -> None:
+        self.messages += counts.messages
+        self.items += counts.structure
+        self.usage += counts.usage
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counts as a plain dict (for ``--json`` output)."""
+        return {
+            "sessions": self.sessions,
+            "replaced": self.replaced,
+            "skipped": self.skipped,
+            "messages": self.messages,
+            "items": self.items,
+            "usage": self.usage,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def on_conflict_value(value: object) -> OnConflict:
+    """Check an ``on_conflict`` argument.
+
+    Raises:
+        InvalidArgumentError: Not one of ``"skip"``, ``"replace"``, ``"fail"``.
+    """
+    if isinstance(value, OnConflict):
+        return value
+    if isinstance(value, str) and value in OnConflict._value2member_map_:
+        return OnConflict(value)
+    raise InvalidArgumentError(f'on_conflict must be "skip", "replace" or "fail"; got {value!r}')
+
+
+def check_batch_size(batch_size: object) -> int:
+    """Check a ``batch_size`` argument.
+
+    Raises:
+        InvalidArgumentError: Not a positive int.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be a positive int; got {batch_size!r}")
+    return batch_size
+
+
+def producer() -> str:
+    """This turnstore, as an export header names it."""
+    try:
+        return f"turnstore {metadata.version('turnstore')}"
+    except metadata.PackageNotFoundError:  # a source checkout that is not installed
+        return "turnstore"
+
+
+class _Clock:
+    def __init__(self, total: int | None, progress: ProgressCallback | None) -> None:
+        self.start = time.monotonic()
+        self.total = total
+        self.progress = progress
+        self.done = 0
+
+    def tick(self, summary: TransferSummary, session_id: str) -> None:
+        self.done += 1
+        summary.seconds = time.monotonic() - self.start
+        if self.progress is not None:
+            self.progress(
+                Progress(
+                    self.done,
+                    self.total,
+                    summary.items,
+                    summary.rows,
+                    summary.seconds,
+                    session_id,
+                )
+            )
+
+
+async def _session_ids(
+    reader: SessionReader, session_ids: Iterable[str] | AsyncIterator[str] | None
+) -> AsyncIterator[str]:
+    if session_ids is None:
+        async for session_id in reader.all_session_ids():
+            yield session_id
+        return
+    seen: set[str] = set()
+    if isinstance(session_ids, AsyncIterator):
+        async for session_id in session_ids:
+            if session_id not in seen:
+                seen.add(session_id)
+                yield session_id
+        return
+    for session_id in session_ids:
+        if not isinstance(session_id, str):
+            raise InvalidArgumentError(
+                f"session ids must be strings; got {type(session_id).__name__}"
+            )
+        if session_id not in seen:
+            seen.add(session_id)
+            yield session_id
+
+
+async def _session_records(reader: SessionReader, session_id: str) -> AsyncIterator[Record]:
+    counts = SessionCounts()
+    found = False
+    async for part in reader.read(session_id):
+        if isinstance(part, SessionHead):
+            found = True
+            yield session_record(part)
+            continue
+        counts = counts + _counts(part)
+        for record in batch_records(part):
+            yield record
+    if found:
+        yield session_end_record(session_id, counts)
+
+
+async def export_records(
+    handle: EngineHandle,
+    tables: StoreTables,
+    *,
+    session_ids: Iterable[str] | AsyncIterator[str] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    source: str | None = None,
+    progress: ProgressCallback | None = None,
+    summary: TransferSummary | None = None,
+) -> AsyncIterator[Record]:
+    """The export of a store as records: header, each session's records, end.
+
+    Args:
+        handle: The store's engine handle.
+        tables: The store's tables.
+        session_ids: The sessions to export (ids the store lacks are left out); all when
+            ``None``.
+        batch_size: Rows read per database round trip.
+        source: Where the export comes from, for the header.
+        progress: Called after each session.
+        summary: Filled in with what was exported.
+    """
+    reader = SessionReader(handle, tables, batch_size=check_batch_size(batch_size))
+    summary = summary if summary is not None else TransferSummary()
+    clock = _Clock(None, progress)
+    yield header_record(producer=producer(), source=source)
+    async for session_id in _session_ids(reader, session_ids):
+        async for record in _session_records(reader, session_id):
+            kind = record["record"]
+            if kind == "session_end":
+                summary.sessions += 1
+                summary._add(
+                    SessionCounts(record["messages"], record["structure"], record["usage"])
+                )
+                clock.tick(summary, session_id)
+            yield record
+    summary.seconds = time.monotonic() - clock.start
+    yield end_record(summary.sessions)
+
+
+async def write_export(
+    handle: EngineHandle,
+    tables: StoreTables,
+    file: IO[Any],
+    *,
+    session_ids: Iterable[str] | AsyncIterator[str] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    source: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> TransferSummary:
+    """Write the export of a store to a file object (binary or text); what was exported."""
+    summary = TransferSummary()
+    writer = LineWriter(file)
+    pending: list[Record] = []
+    async for record in export_records(
+        handle,
+        tables,
+        session_ids=session_ids,
+        batch_size=batch_size,
+        source=source,
+        progress=progress,
+        summary=summary,
+    ):
+        pending.append(record)
+        if len(pending) >= batch_size:
+            writer.write(pending)
+            pending = []
+    writer.write(pending)
+    return summary
+
+
+async def import_records(
+    handle: EngineHandle,
+    tables: StoreTables,
+    records: Iterable[tuple[int, Any]],
+    *,
+    on_conflict: OnConflict = OnConflict.SKIP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: ProgressCallback | None = None,
+) -> TransferSummary:
+    """Import numbered export records (see :func:`import_file`); what was written.
+
+    Raises:
+        ExportFileError: A record is wrong; sessions before it stay written.
+        SessionExistsError: A session exists and ``on_conflict`` is ``fail``.
+    """
+    decoder = RecordDecoder(records, batch_size=check_batch_size(batch_size))
+    decoder.read_header()
+    writer = SessionWriter(handle, tables)
+    summary = TransferSummary()
+    clock = _Clock(None, progress)
+    async for head, batches in decoder.sessions():
+        try:
+            outcome = await writer.write(head, batches, on_conflict)
+        except InvalidArgumentError as exc:
+            # The decoder checks what the writer would refuse; this is a last line of defence.
+            raise ExportFileError(decoder.line, str(exc)) from exc
+        _count(summary, outcome.written, outcome.replaced, outcome.counts)
+        clock.tick(summary, head.session_id)
+    summary.seconds = time.monotonic() - clock.start
+    return summary
+
+
+async def import_file(
+    handle: EngineHandle,
+    tables: StoreTables,
+    file: IO[Any],
+    *,
+    on_conflict: OnConflict = OnConflict.SKIP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: ProgressCallback | None = None,
+) -> TransferSummary:
+    """Import an export file (binary or text file object), one session per transaction.
+
+    Raises:
+        ExportFileError: The file is truncated, corrupt, of an unknown version, or refers to
+            a message it never defined; the message names the line. Nothing of the session
+            that line belongs to is written; sessions before it are.
+        SessionExistsError: A session exists and ``on_conflict`` is ``fail``.
+    """
+    return await import_records(
+        handle,
+        tables,
+        file_records(file),
+        on_conflict=on_conflict,
+        batch_size=batch_size,
+        progress=progress,
+    )
+
+
+def numbered_records(records: Iterable[Mapping[str, Any]]) -> Iterable[tuple[int, Any]]:
+    """Records given as dicts (say, from ``Store.export``), numbered for :func:`import_records`."""
+    return numbered(records)
+
+
+def _count(summary: TransferSummary, written: bool, replaced: bool, counts: SessionCounts) -> None:
+    if not written:
+        summary.skipped += 1
+        return
+    summary.sessions += 1
+    summary.replaced += int(replaced)
+    summary._add(counts)
+
+
+async def _batches_after_head(
+    parts: AsyncIterator[SessionHead | Batch],
+) -> AsyncIterator[Batch]:
+    async for part in parts:
+        assert not isinstance(part, SessionHead)
+        yield part
+
+
+async def copy_sessions(
+    source: tuple[EngineHandle, StoreTables],
+    target: tuple[EngineHandle, StoreTables],
+    *,
+    session_ids: Iterable[str] | AsyncIterator[str] | None = None,
+    on_conflict: OnConflict = OnConflict.SKIP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    total: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> TransferSummary:
+    """Copy sessions from one store to another, one session per transaction, no file between.
+
+    Args:
+        source: The source store's handle and tables.
+        target: The target store's handle and tables (the schema must be in place).
+        session_ids: The sessions to copy; all when ``None``.
+        on_conflict: What to do with sessions the target already has.
+        batch_size: Rows per batch.
+        total: How many sessions will be copied, if known (for the progress's ETA).
+        progress: Called after each session.
+
+    Raises:
+        SessionExistsError: A session exists and ``on_conflict`` is ``fail``.
+    """
+    reader = SessionReader(*source, batch_size=check_batch_size(batch_size))
+    writer = SessionWriter(*target)
+    summary = TransferSummary()
+    clock = _Clock(total, progress)
+    async for session_id in _session_ids(reader, session_ids):
+        # Skipping needs no read of the source; the write re-checks under its lock.
+        if on_conflict is OnConflict.SKIP and await writer.exists(session_id):
+            summary.skipped += 1
+            clock.tick(summary, session_id)
+            continue
+        parts = reader.read(session_id)
+        head = await anext(parts, None)
+        if head is None:
+            continue
+        assert isinstance(head, SessionHead)
+        outcome = await writer.write(head, _batches_after_head(parts), on_conflict)
+        _count(summary, outcome.written, outcome.replaced, outcome.counts)
+        clock.tick(summary, session_id)
+    summary.seconds = time.monotonic() - clock.start
+    return summary
+
+
+def _counts(batch: Batch) -> SessionCounts:
+    if not batch:
+        return SessionCounts()
+    if isinstance(batch[0], MessageRow):
+        return SessionCounts(messages=len(batch))
+    if isinstance(batch[0], StructureRow):
+        return SessionCounts(structure=len(batch))
+    return SessionCounts(usage=len(batch))
