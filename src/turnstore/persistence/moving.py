@@ -15,6 +15,7 @@ written (the map from old to new message ids).
 from __future__ import annotations
 
 import bisect
+import json
 from array import array
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -151,12 +152,17 @@ def export_timestamp(value: object) -> str | None:
 
 
 def _json_text(value: object) -> str | None:
-    """Token details as text; drivers hand back text under a Text type (bytes on some)."""
+    """Token details as JSON text.
+
+    SQLite hands back the stored text. A server's native JSON type keeps no text of its own
+    (Postgres's JSONB reorders keys), and some drivers decode it whatever the column is read
+    as: such a value is encoded again, which keeps every key and value.
+    """
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("utf-8")
-    raise TypeError(f"unexpected token-details value of type {type(value).__name__}")
+    return json.dumps(value, ensure_ascii=False)
 
 
 class _Queries:
