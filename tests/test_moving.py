@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import json
+import os
+import random
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from scripts.stress import process_context
 from sqlalchemy import func, select
 
 from tests.conftest import Backend
+from tests.copy_worker import copy_until_killed
 from tests.helpers import assistant, user
 from tests.moving_helpers import all_answers, empty_store, populate, stored_rows
+from tests.test_crash_safety import drain
 from turnstore import transfer
 from turnstore.errors import ExportFileError, SessionExistsError
 from turnstore.persistence import engines
@@ -294,3 +301,61 @@ async def test_records_after_the_end_or_unknown_fields_are_refused(sqlite_path: 
             await transfer.import_file(handle, DEFAULT_TABLES, io.BytesIO(extra))
     finally:
         await engines.release(handle)
+
+
+# -- killed and run again ---------------------------------------------------------------------
+
+KILLS = 3
+
+
+async def test_a_killed_copy_run_again_leaves_every_session_once_and_whole(
+    backend: Backend, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    rng = random.Random(16)
+    async with empty_store("sqlite", request, tmp_path) as source:
+        session_ids = []
+        for number in range(40):
+            session = source.session(f"s{number:02}")
+            for turn_number in range(rng.randint(1, 6)):
+                await session.add_items([user(f"q{turn_number}"), assistant("a" * 2000)])
+            if number % 3 == 0:
+                await session.create_branch_from_turn(1, "b")
+                await session.add_items([user("branched")])
+            session_ids.append(session.session_id)
+        await _handle(backend)  # the target's schema, before any copy starts
+        await engines.dispose_engines()
+        context = process_context()
+        copied: set[str] = set()
+        for kill in range(KILLS):
+            reader, writer_end = context.Pipe(duplex=False)
+            worker = context.Process(
+                target=copy_until_killed,
+                args=(source.url, backend.url, backend.engine_options, writer_end),
+            )
+            worker.start()
+            writer_end.close()
+            try:
+                assert reader.poll(60), "the copy never started"
+                assert reader.recv() == ("ready",)
+                for _ in range(rng.randint(1, 4)):
+                    assert reader.poll(60), "the copy stalled"
+                    message = reader.recv()
+                    copied.add(message[1])
+                await asyncio.sleep(rng.uniform(0, 0.05))
+            finally:
+                os.kill(worker.pid or 0, signal.SIGKILL)
+                worker.join()
+            assert worker.exitcode == -signal.SIGKILL, f"kill {kill}: the copy ended by itself"
+            copied.update(m[1] for m in drain(reader) if m[0] == "copied")
+            reader.close()
+            # Whatever the target holds is whole: each session as in the source, or absent.
+            for session_id in session_ids:
+                rows = await stored_rows(backend.engine, session_id)
+                if session_id in copied or rows["session"]:
+                    assert rows == await stored_rows(source.engine, session_id), session_id
+        assert len(copied) < len(session_ids), "the copy finished before the last kill"
+        summary = await copy_store(source, backend)
+        assert summary.skipped >= len(copied)
+        assert summary.sessions + summary.skipped == len(session_ids)
+        await assert_same(source, backend, session_ids)
+        assert await count_rows(backend) == await count_rows(source)
