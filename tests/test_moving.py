@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,18 @@ from tests.conftest import Backend
 from tests.copy_worker import copy_until_killed
 from tests.helpers import assistant, user
 from tests.moving_helpers import all_answers, empty_store, populate, stored_rows
+from tests.test_adopt import SESSIONS, build_sdk_database, sdk_snapshots, snapshot
 from tests.test_crash_safety import drain
-from turnstore import transfer
+from turnstore import AdvancedSession, AdvancedSQLiteSession, transfer
 from turnstore.errors import ExportFileError, SessionExistsError
 from turnstore.persistence import engines
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import DEFAULT_TABLES
 from turnstore.persistence.moving import OnConflict
 from turnstore.persistence.repository import ConversationRepository
+from turnstore.schema import migrate
 from turnstore.schema.migrate import bring_to_head
+from turnstore.verification import compare_sessions
 
 
 async def _handle(backend: Backend) -> EngineHandle:
@@ -359,3 +363,39 @@ async def test_a_killed_copy_run_again_leaves_every_session_once_and_whole(
         assert summary.sessions + summary.skipped == len(session_ids)
         await assert_same(source, backend, session_ids)
         assert await count_rows(backend) == await count_rows(source)
+
+
+# -- files written by the SDK's own class -----------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["as written", "adopted", "older SDK, not adopted"])
+async def test_an_sdk_file_copies_to_postgres_and_answers_like_the_sdk(
+    state: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    path = tmp_path / "sdk.db"
+    await build_sdk_database(path)
+    if state == "older SDK, not adopted":
+        with sqlite3.connect(path) as conn:
+            conn.execute("DROP TABLE branch_reservations")
+            conn.execute("DROP TABLE session_clear_generations")
+    if state == "adopted":
+        await migrate.adopt(f"sqlite+aiosqlite:///{path}")
+    expected = await sdk_snapshots(path)
+    source_url = f"sqlite+aiosqlite:///{path}"
+    source = engines.acquire_for_url(source_url)
+    try:
+        async with empty_store("postgres", request, tmp_path) as target:
+            summary = await transfer.copy_sessions(
+                (source, DEFAULT_TABLES), (await _handle(target), DEFAULT_TABLES)
+            )
+            assert summary.sessions == len(SESSIONS)
+            for session_id in SESSIONS:
+                copied = AdvancedSession(session_id=session_id, engine=target.engine)
+                assert await snapshot(copied) == expected[session_id], session_id
+                if state != "older SDK, not adopted":  # turnstore would add the tables
+                    original = AdvancedSQLiteSession(session_id=session_id, db_path=path)
+                    assert await compare_sessions(original, copied) == []
+                    await original.aclose()
+                await copied.aclose()
+    finally:
+        await engines.release(source)

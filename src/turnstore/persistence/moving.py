@@ -24,7 +24,18 @@ from enum import StrEnum
 from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Integer, Text, and_, bindparam, delete, insert, select, type_coerce, union
+from sqlalchemy import (
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    delete,
+    insert,
+    inspect,
+    select,
+    type_coerce,
+    union,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import BindParameter
 
@@ -249,6 +260,17 @@ class _Queries:
         self.first_session_ids = prepared(
             select(known_first.c.session_id).order_by(known_first.c.session_id).limit(limit)
         )
+        # Files of older SDK releases have no generations table: their sessions all have rows.
+        self.row_session_ids = prepared(
+            select(sessions.c.session_id)
+            .where(sessions.c.session_id > after_id)
+            .order_by(sessions.c.session_id)
+            .limit(limit)
+        )
+        self.first_row_session_ids = prepared(
+            select(sessions.c.session_id).order_by(sessions.c.session_id).limit(limit)
+        )
+        self.bookkeeping = (r.name, g.name)
 
         # -- writing
         def stamped(name: str = "created_at") -> BindParameter[Any]:
@@ -332,13 +354,29 @@ class SessionReader:
         self._handle = handle
         self._q = _queries(tables, handle.profile)
         self.batch_size = batch_size
+        self._missing: frozenset[str] | None = None
+
+    async def _missing_tables(self) -> frozenset[str]:
+        """Bookkeeping tables the store lacks (a file of an older SDK release has neither)."""
+        if self._missing is None:
+            wanted = self._q.bookkeeping
+
+            def probe(conn: Connection) -> frozenset[str]:
+                inspector = inspect(conn)
+                return frozenset(name for name in wanted if not inspector.has_table(name))
+
+            self._missing = await self._handle.read(probe)
+        return self._missing
 
     async def session_ids(self, after: str | None, limit: int) -> list[str]:
         """Up to ``limit`` ids of sessions in the store, in id order, after ``after``."""
+        q = self._q
+        rows_only = q.bookkeeping[1] in await self._missing_tables()
         if after is None:
-            return await self._handle.read(self._q.first_session_ids.scalars, {"limit": limit})
-        params = {"after_id": after, "limit": limit}
-        return await self._handle.read(self._q.session_ids.scalars, params)
+            first = q.first_row_session_ids if rows_only else q.first_session_ids
+            return await self._handle.read(first.scalars, {"limit": limit})
+        page = q.row_session_ids if rows_only else q.session_ids
+        return await self._handle.read(page.scalars, {"after_id": after, "limit": limit})
 
     async def all_session_ids(self) -> AsyncIterator[str]:
         """Every session id of the store, in id order, a page at a time (keyset)."""
@@ -358,8 +396,9 @@ class SessionReader:
         the session meanwhile cannot make the records disagree with one another.
         """
         q, size = self._q, self.batch_size
+        missing = await self._missing_tables()
         async with self._handle.steps(write=False) as steps:
-            head = await steps.run(self._head, session_id)
+            head = await steps.run(self._head, session_id, missing)
             if head is None:
                 return
             yield head
@@ -378,20 +417,24 @@ class SessionReader:
                         break
                     after = int(rows[-1][0])
 
-    def _head(self, conn: Connection, session_id: str) -> SessionHead | None:
+    def _head(
+        self, conn: Connection, session_id: str, missing: frozenset[str]
+    ) -> SessionHead | None:
         q = self._q
+        reservations, generations = q.bookkeeping
         params = {"sid": session_id}
         row = q.session_row.first(conn, params)
-        generation = q.generation.scalar(conn, params)
+        generation = None if generations in missing else q.generation.scalar(conn, params)
         if row is None and generation is None:
             return None
+        reserved = () if reservations in missing else tuple(q.reserved.scalars(conn, params))
         return SessionHead(
             session_id=session_id,
             has_session_row=row is not None,
             created_at=None if row is None else export_timestamp(row[0]),
             updated_at=None if row is None else export_timestamp(row[1]),
             clear_generation=None if generation is None else int(generation),
-            reserved_branches=tuple(q.reserved.scalars(conn, params)),
+            reserved_branches=reserved,
         )
 
 
