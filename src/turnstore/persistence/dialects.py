@@ -90,10 +90,35 @@ class DialectProfile:
     lock_statement_may_read: ClassVar[bool] = False
     read_execution_options: ClassVar[Mapping[str, Any]] = {}
     max_identifier_length: ClassVar[int | None] = None
+    # The asyncio drivers turnstore supports, first the recommended one, each with the
+    # turnstore extra that installs it (None: a core dependency, or no extra ships it).
+    async_drivers: ClassVar[Mapping[str, str | None]] = {}
 
     def insert(self, table: Table) -> Insert:
         """Return the dialect's INSERT construct (with its upsert extensions) for ``table``."""
         raise NotImplementedError
+
+    def driver_hint(self, url: URL) -> str:
+        """What to install or write so that ``url``'s driver can be loaded.
+
+        Names the turnstore extra for a supported driver that is not installed, and the
+        recommended asyncio driver for a URL naming another (or no) driver.
+        """
+        driver = url.get_driver_name()
+        backend = url.get_backend_name()
+        if driver in self.async_drivers:
+            extra = self.async_drivers[driver]
+            install = f"pip install 'turnstore[{extra}]'" if extra else f"pip install {driver}"
+            return f"the {driver} driver is not installed: {install}"
+        recommended = next(iter(self.async_drivers), None)
+        if recommended is None:
+            return f"turnstore has no asyncio driver for {backend}"
+        extra = self.async_drivers[recommended]
+        install = f" (pip install 'turnstore[{extra}]')" if extra else ""
+        return (
+            f"turnstore needs an asyncio driver, not {driver}: "
+            f"use {backend}+{recommended}://...{install}"
+        )
 
     def upsert(
         self,
@@ -206,6 +231,13 @@ class DialectProfile:
         """A way to run single statements on the driver itself, bypassing SQLAlchemy."""
         return None
 
+    def missing_file(self, url: URL) -> Path | None:
+        """The database file ``url`` names, if it is a file that does not exist yet.
+
+        Read-only commands check it so that they never create a database by connecting.
+        """
+        return None
+
     def unreachable_reason(self, url: URL) -> str | None:
         """Why connecting to ``url`` must fail, when that is knowable without connecting."""
         return None
@@ -246,6 +278,7 @@ class SQLiteProfile(_OnConflictProfile):
     """SQLite: one writer at a time, WAL for concurrent readers, foreign keys switched on."""
 
     name = "sqlite"
+    async_drivers: ClassVar[Mapping[str, str | None]] = {"aiosqlite": None}
     serializes_writers_in_process = True
     lock_statement_may_read = True
     runs_prepared_statements_directly = True
@@ -325,6 +358,14 @@ class SQLiteProfile(_OnConflictProfile):
         """The database write lock also serializes DDL."""
         self.begin_write(conn)
 
+    def missing_file(self, url: URL) -> Path | None:
+        """The database file ``url`` names, if it does not exist (connecting would create it)."""
+        database = url.database
+        if database in (None, "", ":memory:") or database.startswith("file:"):
+            return None
+        path = Path(database).expanduser()
+        return None if path.exists() else path
+
     def unreachable_reason(self, url: URL) -> str | None:
         """A file in a missing directory cannot be created.
 
@@ -374,6 +415,7 @@ class PostgresProfile(_OnConflictProfile):
     """PostgreSQL: row locks serialize writers of one session; readers never block."""
 
     name = "postgresql"
+    async_drivers: ClassVar[Mapping[str, str | None]] = {"asyncpg": "postgres"}
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
     # Any fixed 64-bit key; shared by every turnstore process touching the schema.
     schema_lock_key: ClassVar[int] = 0x7475726E73746F72  # "turnstor"
@@ -451,6 +493,7 @@ class MySQLProfile(DialectProfile):
     """
 
     name = "mysql"
+    async_drivers: ClassVar[Mapping[str, str | None]] = {"asyncmy": "mysql", "aiomysql": None}
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
     max_identifier_length: ClassVar[int | None] = 255  # IDENTIFIER is VARCHAR(255) here
     schema_lock_timeout_seconds: ClassVar[int] = 300
