@@ -76,6 +76,10 @@ class ExportFileError(TurnstoreError, ValueError):
         self.line = line
 
 
+class CopyMismatchError(TurnstoreError, RuntimeError):
+    """A verified copy found sessions whose reads answer differently on the target."""
+
+
 class SchemaMissingError(TurnstoreError, ValueError):
     """The database lacks turnstore's tables and the session was told not to create them."""
 

@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import IO, Any
 
-from turnstore.errors import ExportFileError, InvalidArgumentError
+from turnstore.errors import (
+    ExportFileError,
+    ForeignDatabaseError,
+    InvalidArgumentError,
+    SchemaMissingError,
+)
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.exportfile import (
     LineWriter,
@@ -44,6 +49,8 @@ from turnstore.persistence.moving import (
     SessionWriter,
     StructureRow,
 )
+from turnstore.schema import migrate
+from turnstore.schema.adoption import DatabaseKind
 
 
 @dataclass(frozen=True)
@@ -385,6 +392,7 @@ async def copy_sessions(
     batch_size: int = DEFAULT_BATCH_SIZE,
     total: int | None = None,
     progress: ProgressCallback | None = None,
+    collect_ids: bool = False,
 ) -> TransferSummary:
     """Copy sessions from one store to another, one session per transaction, no file between.
 
@@ -396,13 +404,14 @@ async def copy_sessions(
         batch_size: Rows per batch.
         total: How many sessions will be copied, if known (for the progress's ETA).
         progress: Called after each session.
+        collect_ids: List the ids of the sessions written in the summary's ``session_ids``.
 
     Raises:
         SessionExistsError: A session exists and ``on_conflict`` is ``fail``.
     """
     reader = SessionReader(*source, batch_size=check_batch_size(batch_size))
     writer = SessionWriter(*target)
-    summary = TransferSummary()
+    summary = TransferSummary(session_ids=[] if collect_ids else None)
     clock = _Clock(total, progress)
     async for session_id in _session_ids(reader, session_ids):
         # Skipping needs no read of the source; the write re-checks under its lock.
@@ -417,6 +426,8 @@ async def copy_sessions(
         assert isinstance(head, SessionHead)
         outcome = await writer.write(head, _batches_after_head(parts), on_conflict)
         _count(summary, outcome.written, outcome.replaced, outcome.counts)
+        if outcome.written and summary.session_ids is not None:
+            summary.session_ids.append(session_id)
         clock.tick(summary, session_id)
     summary.seconds = time.monotonic() - clock.start
     return summary
@@ -430,3 +441,51 @@ def _counts(batch: Batch) -> SessionCounts:
     if isinstance(batch[0], StructureRow):
         return SessionCounts(structure=len(batch))
     return SessionCounts(usage=len(batch))
+
+
+# -- the target of a copy ---------------------------------------------------------------------
+
+
+async def prepare_target(target: migrate.Target, *, migrate_schema: bool, where: str) -> str:
+    """Make sure a copy's target has the current schema; what was done, in a few words.
+
+    An empty database is migrated. A turnstore database behind this version's schema, or a
+    file of the SDK's class, is migrated (adopted) only with ``migrate_schema``, and refused
+    otherwise, so a copy never changes a production schema by surprise.
+
+    Args:
+        target: The target's URL or engine.
+        migrate_schema: Upgrade (or adopt) a target that is behind.
+        where: The target as the user named it, for messages.
+
+    Raises:
+        SchemaMissingError: The target is behind and ``migrate_schema`` is false.
+        ForeignDatabaseError: The target holds tables turnstore cannot use.
+    """
+    found, recorded = await migrate.inspect_target(target)
+    head = migrate.head()
+    if found.kind is DatabaseKind.EMPTY:
+        await migrate.upgrade(target)
+        return "migrated the empty target"
+    if found.kind is DatabaseKind.FOREIGN or found.incompatible:
+        raise ForeignDatabaseError(f"Refusing to copy into {where}: {found.reason}")
+    if found.kind is DatabaseKind.SDK:
+        if not migrate_schema:
+            raise SchemaMissingError(
+                f"The target {where} is an Agents SDK database without turnstore's schema; "
+                "adopt it first, or pass --migrate to adopt it as part of the copy",
+                fix=f"turnstore db adopt --url {where}",
+            )
+        await migrate.adopt(target)
+        return "adopted the target"
+    if head in recorded:
+        return "target schema current"
+    if not migrate_schema:
+        behind = ", ".join(recorded) or "no revision"
+        raise SchemaMissingError(
+            f"The target {where} is at revision {behind}, behind this turnstore's {head}; "
+            "upgrade it first, or pass --migrate to upgrade it as part of the copy",
+            fix=f"turnstore db upgrade --url {where}",
+        )
+    await migrate.upgrade(target)
+    return "upgraded the target"
