@@ -12,6 +12,8 @@ that is stopped at any moment leaves whole sessions only; run again with
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from turnstore.errors import (
     ForeignDatabaseError,
     InvalidArgumentError,
     SchemaMissingError,
+    SessionExistsError,
 )
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.exportfile import (
@@ -44,6 +47,7 @@ from turnstore.persistence.moving import (
     MessageRow,
     OnConflict,
     SessionCounts,
+    SessionData,
     SessionHead,
     SessionReader,
     SessionWriter,
@@ -383,6 +387,29 @@ async def _batches_after_head(
         yield part
 
 
+#: Session ids looked at together when copying: existence checked and sizes read in one go.
+ID_PAGE = 256
+
+
+async def _pages(ids: AsyncIterator[str], size: int) -> AsyncIterator[list[str]]:
+    page: list[str] = []
+    async for session_id in ids:
+        page.append(session_id)
+        if len(page) >= size:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Whole small sessions to write together, or one large session to stream."""
+
+    sessions: list[SessionData]
+    stream: str | None = None
+
+
 async def copy_sessions(
     source: tuple[EngineHandle, StoreTables],
     target: tuple[EngineHandle, StoreTables],
@@ -394,43 +421,121 @@ async def copy_sessions(
     progress: ProgressCallback | None = None,
     collect_ids: bool = False,
 ) -> TransferSummary:
-    """Copy sessions from one store to another, one session per transaction, no file between.
+    """Copy sessions from one store to another, no file between.
+
+    Sessions small enough are read together and written together, up to ``batch_size`` rows
+    per transaction (a transaction always holds whole sessions); a larger session is streamed
+    in batches within a transaction of its own. Reading the next group overlaps writing the
+    current one.
 
     Args:
         source: The source store's handle and tables.
         target: The target store's handle and tables (the schema must be in place).
         session_ids: The sessions to copy; all when ``None``.
         on_conflict: What to do with sessions the target already has.
-        batch_size: Rows per batch.
+        batch_size: Rows per batch and per transaction of small sessions.
         total: How many sessions will be copied, if known (for the progress's ETA).
         progress: Called after each session.
         collect_ids: List the ids of the sessions written in the summary's ``session_ids``.
 
     Raises:
-        SessionExistsError: A session exists and ``on_conflict`` is ``fail``.
+        SessionExistsError: A session exists and ``on_conflict`` is ``fail``; the sessions
+            before it are copied.
     """
     reader = SessionReader(*source, batch_size=check_batch_size(batch_size))
     writer = SessionWriter(*target)
     summary = TransferSummary(session_ids=[] if collect_ids else None)
     clock = _Clock(total, progress)
-    async for session_id in _session_ids(reader, session_ids):
-        # Skipping needs no read of the source; the write re-checks under its lock.
-        if on_conflict is OnConflict.SKIP and await writer.exists(session_id):
-            summary.skipped += 1
-            clock.tick(summary, session_id)
-            continue
-        parts = reader.read(session_id)
-        head = await anext(parts, None)
-        if head is None:
-            continue
-        assert isinstance(head, SessionHead)
-        outcome = await writer.write(head, _batches_after_head(parts), on_conflict)
-        _count(summary, outcome.written, outcome.replaced, outcome.counts)
-        if outcome.written and summary.session_ids is not None:
-            summary.session_ids.append(session_id)
-        clock.tick(summary, session_id)
+    queue: asyncio.Queue[_Group | BaseException | None] = asyncio.Queue(maxsize=2)
+    conflict: list[str] = []
+
+    async def produce() -> None:
+        try:
+            async for page in _pages(_session_ids(reader, session_ids), ID_PAGE):
+                if on_conflict is not OnConflict.REPLACE:
+                    there = await writer.existing(page)
+                    if on_conflict is OnConflict.FAIL and there:
+                        first = next(sid for sid in page if sid in there)
+                        conflict.append(first)
+                        page = page[: page.index(first)]
+                    else:
+                        for session_id in page:
+                            if session_id in there:
+                                summary.skipped += 1
+                                clock.tick(summary, session_id)
+                        page = [sid for sid in page if sid not in there]
+                sizes = await reader.sizes(page)
+                group: list[str] = []
+                rows = 0
+                for session_id in page:
+                    size = sizes.get(session_id, 0)
+                    if group and (size > batch_size or rows + size > batch_size):
+                        await queue.put(_Group(await reader.read_group(group)))
+                        group, rows = [], 0
+                    if size > batch_size:
+                        await queue.put(_Group([], stream=session_id))
+                    else:
+                        group.append(session_id)
+                        rows += size
+                if group:
+                    await queue.put(_Group(await reader.read_group(group)))
+                if conflict:
+                    break
+            await queue.put(None)
+        except BaseException as exc:
+            await queue.put(exc)
+            raise
+
+    producer = asyncio.create_task(produce())
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            if item.stream is not None:
+                await _copy_one(reader, writer, item.stream, on_conflict, summary, clock)
+                continue
+            outcomes = await writer.write_group(item.sessions, on_conflict)
+            for data, outcome in zip(item.sessions, outcomes, strict=True):
+                _count(summary, outcome.written, outcome.replaced, outcome.counts)
+                if outcome.written and summary.session_ids is not None:
+                    summary.session_ids.append(data.head.session_id)
+                clock.tick(summary, data.head.session_id)
+    finally:
+        if not producer.done():
+            producer.cancel()
+        with contextlib.suppress(BaseException):
+            await producer
     summary.seconds = time.monotonic() - clock.start
+    if conflict:
+        raise SessionExistsError(
+            f"Session {conflict[0]!r} already exists in the target; it and the sessions after "
+            'it were not copied. Pass on_conflict="skip" to keep it or "replace" to overwrite it.'
+        )
     return summary
+
+
+async def _copy_one(
+    reader: SessionReader,
+    writer: SessionWriter,
+    session_id: str,
+    on_conflict: OnConflict,
+    summary: TransferSummary,
+    clock: _Clock,
+) -> None:
+    """Stream one large session from the source into the target, in one transaction."""
+    parts = reader.read(session_id)
+    head = await anext(parts, None)
+    if head is None:
+        return
+    assert isinstance(head, SessionHead)
+    outcome = await writer.write(head, _batches_after_head(parts), on_conflict)
+    _count(summary, outcome.written, outcome.replaced, outcome.counts)
+    if outcome.written and summary.session_ids is not None:
+        summary.session_ids.append(session_id)
+    clock.tick(summary, session_id)
 
 
 def _counts(batch: Batch) -> SessionCounts:

@@ -26,10 +26,12 @@ from typing import Any, cast
 
 from sqlalchemy import (
     Integer,
+    Table,
     Text,
     and_,
     bindparam,
     delete,
+    func,
     insert,
     inspect,
     select,
@@ -40,6 +42,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import BindParameter
 
 from turnstore.errors import InvalidArgumentError, SessionExistsError
+from turnstore.persistence import jsoncodec
 from turnstore.persistence.dialects import DialectProfile
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
@@ -47,7 +50,7 @@ from turnstore.persistence.prepared import PreparedStatement
 from turnstore.persistence.types import ExchangedJSON, ExchangedTimestamp, stored_timestamp
 
 #: Rows per batch when a caller does not say.
-DEFAULT_BATCH_SIZE = 2000
+DEFAULT_BATCH_SIZE = 5000
 
 
 class OnConflict(StrEnum):
@@ -144,6 +147,21 @@ class SessionCounts:
             self.structure + other.structure,
             self.usage + other.usage,
         )
+
+
+@dataclass(slots=True)
+class SessionData:
+    """A whole (small) session in memory: its head and every row."""
+
+    head: SessionHead
+    messages: list[MessageRow]
+    structure: list[StructureRow]
+    usage: list[UsageRow]
+
+    @property
+    def counts(self) -> SessionCounts:
+        """How many rows of each kind it has."""
+        return SessionCounts(len(self.messages), len(self.structure), len(self.usage))
 
 
 def export_timestamp(value: object) -> str | None:
@@ -271,6 +289,76 @@ class _Queries:
             select(sessions.c.session_id).order_by(sessions.c.session_id).limit(limit)
         )
         self.bookkeeping = (r.name, g.name)
+
+        # -- groups of whole sessions (IN lists; small sessions read and written together)
+        ids: BindParameter[list[str]] = bindparam("ids", expanding=True)
+        self.group_sizes = [
+            select(table.c.session_id, func.count())
+            .where(table.c.session_id.in_(ids))
+            .group_by(table.c.session_id)
+            for table in (m, s, u)
+        ]
+        self.group_session_rows = select(
+            sessions.c.session_id,
+            type_coerce(sessions.c.created_at, Text),
+            type_coerce(sessions.c.updated_at, Text),
+        ).where(sessions.c.session_id.in_(ids))
+        self.group_generations = select(g.c.session_id, g.c.generation).where(
+            g.c.session_id.in_(ids)
+        )
+        self.group_reserved = (
+            select(r.c.session_id, r.c.branch_id)
+            .where(r.c.session_id.in_(ids))
+            .order_by(r.c.session_id, r.c.branch_id)
+        )
+        self.group_messages = (
+            select(m.c.session_id, m.c.id, type_coerce(m.c.created_at, Text), m.c.message_data)
+            .where(m.c.session_id.in_(ids))
+            .order_by(m.c.session_id, m.c.id)
+        )
+        self.group_structure = (
+            select(
+                s.c.session_id,
+                s.c.message_id,
+                s.c.branch_id,
+                s.c.message_type,
+                s.c.sequence_number,
+                s.c.user_turn_number,
+                s.c.branch_turn_number,
+                s.c.tool_name,
+                type_coerce(s.c.created_at, Text),
+            )
+            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
+            .where(s.c.session_id.in_(ids))
+            .order_by(s.c.session_id, s.c.id)
+        )
+        self.group_usage = (
+            select(
+                u.c.session_id,
+                u.c.branch_id,
+                u.c.user_turn_number,
+                u.c.requests,
+                u.c.input_tokens,
+                u.c.output_tokens,
+                u.c.total_tokens,
+                type_coerce(u.c.input_tokens_details, Text),
+                type_coerce(u.c.output_tokens_details, Text),
+                type_coerce(u.c.created_at, Text),
+            )
+            .where(u.c.session_id.in_(ids))
+            .order_by(u.c.session_id, u.c.id)
+        )
+        self.group_existing = union(
+            select(sessions.c.session_id.label("session_id")).where(sessions.c.session_id.in_(ids)),
+            select(g.c.session_id).where(g.c.session_id.in_(ids)),
+        )
+        self.group_lock = (
+            select(sessions.c.session_id).where(sessions.c.session_id.in_(ids)).with_for_update()
+        )
+        self.group_erase = [
+            delete(table).where(table.c.session_id.in_(ids)) for table in (s, u, m, r, g, sessions)
+        ]
+        self.tables = t
 
         # -- writing
         def stamped(name: str = "created_at") -> BindParameter[Any]:
@@ -416,6 +504,74 @@ class SessionReader:
                     if len(rows) < size:
                         break
                     after = int(rows[-1][0])
+
+    async def sizes(self, session_ids: Sequence[str]) -> dict[str, int]:
+        """Rows (messages, structure and usage together) of each of the given sessions."""
+        if not session_ids:
+            return {}
+        queries = self._q.group_sizes
+
+        def count(conn: Connection) -> dict[str, int]:
+            found: dict[str, int] = {}
+            for statement in queries:
+                for session_id, rows in conn.execute(statement, {"ids": list(session_ids)}):
+                    found[session_id] = found.get(session_id, 0) + int(rows)
+            return found
+
+        return await self._handle.read(count)
+
+    async def read_group(self, session_ids: Sequence[str]) -> list[SessionData]:
+        """Whole sessions, all from one snapshot, in the order given (missing ones left out).
+
+        For sessions small enough to hold together in memory (see :meth:`sizes`).
+        """
+        if not session_ids:
+            return []
+        missing = await self._missing_tables()
+        async with self._handle.steps(write=False) as steps:
+            return await steps.run(self._read_group, list(session_ids), missing)
+
+    def _read_group(
+        self, conn: Connection, session_ids: list[str], missing: frozenset[str]
+    ) -> list[SessionData]:
+        q = self._q
+        reservations, generations = q.bookkeeping
+        params = {"ids": session_ids}
+        rows = {sid: (c, u) for sid, c, u in conn.execute(q.group_session_rows, params)}
+        found_generations: dict[str, int] = {}
+        if generations not in missing:
+            found_generations = {
+                sid: int(g) for sid, g in conn.execute(q.group_generations, params)
+            }
+        reserved: dict[str, list[str]] = {}
+        if reservations not in missing:
+            for sid, name in conn.execute(q.group_reserved, params):
+                reserved.setdefault(sid, []).append(name)
+        data: dict[str, SessionData] = {}
+        for sid in session_ids:
+            row = rows.get(sid)
+            generation = found_generations.get(sid)
+            if row is None and generation is None:
+                continue
+            head = SessionHead(
+                session_id=sid,
+                has_session_row=row is not None,
+                created_at=None if row is None else export_timestamp(row[0]),
+                updated_at=None if row is None else export_timestamp(row[1]),
+                clear_generation=generation,
+                reserved_branches=tuple(reserved.get(sid, ())),
+            )
+            data[sid] = SessionData(head, [], [], [])
+        for row in conn.execute(q.group_messages, params):
+            if row[0] in data:
+                data[row[0]].messages.append(_message(row[1:]))
+        for row in conn.execute(q.group_structure, params):
+            if row[0] in data:
+                data[row[0]].structure.append(_structure(row))
+        for row in conn.execute(q.group_usage, params):
+            if row[0] in data:
+                data[row[0]].usage.append(_usage(row))
+        return list(data.values())
 
     def _head(
         self, conn: Connection, session_id: str, missing: frozenset[str]
@@ -584,6 +740,151 @@ class SessionWriter:
             if close is not None:
                 await close()
 
+    async def existing(self, session_ids: Sequence[str]) -> set[str]:
+        """Which of the given sessions the store has (rows, or a clear generation)."""
+        if not session_ids:
+            return set()
+        statement = self._q.group_existing
+        return set(
+            await self._handle.read(
+                lambda conn: list(conn.execute(statement, {"ids": list(session_ids)}).scalars())
+            )
+        )
+
+    async def write_group(
+        self, sessions: Sequence[SessionData], on_conflict: OnConflict = OnConflict.SKIP
+    ) -> list[WriteOutcome]:
+        """Write several whole sessions in one transaction: all of them, or none.
+
+        Raises:
+            SessionExistsError: One of them exists and ``on_conflict`` is ``fail``; nothing of
+                the group is written.
+        """
+        if not sessions:
+            return []
+        return await self._handle.write(self._write_group, list(sessions), on_conflict)
+
+    def _write_group(
+        self, conn: Connection, sessions: list[SessionData], on_conflict: OnConflict
+    ) -> list[WriteOutcome]:
+        q, profile, dialect = self._q, self._profile, conn.dialect
+        params = {"ids": [data.head.session_id for data in sessions]}
+        conn.execute(q.group_lock, params)
+        existing = set(conn.execute(q.group_existing, params).scalars())
+        if existing and on_conflict is OnConflict.FAIL:
+            first = next(d.head.session_id for d in sessions if d.head.session_id in existing)
+            raise SessionExistsError(
+                f"Session {first!r} already exists in the target; nothing of it was written. "
+                'Pass on_conflict="skip" to keep it or "replace" to overwrite it.'
+            )
+        if existing and on_conflict is OnConflict.REPLACE:
+            for statement in q.group_erase:
+                conn.execute(statement, {"ids": sorted(existing)})
+        outcomes = []
+        chosen = []
+        for data in sessions:
+            there = data.head.session_id in existing
+            if there and on_conflict is OnConflict.SKIP:
+                outcomes.append(WriteOutcome(False, False, SessionCounts()))
+            else:
+                outcomes.append(WriteOutcome(True, there, data.counts))
+                chosen.append(data)
+        if not chosen:
+            return outcomes
+        heads = [data.head for data in chosen]
+        t = q.tables
+        session_rows = [
+            {"sid": h.session_id, "created_at": h.created_at, "updated_at": h.updated_at}
+            for h in heads
+            if h.has_session_row
+        ]
+        if session_rows:
+            q.insert_session.execute_many(conn, session_rows)
+        generation_rows = [
+            {"sid": h.session_id, "generation": h.clear_generation}
+            for h in heads
+            if h.clear_generation is not None
+        ]
+        if generation_rows:
+            q.insert_generation.execute_many(conn, generation_rows)
+        reservations = [
+            {"sid": h.session_id, "branch_id": name} for h in heads for name in h.reserved_branches
+        ]
+        q.insert_reservation.execute_many(conn, reservations)
+        # Messages: ids handed out ahead (one statement for the group) where the database can,
+        # so every row of the group goes in by its bulk path; else returned by the insert.
+        count = sum(len(data.messages) for data in chosen)
+        allocated = profile.allocate_ids(conn, t.messages, count)
+        maps: list[MessageIdMap] = []
+        if allocated is not None:
+            at = 0
+            message_rows = []
+            for data in chosen:
+                ids = MessageIdMap()
+                new_ids = allocated[at : at + len(data.messages)]
+                at += len(data.messages)
+                ids.add([row.id for row in data.messages], new_ids)
+                maps.append(ids)
+                sid = data.head.session_id
+                message_rows += [
+                    (new_id, sid, row.data, stored_timestamp(row.created_at, dialect))
+                    for new_id, row in zip(new_ids, data.messages, strict=True)
+                ]
+            columns = ("id", "session_id", "message_data", "created_at")
+            if not profile.bulk_copy(conn, t.messages, columns, message_rows):
+                conn.execute(
+                    insert(t.messages),
+                    [dict(zip(columns, row, strict=True)) for row in message_rows],
+                )
+        else:
+            for data in chosen:
+                ids = MessageIdMap()
+                if data.messages:
+                    self._messages(conn, data.head.session_id, data.messages, ids)
+                maps.append(ids)
+        structure = [
+            self._structure_row(data.head.session_id, row, ids)
+            for data, ids in zip(chosen, maps, strict=True)
+            for row in data.structure
+        ]
+        usage = [
+            self._usage_row(data.head.session_id, row) for data in chosen for row in data.usage
+        ]
+        self._load(conn, q.insert_structure, t.structure, structure)
+        self._load(conn, q.insert_usage, t.usage, usage)
+        return outcomes
+
+    def _load(
+        self,
+        conn: Connection,
+        statement: PreparedStatement,
+        table: Table,
+        rows: list[dict[str, Any]],
+    ) -> None:
+        """Insert rows by the database's bulk path if it has one, else by ``statement``."""
+        if not rows:
+            return
+        profile, dialect = self._profile, conn.dialect
+        if not profile.has_bulk_copy(conn):
+            statement.execute_many(conn, rows)
+            return
+        columns = [name for name in rows[0] if name != "sid"]
+        records = [
+            (
+                row["sid"],
+                *(
+                    stored_timestamp(row[name], dialect)
+                    if name == "created_at"
+                    else _valid_json(row[name])
+                    if name.endswith("_details")
+                    else row[name]
+                    for name in columns
+                ),
+            )
+            for row in rows
+        ]
+        profile.bulk_copy(conn, table, ["session_id", *columns], records)
+
     def _begin(self, conn: Connection, head: SessionHead, on_conflict: OnConflict) -> bool | None:
         """Lock, settle a conflict, write the head; ``None`` to skip, else whether replaced."""
         q, sid = self._q, head.session_id
@@ -635,45 +936,51 @@ class SessionWriter:
     def _structure(
         self, conn: Connection, session_id: str, batch: list[StructureRow], ids: MessageIdMap
     ) -> None:
-        rows = []
-        for row in batch:
-            new_id = ids.get(row.message_id)
-            if new_id is None:
-                raise InvalidArgumentError(
-                    f"A structure row of session {session_id!r} refers to message id "
-                    f"{row.message_id}, which the session does not define"
-                )
-            rows.append(
-                {
-                    "sid": session_id,
-                    "message_id": new_id,
-                    "branch_id": row.branch_id,
-                    "message_type": row.message_type,
-                    "sequence_number": row.sequence_number,
-                    "user_turn_number": row.user_turn_number,
-                    "branch_turn_number": row.branch_turn_number,
-                    "tool_name": row.tool_name,
-                    "created_at": row.created_at,
-                }
-            )
-        self._q.insert_structure.execute_many(conn, rows)
+        rows = [self._structure_row(session_id, row, ids) for row in batch]
+        self._load(conn, self._q.insert_structure, self._q.tables.structure, rows)
 
     def _usage(self, conn: Connection, session_id: str, batch: list[UsageRow]) -> None:
-        self._q.insert_usage.execute_many(
-            conn,
-            [
-                {
-                    "sid": session_id,
-                    "branch_id": row.branch_id,
-                    "user_turn_number": row.user_turn_number,
-                    "requests": row.requests,
-                    "input_tokens": row.input_tokens,
-                    "output_tokens": row.output_tokens,
-                    "total_tokens": row.total_tokens,
-                    "input_tokens_details": row.input_tokens_details,
-                    "output_tokens_details": row.output_tokens_details,
-                    "created_at": row.created_at,
-                }
-                for row in batch
-            ],
-        )
+        rows = [self._usage_row(session_id, row) for row in batch]
+        self._load(conn, self._q.insert_usage, self._q.tables.usage, rows)
+
+    @staticmethod
+    def _structure_row(session_id: str, row: StructureRow, ids: MessageIdMap) -> dict[str, Any]:
+        new_id = ids.get(row.message_id)
+        if new_id is None:
+            raise InvalidArgumentError(
+                f"A structure row of session {session_id!r} refers to message id "
+                f"{row.message_id}, which the session does not define"
+            )
+        return {
+            "sid": session_id,
+            "message_id": new_id,
+            "branch_id": row.branch_id,
+            "message_type": row.message_type,
+            "sequence_number": row.sequence_number,
+            "user_turn_number": row.user_turn_number,
+            "branch_turn_number": row.branch_turn_number,
+            "tool_name": row.tool_name,
+            "created_at": row.created_at,
+        }
+
+    @staticmethod
+    def _usage_row(session_id: str, row: UsageRow) -> dict[str, Any]:
+        return {
+            "sid": session_id,
+            "branch_id": row.branch_id,
+            "user_turn_number": row.user_turn_number,
+            "requests": row.requests,
+            "input_tokens": row.input_tokens,
+            "output_tokens": row.output_tokens,
+            "total_tokens": row.total_tokens,
+            "input_tokens_details": row.input_tokens_details,
+            "output_tokens_details": row.output_tokens_details,
+            "created_at": row.created_at,
+        }
+
+
+def _valid_json(value: Any) -> Any:
+    """JSON text as a bulk load takes it: text that is not JSON becomes NULL, as on insert."""
+    if value is None or jsoncodec.loads_or_none(value, "token-details") is None:
+        return None
+    return value
