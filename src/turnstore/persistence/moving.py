@@ -50,7 +50,7 @@ from turnstore.persistence.prepared import PreparedStatement
 from turnstore.persistence.types import ExchangedJSON, ExchangedTimestamp, stored_timestamp
 
 #: Rows per batch when a caller does not say.
-DEFAULT_BATCH_SIZE = 5000
+DEFAULT_BATCH_SIZE = 10_000
 
 
 class OnConflict(StrEnum):
@@ -798,19 +798,17 @@ class SessionWriter:
             for h in heads
             if h.has_session_row
         ]
-        if session_rows:
-            q.insert_session.execute_many(conn, session_rows)
+        self._load(conn, q.insert_session, t.sessions, session_rows)
         generation_rows = [
             {"sid": h.session_id, "generation": h.clear_generation}
             for h in heads
             if h.clear_generation is not None
         ]
-        if generation_rows:
-            q.insert_generation.execute_many(conn, generation_rows)
+        self._load(conn, q.insert_generation, t.generations, generation_rows)
         reservations = [
             {"sid": h.session_id, "branch_id": name} for h in heads for name in h.reserved_branches
         ]
-        q.insert_reservation.execute_many(conn, reservations)
+        self._load(conn, q.insert_reservation, t.reservations, reservations)
         # Messages: ids handed out ahead (one statement for the group) where the database can,
         # so every row of the group goes in by its bulk path; else returned by the insert.
         count = sum(len(data.messages) for data in chosen)
@@ -874,7 +872,7 @@ class SessionWriter:
                 row["sid"],
                 *(
                     stored_timestamp(row[name], dialect)
-                    if name == "created_at"
+                    if name in ("created_at", "updated_at")
                     else _valid_json(row[name])
                     if name.endswith("_details")
                     else row[name]
