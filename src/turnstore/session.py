@@ -27,14 +27,25 @@ from turnstore.errors import (
     ProtectedBranchError,
     SessionClosedError,
 )
+from turnstore.info import (
+    UNSET,
+    SessionSummary,
+    check_metadata,
+    check_title,
+    check_user_id,
+    summary_from_row,
+)
 from turnstore.persistence import engines
 from turnstore.persistence.models import DEFAULT_MESSAGES_TABLE, DEFAULT_SESSIONS_TABLE, tables_for
 from turnstore.persistence.repository import (
     MAIN_BRANCH,
+    NO_INFO,
     BranchPointer,
     ConversationRepository,
+    InfoDefaults,
     UserTurn,
 )
+from turnstore.persistence.store_queries import StoreQueries
 from turnstore.schema.migrate import bring_to_head
 from turnstore.sdk.items import (
     TOOL_COUNT_RULE,
@@ -131,10 +142,16 @@ class AdvancedSession:
             default number of items ``get_items`` returns.
         sessions_table: Name of the sessions table.
         messages_table: Name of the messages table.
+        user_id: The session's owner, stored when the session gets its info (its first
+            write, unless ``set_info`` came first); an existing session's owner is not
+            changed (use :meth:`set_info`).
+        title: The session's title, stored likewise.
+        metadata: A JSON dict stored likewise; the store's listings filter on its keys.
 
     Raises:
-        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given, or a table
-            name is not a plain identifier.
+        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given, a table
+            name is not a plain identifier, or ``user_id``, ``title`` or ``metadata`` is not
+            acceptable (wrong type, too long, not JSON).
     """
 
     def __init__(
@@ -148,6 +165,9 @@ class AdvancedSession:
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        user_id: str | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         if (engine is None) == (url is None):
             raise InvalidArgumentError("Pass exactly one of engine= or url=")
@@ -166,6 +186,7 @@ class AdvancedSession:
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            info=_info_defaults(user_id, title, metadata),
         )
 
     def _setup(
@@ -178,8 +199,10 @@ class AdvancedSession:
         session_settings: Any,
         sessions_table: str,
         messages_table: str,
+        info: InfoDefaults = NO_INFO,
     ) -> None:
         self.session_id = _check_text(session_id, "session_id")
+        self._info_defaults = info
         self.session_settings = _coerce_settings(session_settings)
         self.sessions_table = sessions_table
         self.messages_table = messages_table
@@ -193,6 +216,35 @@ class AdvancedSession:
         self._pending_releases: set[asyncio.Task[None]] = set()
 
     @classmethod
+    def _on_shared_engine(
+        cls,
+        *,
+        session_id: str,
+        acquire: Callable[[], engines.EngineHandle],
+        create_tables: bool,
+        logger: logging.Logger | None,
+        session_settings: Any,
+        sessions_table: str,
+        messages_table: str,
+        user_id: str | None,
+        title: str | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> AdvancedSession:
+        """A session on an engine handle someone else acquires (a store lending its engine)."""
+        session = cls.__new__(cls)
+        session._setup(
+            session_id=session_id,
+            acquire=acquire,
+            create_tables=create_tables,
+            logger=logger,
+            session_settings=session_settings,
+            sessions_table=sessions_table,
+            messages_table=messages_table,
+            info=_info_defaults(user_id, title, metadata),
+        )
+        return session
+
+    @classmethod
     def from_url(
         cls,
         *,
@@ -203,6 +255,9 @@ class AdvancedSession:
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        user_id: str | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> AdvancedSession:
         """A session on the database at ``url``, sharing the URL's engine with other sessions."""
         return AdvancedSession(
@@ -213,6 +268,9 @@ class AdvancedSession:
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            user_id=user_id,
+            title=title,
+            metadata=metadata,
         )
 
     def __repr__(self) -> str:
@@ -229,13 +287,17 @@ class AdvancedSession:
         if binding is None:
             handle = self._acquire()
             binding = self._bindings[loop] = _Binding(
-                handle, ConversationRepository(handle, self._tables), asyncio.Lock()
+                handle,
+                ConversationRepository(handle, self._tables, self._info_defaults),
+                asyncio.Lock(),
             )
         return binding
 
     async def _store(self) -> ConversationRepository:
         store = self._binding().store
         store.check_identifier(self.session_id, "Session ids")
+        if self._info_defaults.user_id is not None:
+            store.check_identifier(self._info_defaults.user_id, "User ids")
         await store.prepare_schema(create=self._create_tables, migrate_default=bring_to_head)
         return store
 
@@ -358,6 +420,53 @@ class AdvancedSession:
             store = await self._store()
             generation = await store.clear(self.session_id)
             self._pointer = BranchPointer(MAIN_BRANCH, generation)
+
+    # -- session info --------------------------------------------------------------------
+
+    async def set_info(
+        self,
+        *,
+        user_id: str | None = UNSET,
+        title: str | None = UNSET,
+        metadata: Mapping[str, Any] | None = UNSET,
+    ) -> None:
+        """Change the session's owner, title or metadata (``None`` clears one).
+
+        Only the keywords given change; ``metadata`` replaces the whole dict. A session
+        without info gets it (and so appears in the store's listings, with no items yet).
+        The last activity does not change: renaming a conversation does not reorder a
+        sidebar.
+
+        Raises:
+            InvalidArgumentError: A value has the wrong type, or ``metadata`` is not JSON
+                (nothing is stored).
+            SchemaMissingError: The database predates the session info table.
+        """
+        changes: dict[str, Any] = {}
+        if user_id is not UNSET:
+            changes["user_id"] = check_user_id(user_id)
+        if title is not UNSET:
+            changes["title"] = check_title(title)
+        if metadata is not UNSET:
+            changes["metadata"] = check_metadata(metadata)
+        async with self._ordered():
+            store = await self._store()
+            store.require_info_table()
+            if changes.get("user_id") is not None:
+                store.check_identifier(changes["user_id"], "User ids")
+            binding = self._binding()
+            await StoreQueries(binding.handle, self._tables).set_info(self.session_id, changes)
+
+    async def get_info(self) -> SessionSummary | None:
+        """The session's summary, as the store lists it; ``None`` if the store does not know it.
+
+        Raises:
+            SchemaMissingError: The database predates the session info table.
+        """
+        store = await self._store()
+        store.require_info_table()
+        row = await StoreQueries(self._binding().handle, self._tables).summary(self.session_id)
+        return None if row is None else summary_from_row(row)
 
     # -- usage ---------------------------------------------------------------------------
 
@@ -653,6 +762,9 @@ class AdvancedSQLiteSession(AdvancedSession):
         session_settings: The SDK's ``SessionSettings`` (or a dict of it).
         sessions_table: Name of the sessions table.
         messages_table: Name of the messages table.
+        user_id: The session's owner (see :class:`AdvancedSession`).
+        title: The session's title.
+        metadata: The session's metadata, a JSON dict.
     """
 
     def __init__(
@@ -665,6 +777,9 @@ class AdvancedSQLiteSession(AdvancedSession):
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        user_id: str | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         url = engines.sqlite_url(db_path)
         self.db_path = db_path
@@ -676,7 +791,13 @@ class AdvancedSQLiteSession(AdvancedSession):
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            info=_info_defaults(user_id, title, metadata),
         )
+
+
+def _info_defaults(user_id: object, title: object, metadata: object) -> InfoDefaults:
+    """Checked constructor keywords: what a session's first write stores as its info."""
+    return InfoDefaults(check_user_id(user_id), check_title(title), check_metadata(metadata))
 
 
 @dataclass(eq=False)

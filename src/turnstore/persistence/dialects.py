@@ -8,6 +8,7 @@ the dialect name.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -17,13 +18,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
+    BigInteger,
     Column,
+    Integer,
+    String,
     Table,
+    and_,
+    cast,
     event,
     func,
     insert,
+    literal,
     literal_column,
+    not_,
+    or_,
     select,
+    true,
+    tuple_,
 )
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -45,6 +56,19 @@ if TYPE_CHECKING:
     from turnstore.persistence.models import StoreTables
 
 from turnstore.persistence.types import _MYSQL_CHARSET
+
+#: A value a metadata filter may compare with.
+JSONScalar = str | int | float | bool | None
+
+
+def _containment_fragments(wanted: Mapping[str, JSONScalar]) -> tuple[str, list[str]]:
+    """JSON for "document contains these members" and, per key, "contains an array there".
+
+    Containment of a scalar member is equality, except that an array holding the scalar
+    contains it too; a document whose member is an array contains ``{key: []}``, which rules
+    those out.
+    """
+    return json.dumps(dict(wanted)), [json.dumps({key: []}) for key in wanted]
 
 
 @dataclass(frozen=True)
@@ -262,6 +286,37 @@ class DialectProfile:
         """Why connecting to ``url`` must fail, when that is knowable without connecting."""
         return None
 
+    def now_micros(self) -> ColumnElement[int]:
+        """The database clock's current time, in microseconds since the Unix epoch (UTC)."""
+        raise NotImplementedError
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """A stored ``TIMESTAMP_UTC`` value in microseconds since the Unix epoch."""
+        raise NotImplementedError
+
+    def keyset_before(
+        self, columns: Sequence[ColumnElement[Any]], values: Sequence[Any]
+    ) -> ColumnElement[bool]:
+        """``columns`` sort strictly before ``values`` (a keyset position), as an index range.
+
+        A row-value comparison, which SQLite and Postgres turn into one range of an index on
+        ``columns``.
+        """
+        return tuple_(*columns) < tuple_(
+            *(literal(v, c.type) for c, v in zip(columns, values, strict=True))
+        )
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """Each top-level key of ``wanted`` holds the equal JSON scalar in ``document``.
+
+        Equality is JSON's on every database: strings compare exactly (case and accents
+        count), numbers by value (``1`` equals ``1.0``), ``true`` is not ``1``, and ``None``
+        matches a stored ``null`` only, not a missing key.
+        """
+        raise NotImplementedError
+
 
 class _OnConflictProfile(DialectProfile):
     """Dialects that spell upserts ``INSERT ... ON CONFLICT`` (SQLite and PostgreSQL).
@@ -397,6 +452,43 @@ class SQLiteProfile(_OnConflictProfile):
         directory = Path(url.database).expanduser().resolve().parent
         return None if directory.is_dir() else f"directory {directory} does not exist"
 
+    def now_micros(self) -> ColumnElement[int]:
+        """Whole seconds and the milliseconds SQLite's clock has, both read from ``'now'``.
+
+        ``'now'`` is one instant throughout a statement, so the two parts agree.
+        """
+        return self.epoch_micros(literal("now"))
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """Seconds from ``strftime('%s')`` plus milliseconds from ``'%f'`` (``SS.SSS``)."""
+        seconds = cast(func.strftime("%s", timestamp), Integer)
+        millis = cast(func.substr(func.strftime("%f", timestamp), 4), Integer)
+        return cast(seconds * 1_000_000 + millis * 1000, BigInteger)
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """One ``json_each`` lookup per key, comparing the member's JSON type and value."""
+        conditions = []
+        for key, value in wanted.items():
+            members = func.json_each(document).table_valued("key", "value", "type")
+            kind = members.c.type
+            if value is None:
+                same = kind == "null"
+            elif isinstance(value, bool):
+                same = kind == ("true" if value else "false")
+            elif isinstance(value, str):
+                same = and_(kind == "text", members.c.value == literal(value, String()))
+            else:
+                same = and_(kind.in_(("integer", "real")), members.c.value == literal(value))
+            conditions.append(
+                select(literal_column("1"))
+                .select_from(members)
+                .where(members.c.key == literal(key, String()), same)
+                .exists()
+            )
+        return and_(true(), *conditions)
+
 
 @cache
 def _single_row_insert(stmt: Insert, column_keys: tuple[str, ...]) -> PreparedStatement:
@@ -521,6 +613,26 @@ class PostgresProfile(_OnConflictProfile):
     def driver_calls(self, engine: AsyncEngine) -> AsyncpgCalls | None:
         """Direct asyncpg calls, where the engine's driver is asyncpg."""
         return AsyncpgCalls(engine) if engine.dialect.driver == "asyncpg" else None
+
+    def now_micros(self) -> ColumnElement[int]:
+        """``clock_timestamp()``: the time of the statement, not of the transaction's start."""
+        return self.epoch_micros(func.clock_timestamp())
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """``EXTRACT(EPOCH ...)`` is exact (numeric) for timestamps with time zone."""
+        return cast(func.extract("epoch", timestamp) * 1_000_000, BigInteger)
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """JSONB containment (``@>``), excluding array members (see ``_containment_fragments``)."""
+        members, arrays = _containment_fragments(wanted)
+        conditions = [document.op("@>")(cast(literal(members, String()), postgresql.JSONB))]
+        conditions += [
+            not_(document.op("@>")(cast(literal(fragment, String()), postgresql.JSONB)))
+            for fragment in arrays
+        ]
+        return and_(*conditions)
 
 
 def _replace_closed_connection(
@@ -698,6 +810,43 @@ class MySQLProfile(DialectProfile):
             )
         info = conn.info
         info[self._LOCK_COUNT_KEY] = info.get(self._LOCK_COUNT_KEY, 0) + 1
+
+    def now_micros(self) -> ColumnElement[int]:
+        """Microseconds since the epoch of ``UTC_TIMESTAMP(6)``, whatever the session's zone."""
+        return self.epoch_micros(func.utc_timestamp(6))
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """``TIMESTAMPDIFF`` from the epoch: stored DATETIMEs are UTC wall times."""
+        return func.timestampdiff(
+            literal_column("MICROSECOND"), literal_column("'1970-01-01 00:00:00'"), timestamp
+        )
+
+    def keyset_before(
+        self, columns: Sequence[ColumnElement[Any]], values: Sequence[Any]
+    ) -> ColumnElement[bool]:
+        """The comparison spelt out as ``a < x OR (a = x AND b < y)``.
+
+        MariaDB and MySQL evaluate a row-value comparison row by row along the index instead
+        of seeking to it, so a deep page would cost as much as every page before it; the
+        spelt-out form becomes index ranges.
+        """
+        bound = [literal(v, c.type) for c, v in zip(columns, values, strict=True)]
+        alternatives = []
+        for position in range(len(columns)):
+            equal = [columns[i] == bound[i] for i in range(position)]
+            alternatives.append(and_(*equal, columns[position] < bound[position]))
+        return or_(*alternatives)
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """``JSON_CONTAINS``, excluding array members (see ``_containment_fragments``)."""
+        members, arrays = _containment_fragments(wanted)
+        conditions = [func.json_contains(document, literal(members, String())) == 1]
+        conditions += [
+            func.json_contains(document, literal(fragment, String())) == 0 for fragment in arrays
+        ]
+        return and_(*conditions)
 
 
 def _configure_mysql_connection(dbapi_connection: Any, _connection_record: Any) -> None:

@@ -32,6 +32,7 @@ from sqlalchemy import (
     select,
     type_coerce,
     union_all,
+    update,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import Executable, Select
@@ -78,6 +79,29 @@ class NewMessage:
     message_type: str
     tool_name: str | None
     is_user_message: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InfoDefaults:
+    """What a write stores as a session's info when the session has none yet.
+
+    Attributes:
+        user_id: The owner.
+        title: The title.
+        metadata: The metadata, a JSON-serializable dict (validated by the caller).
+    """
+
+    user_id: str | None = None
+    title: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def given(self) -> bool:
+        """Whether any value is set (such a session needs the info table)."""
+        return self.user_id is not None or self.title is not None or self.metadata is not None
+
+
+NO_INFO = InfoDefaults()
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +251,30 @@ class _Statements:
             {"updated_at": utc_now()},
         )
         self.touch_session = prepared(touch_session)
+        # The session's info: created by a write when missing (with the writer's defaults),
+        # its last activity moved forward, never back, by every write.
+        i = tables.info
+        now = profile.now_micros()
+        self.touch_info = prepared(
+            profile.upsert(
+                i,
+                {
+                    "session_id": sid,
+                    "user_id": bindparam("owner", type_=i.c.user_id.type),
+                    "title": bindparam("title", type_=i.c.title.type),
+                    "metadata": bindparam("metadata", type_=i.c["metadata"].type),
+                    "created_at_us": now,
+                    "last_activity_us": now,
+                },
+                ["session_id"],
+                {"last_activity_us": _later(now, i.c.last_activity_us)},
+            )
+        )
+        self.bump_info = prepared(
+            update(i)
+            .where(i.c.session_id == sid)
+            .values(last_activity_us=_later(now, i.c.last_activity_us))
+        )
         self.lock_session = prepared(
             select(tables.sessions.c.session_id)
             .where(tables.sessions.c.session_id == sid)
@@ -423,11 +471,55 @@ def _statements(tables: StoreTables, profile: DialectProfile) -> _Statements:
 class ConversationRepository:
     """Reads and writes conversations in one store (an engine and a table set)."""
 
-    def __init__(self, handle: EngineHandle, tables: StoreTables) -> None:
+    def __init__(
+        self, handle: EngineHandle, tables: StoreTables, info: InfoDefaults = NO_INFO
+    ) -> None:
         self._handle = handle
         self._profile = handle.profile
         self._t = tables
         self._q = _statements(tables, handle.profile)
+        self._info = info
+        self._info_params = {
+            "owner": info.user_id,
+            "title": info.title,
+            "metadata": info.metadata,
+        }
+        self._info_arguments = (
+            info.user_id,
+            info.title,
+            server_routines.json_argument(info.metadata),
+        )
+
+    @property
+    def has_info_table(self) -> bool:
+        """Whether the database has the session info table (known once the schema is ready)."""
+        return self._t.metadata not in self._handle.without_info
+
+    def require_info_table(self) -> None:
+        """Refuse a store feature on a database that predates the session info table.
+
+        Raises:
+            SchemaMissingError: The table is missing.
+        """
+        if not self.has_info_table:
+            raise SchemaMissingError(
+                f"The database lacks turnstore's {self._t.info.name} table, which session "
+                "owners, titles, metadata and the store's listings need. Upgrade the schema "
+                "(turnstore db upgrade, or migration 0005), or open the session with "
+                "create_tables=True."
+            )
+
+    def _touch_info(self, conn: Connection, session_id: str) -> None:
+        """Inside a write: create the session's info if missing, move its activity forward."""
+        if self.has_info_table:
+            self._q.touch_info.execute(conn, {"sid": session_id, **self._info_params})
+        elif self._info.given:
+            self.require_info_table()
+
+    def _bump_info(self, conn: Connection, session_id: str) -> None:
+        """Inside a write: move an existing info row's activity forward (creating none)."""
+        if self.has_info_table:
+            self._q.bump_info.execute(conn, {"sid": session_id})
 
     # -- schema --------------------------------------------------------------------------
 
@@ -454,8 +546,14 @@ class ConversationRepository:
             if create:
                 self._check_schema_names()
                 await handle.write(lambda conn: self._create_missing(conn, migrate_default))
+                handle.without_info.discard(key)
             else:
                 missing = await handle.read(self._missing_tables)
+                # A schema from before migration 0005 serves sessions; only the features
+                # that need the info table refuse (require_info_table).
+                if missing == [self._t.info.name]:
+                    handle.without_info.add(key)
+                    missing = []
                 if missing:
                     raise SchemaMissingError(
                         f"The database lacks turnstore's tables ({', '.join(missing)}). Pass "
@@ -466,7 +564,11 @@ class ConversationRepository:
 
     async def _find_routines(self) -> None:
         """Use the newest server functions the database has for appends and usage, if any."""
-        versions = self._profile.server_routines(self._t)
+        released = self._profile.server_routines(self._t)
+        versions = released
+        if not self.has_info_table:
+            # Functions that keep the info table cannot run without it.
+            versions = tuple(routines for routines in versions if not routines.maintains_info)
         if not versions or self._handle.driver_calls is None:
             return
         presence = ", ".join(f"({routines.presence_query})" for routines in versions)
@@ -476,12 +578,12 @@ class ConversationRepository:
         found = [routines for routines, here in zip(versions, present, strict=True) if here]
         if found:
             self._handle.routines[self._t.metadata] = found[0]
-            if found[0] is not versions[0]:
+            if found[0] is not released[0]:
                 logger.info(
                     "Using version %s of turnstore's server functions; upgrading the database "
                     "(turnstore db upgrade) adds version %s.",
                     found[0].version,
-                    versions[0].version,
+                    released[0].version,
                 )
         else:
             newest = versions[0]
@@ -625,6 +727,10 @@ class ConversationRepository:
             pointer.generation,
             [(m.data, m.message_type, m.is_user_message, m.tool_name) for m in messages],
         )
+        if routines.maintains_info:
+            arguments += self._info_arguments
+        elif self._info.given:
+            self.require_info_table()
         rows = await calls.fetch(routines.append_call, arguments, writes=True)
         branch_id, generation = rows[0]
         return BranchPointer(branch_id, generation)
@@ -674,6 +780,7 @@ class ConversationRepository:
                 }
             )
         q.insert_structure.execute_many(conn, rows)
+        self._touch_info(conn, session_id)
         return BranchPointer(branch_id, generation)
 
     async def pop_latest(self, session_id: str, branch_id: str) -> PoppedItem | None:
@@ -719,6 +826,7 @@ class ConversationRepository:
                     ~exists().where(*in_turn),
                 )
             )
+        self._touch_info(conn, session_id)
         return PoppedItem(row.message_data)
 
     async def clear(self, session_id: str) -> int:
@@ -751,6 +859,9 @@ class ConversationRepository:
                 {"generation": t.generations.c.generation + 1},
             )
         )
+        # The info (owner, title, metadata) is not history: it stays, and so does the
+        # session in the store's listings, empty and moved to the top.
+        self._bump_info(conn, session_id)
         return int(conn.scalar(select(self._q.generation), {"sid": session_id}) or 0)
 
     async def current_generation(self, session_id: str) -> int:
@@ -775,7 +886,7 @@ class ConversationRepository:
         if one_call is None:
             return await self._handle.write(self._record_usage, session_id, pointer, usage)
         calls, routines = one_call
-        arguments = (
+        arguments: tuple[Any, ...] = (
             session_id,
             pointer.branch_id,
             pointer.generation,
@@ -786,6 +897,8 @@ class ConversationRepository:
             server_routines.json_argument(usage.input_tokens_details),
             server_routines.json_argument(usage.output_tokens_details),
         )
+        if routines.maintains_info:
+            arguments += self._info_arguments
         rows = await calls.fetch(routines.usage_call, arguments, writes=True)
         turn = rows[0][0]
         return None if turn is None else int(turn)
@@ -819,6 +932,7 @@ class ConversationRepository:
                 "output_tokens_details": usage.output_tokens_details,
             },
         )
+        self._touch_info(conn, session_id)
         return int(turn)
 
     async def session_usage(
@@ -934,6 +1048,7 @@ class ConversationRepository:
         copied = q.copy_branch.execute(
             conn, {**source_params, "new_branch": new_branch, "after": after}
         )
+        self._touch_info(conn, session_id)
         return CreatedBranch(new_branch, source_branch, generation, copied)
 
     def _reserve_branch_name(
@@ -1004,6 +1119,7 @@ class ConversationRepository:
             )
         ).rowcount
         conn.execute(delete(s).where(*in_branch))
+        self._touch_info(conn, session_id)
         return DeletedBranch(int(structure_rows), usage_rows, messages)
 
     async def list_branches(self, session_id: str) -> list[BranchSummary]:
@@ -1082,6 +1198,11 @@ class ConversationRepository:
         )
         rows = await self._handle.read(_all_rows, stmt)
         return [(name, int(count), turn) for name, count, turn in rows]
+
+
+def _later(now: ColumnElement[int], stored: ColumnElement[int]) -> ColumnElement[int]:
+    """The later of two times; a writer that waited for the lock may read an earlier clock."""
+    return case((now > stored, now), else_=stored)
 
 
 def _escaped_for_like(text: str) -> str:
