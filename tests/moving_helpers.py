@@ -37,8 +37,8 @@ async def empty_store(
             yield ready
 
 
-def _session(engine: AsyncEngine, session_id: str) -> AdvancedSession:
-    return AdvancedSession(session_id=session_id, engine=engine, create_tables=True)
+def _session(engine: AsyncEngine, session_id: str, **info: Any) -> AdvancedSession:
+    return AdvancedSession(session_id=session_id, engine=engine, create_tables=True, **info)
 
 
 async def populate(engine: AsyncEngine, prefix: str = "") -> list[str]:
@@ -48,7 +48,13 @@ async def populate(engine: AsyncEngine, prefix: str = "") -> list[str]:
     details on several turns, a session cleared and written again, one cleared and left
     empty, awkward text, and ids that differ only in case and spaces.
     """
-    branchy = _session(engine, f"{prefix}branchy")
+    branchy = _session(
+        engine,
+        f"{prefix}branchy",
+        user_id="user-1",
+        title="Weather \u2603",
+        metadata={"plan": "pro", "tags": ["a", "b"], "score": 1.5},
+    )
     for number in range(1, 5):
         await branchy.add_items([user(f"question {number} about the weather")])
         await branchy.add_items(
@@ -90,10 +96,12 @@ async def populate(engine: AsyncEngine, prefix: str = "") -> list[str]:
         ]
     )
     await awkward.store_run_usage(run_result(input_tokens=3, output_tokens=4))
-    awkward_lower = _session(engine, f"{prefix}awkward")
+    awkward_lower = _session(engine, f"{prefix}awkward", user_id="user-1")
     await awkward_lower.add_items([user("the lower-case twin")])
+    info_only = _session(engine, f"{prefix}info only", user_id="user-2", title="not yet")
+    await info_only.set_info(metadata={"draft": True})
 
-    for session in (branchy, cleared, emptied, awkward, awkward_lower):
+    for session in (branchy, cleared, emptied, awkward, awkward_lower, info_only):
         await session.aclose()
     return [
         f"{prefix}branchy",
@@ -101,6 +109,7 @@ async def populate(engine: AsyncEngine, prefix: str = "") -> list[str]:
         f"{prefix}Cleared Only",
         f"{prefix}AWKWARD ",
         f"{prefix}awkward",
+        f"{prefix}info only",
     ]
 
 
@@ -186,5 +195,14 @@ async def stored_rows(engine: AsyncEngine, session_id: str) -> dict[str, Any]:
             ),
             "generation": await rows(
                 select(T.generations.c.generation).where(T.generations.c.session_id == session_id)
+            ),
+            "info": await rows(
+                select(
+                    T.info.c.user_id,
+                    T.info.c.title,
+                    T.info.c["metadata"],
+                    T.info.c.created_at_us,
+                    T.info.c.last_activity_us,
+                ).where(T.info.c.session_id == session_id)
             ),
         }

@@ -302,6 +302,29 @@ class _Checker:
         return self.text(key, optional=True)  # type: ignore[no-any-return]
 
 
+_INFO_KEYS = {"user_id", "title", "metadata", "created_at_us", "last_activity_us"}
+
+
+def _checked_info(check: _Checker, info: object) -> dict[str, Any]:
+    """A session record's ``info``: owner, title, metadata and the two activity times."""
+    if not isinstance(info, dict):
+        raise check.fail(f"'info' must be an object or null; got {_kind(info)}")
+    if set(info) != _INFO_KEYS:
+        raise check.fail(f"'info' must have exactly the fields {', '.join(sorted(_INFO_KEYS))}")
+    for key in ("user_id", "title"):
+        if info[key] is not None and not isinstance(info[key], str):
+            raise check.fail(f"'info.{key}' must be a string or null; got {_kind(info[key])}")
+    if info["metadata"] is not None and not isinstance(info["metadata"], dict):
+        raise check.fail(
+            f"'info.metadata' must be an object or null; got {_kind(info['metadata'])}"
+        )
+    for key in ("created_at_us", "last_activity_us"):
+        value = info[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise check.fail(f"'info.{key}' must be an integer; got {_kind(value)}")
+    return info
+
+
 def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -418,8 +441,8 @@ class RecordDecoder:
         if not isinstance(reserved, list) or not all(isinstance(n, str) for n in reserved):
             raise check.fail("'reserved_branches' must be a list of strings")
         info = check._get("info", True)
-        if info is not None and not isinstance(info, dict):
-            raise check.fail(f"'info' must be an object or null; got {_kind(info)}")
+        if info is not None:
+            info = _checked_info(check, info)
         generation = check.integer("clear_generation", optional=True)
         return SessionHead(
             session_id=session_id,

@@ -19,7 +19,7 @@ import json
 from array import array
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import cache
 from typing import Any, cast
@@ -47,7 +47,12 @@ from turnstore.persistence.dialects import DialectProfile
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
 from turnstore.persistence.prepared import PreparedStatement
-from turnstore.persistence.types import ExchangedJSON, ExchangedTimestamp, stored_timestamp
+from turnstore.persistence.types import (
+    ExchangedJSON,
+    ExchangedTimestamp,
+    parse_timestamp,
+    stored_timestamp,
+)
 
 #: Rows per batch when a caller does not say.
 DEFAULT_BATCH_SIZE = 10_000
@@ -200,12 +205,11 @@ class _Queries:
     def __init__(self, tables: StoreTables, profile: DialectProfile) -> None:
         t = tables
         sessions, m, s, u = t.sessions, t.messages, t.structure, t.usage
-        g, r = t.generations, t.reservations
+        g, r, i = t.generations, t.reservations, t.info
         direct = profile.runs_prepared_statements_directly
         sid: BindParameter[str] = bindparam("sid", type_=sessions.c.session_id.type)
         after: BindParameter[int] = bindparam("after", type_=Integer)
         limit: BindParameter[int] = bindparam("limit", type_=Integer)
-        after_id: BindParameter[str] = bindparam("after_id", type_=sessions.c.session_id.type)
 
         def prepared(statement: Any) -> PreparedStatement:
             return PreparedStatement(statement, direct=direct)
@@ -217,6 +221,19 @@ class _Queries:
             ).where(sessions.c.session_id == sid)
         )
         self.generation = prepared(select(g.c.generation).where(g.c.session_id == sid))
+        info_columns = (
+            i.c.session_id,
+            i.c.user_id,
+            i.c.title,
+            i.c["metadata"],
+            i.c.created_at_us,
+            i.c.last_activity_us,
+        )
+        # Through SQLAlchemy (not the driver directly): metadata is decoded by its type.
+        self.group_info = select(*info_columns).where(
+            i.c.session_id.in_(bindparam("ids", expanding=True))
+        )
+        self.insert_info = insert(i)
         self.reserved = prepared(
             select(r.c.branch_id).where(r.c.session_id == sid).order_by(r.c.branch_id)
         )
@@ -262,33 +279,9 @@ class _Queries:
             .order_by(u.c.id)
             .limit(limit)
         )
-        # Every session the store knows: one with rows, or one cleared and not written since.
-        known = union(
-            select(sessions.c.session_id.label("session_id")).where(
-                sessions.c.session_id > after_id
-            ),
-            select(g.c.session_id).where(g.c.session_id > after_id),
-        ).subquery()
-        self.session_ids = prepared(
-            select(known.c.session_id).order_by(known.c.session_id).limit(limit)
-        )
-        known_first = union(
-            select(sessions.c.session_id.label("session_id")), select(g.c.session_id)
-        ).subquery()
-        self.first_session_ids = prepared(
-            select(known_first.c.session_id).order_by(known_first.c.session_id).limit(limit)
-        )
-        # Files of older SDK releases have no generations table: their sessions all have rows.
-        self.row_session_ids = prepared(
-            select(sessions.c.session_id)
-            .where(sessions.c.session_id > after_id)
-            .order_by(sessions.c.session_id)
-            .limit(limit)
-        )
-        self.first_row_session_ids = prepared(
-            select(sessions.c.session_id).order_by(sessions.c.session_id).limit(limit)
-        )
-        self.bookkeeping = (r.name, g.name)
+        # Tables whose rows make a session known, besides the sessions table.
+        self.knowing = (g, i)
+        self.bookkeeping = (r.name, g.name, i.name)
 
         # -- groups of whole sessions (IN lists; small sessions read and written together)
         ids: BindParameter[list[str]] = bindparam("ids", expanding=True)
@@ -348,15 +341,19 @@ class _Queries:
             .where(u.c.session_id.in_(ids))
             .order_by(u.c.session_id, u.c.id)
         )
-        self.group_existing = union(
+        known = [
             select(sessions.c.session_id.label("session_id")).where(sessions.c.session_id.in_(ids)),
             select(g.c.session_id).where(g.c.session_id.in_(ids)),
-        )
+        ]
+        self.group_existing = union(*known, select(i.c.session_id).where(i.c.session_id.in_(ids)))
+        # Where the store has no info table (a database before revision 0005, an SDK file).
+        self.group_existing_without_info = union(*known)
         self.group_lock = (
             select(sessions.c.session_id).where(sessions.c.session_id.in_(ids)).with_for_update()
         )
         self.group_erase = [
-            delete(table).where(table.c.session_id.in_(ids)) for table in (s, u, m, r, g, sessions)
+            (table.name, delete(table).where(table.c.session_id.in_(ids)))
+            for table in (s, u, m, r, g, sessions, i)
         ]
         self.tables = t
 
@@ -415,9 +412,6 @@ class _Queries:
             )
         )
         # Children before parents; the sessions row last.
-        self.erase = [
-            delete(table).where(table.c.session_id == sid) for table in (s, u, m, r, g, sessions)
-        ]
 
 
 @cache
@@ -447,24 +441,25 @@ class SessionReader:
     async def _missing_tables(self) -> frozenset[str]:
         """Bookkeeping tables the store lacks (a file of an older SDK release has neither)."""
         if self._missing is None:
-            wanted = self._q.bookkeeping
-
-            def probe(conn: Connection) -> frozenset[str]:
-                inspector = inspect(conn)
-                return frozenset(name for name in wanted if not inspector.has_table(name))
-
-            self._missing = await self._handle.read(probe)
+            self._missing = await _probe_missing(self._handle, self._q.bookkeeping)
         return self._missing
 
     async def session_ids(self, after: str | None, limit: int) -> list[str]:
-        """Up to ``limit`` ids of sessions in the store, in id order, after ``after``."""
-        q = self._q
-        rows_only = q.bookkeeping[1] in await self._missing_tables()
-        if after is None:
-            first = q.first_row_session_ids if rows_only else q.first_session_ids
-            return await self._handle.read(first.scalars, {"limit": limit})
-        page = q.row_session_ids if rows_only else q.session_ids
-        return await self._handle.read(page.scalars, {"after_id": after, "limit": limit})
+        """Up to ``limit`` ids of sessions in the store, in id order, after ``after``.
+
+        A session is known by its row, its clear generation (cleared, not written since) or
+        its info (set before the first item), in whichever of those tables the store has.
+        """
+        missing = await self._missing_tables()
+        sessions = self._q.tables.sessions
+        parts = [select(sessions.c.session_id.label("session_id"))] + [
+            select(table.c.session_id) for table in self._q.knowing if table.name not in missing
+        ]
+        if after is not None:
+            parts = [part.where(part.selected_columns[0] > after) for part in parts]
+        known = union(*parts).subquery()
+        statement = select(known.c.session_id).order_by(known.c.session_id).limit(limit)
+        return await self._handle.read(lambda conn: list(conn.execute(statement).scalars()))
 
     async def all_session_ids(self) -> AsyncIterator[str]:
         """Every session id of the store, in id order, a page at a time (keyset)."""
@@ -535,33 +530,11 @@ class SessionReader:
         self, conn: Connection, session_ids: list[str], missing: frozenset[str]
     ) -> list[SessionData]:
         q = self._q
-        reservations, generations = q.bookkeeping
         params = {"ids": session_ids}
-        rows = {sid: (c, u) for sid, c, u in conn.execute(q.group_session_rows, params)}
-        found_generations: dict[str, int] = {}
-        if generations not in missing:
-            found_generations = {
-                sid: int(g) for sid, g in conn.execute(q.group_generations, params)
-            }
-        reserved: dict[str, list[str]] = {}
-        if reservations not in missing:
-            for sid, name in conn.execute(q.group_reserved, params):
-                reserved.setdefault(sid, []).append(name)
-        data: dict[str, SessionData] = {}
-        for sid in session_ids:
-            row = rows.get(sid)
-            generation = found_generations.get(sid)
-            if row is None and generation is None:
-                continue
-            head = SessionHead(
-                session_id=sid,
-                has_session_row=row is not None,
-                created_at=None if row is None else export_timestamp(row[0]),
-                updated_at=None if row is None else export_timestamp(row[1]),
-                clear_generation=generation,
-                reserved_branches=tuple(reserved.get(sid, ())),
-            )
-            data[sid] = SessionData(head, [], [], [])
+        data = {
+            sid: SessionData(head, [], [], [])
+            for sid, head in self._heads(conn, session_ids, missing).items()
+        }
         for row in conn.execute(q.group_messages, params):
             if row[0] in data:
                 data[row[0]].messages.append(_message(row[1:]))
@@ -576,22 +549,107 @@ class SessionReader:
     def _head(
         self, conn: Connection, session_id: str, missing: frozenset[str]
     ) -> SessionHead | None:
+        return self._heads(conn, [session_id], missing).get(session_id)
+
+    def _heads(
+        self, conn: Connection, session_ids: list[str], missing: frozenset[str]
+    ) -> dict[str, SessionHead]:
+        """The heads of those of the sessions that exist, in the order given."""
         q = self._q
-        reservations, generations = q.bookkeeping
-        params = {"sid": session_id}
-        row = q.session_row.first(conn, params)
-        generation = None if generations in missing else q.generation.scalar(conn, params)
-        if row is None and generation is None:
-            return None
-        reserved = () if reservations in missing else tuple(q.reserved.scalars(conn, params))
-        return SessionHead(
-            session_id=session_id,
-            has_session_row=row is not None,
-            created_at=None if row is None else export_timestamp(row[0]),
-            updated_at=None if row is None else export_timestamp(row[1]),
-            clear_generation=None if generation is None else int(generation),
-            reserved_branches=reserved,
-        )
+        reservations, generations, infos = q.bookkeeping
+        params = {"ids": session_ids}
+        rows = {sid: (c, u) for sid, c, u in conn.execute(q.group_session_rows, params)}
+        found_generations: dict[str, int] = {}
+        if generations not in missing:
+            found_generations = {
+                sid: int(g) for sid, g in conn.execute(q.group_generations, params)
+            }
+        reserved: dict[str, list[str]] = {}
+        if reservations not in missing:
+            for sid, name in conn.execute(q.group_reserved, params):
+                reserved.setdefault(sid, []).append(name)
+        info: dict[str, dict[str, Any]] = {}
+        if infos not in missing:
+            for sid, user_id, title, metadata, created, activity in conn.execute(
+                q.group_info, params
+            ):
+                info[sid] = {
+                    "user_id": user_id,
+                    "title": title,
+                    "metadata": _json_value(metadata),
+                    "created_at_us": int(created),
+                    "last_activity_us": int(activity),
+                }
+        heads = {}
+        for sid in session_ids:
+            row = rows.get(sid)
+            generation = found_generations.get(sid)
+            if row is None and generation is None and sid not in info:
+                continue
+            heads[sid] = SessionHead(
+                session_id=sid,
+                has_session_row=row is not None,
+                created_at=None if row is None else export_timestamp(row[0]),
+                updated_at=None if row is None else export_timestamp(row[1]),
+                clear_generation=generation,
+                reserved_branches=tuple(reserved.get(sid, ())),
+                info=info.get(sid),
+            )
+        return heads
+
+
+async def _probe_missing(handle: EngineHandle, wanted: Sequence[str]) -> frozenset[str]:
+    """Which of the ``wanted`` tables the database lacks."""
+
+    def probe(conn: Connection) -> frozenset[str]:
+        inspector = inspect(conn)
+        return frozenset(name for name in wanted if not inspector.has_table(name))
+
+    return await handle.read(probe)
+
+
+def _info_row(head: SessionHead) -> dict[str, Any] | None:
+    """The info row to write for a session, if any.
+
+    A session that comes with its info keeps it exactly (owner, title, metadata, creation
+    and last activity, so listings order it as the source did). One that comes without
+    (from a store older than the info table, or an SDK file) gets what the migration that
+    added the table gives such sessions: its times from the sessions row, no owner.
+    """
+    if head.info is not None:
+        return {"session_id": head.session_id, **head.info}
+    if not head.has_session_row:
+        return None
+    created = _micros(head.created_at)
+    return {
+        "session_id": head.session_id,
+        "user_id": None,
+        "title": None,
+        "metadata": None,
+        "created_at_us": created,
+        "last_activity_us": _micros(head.updated_at) if head.updated_at else created,
+    }
+
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _micros(text: str | None) -> int:
+    """An export timestamp in microseconds since the epoch (now, if it has none)."""
+    try:
+        moment = parse_timestamp(text) if text else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        moment = datetime.now(UTC).replace(tzinfo=None)
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON column's value; text a driver did not decode is decoded (invalid: ``None``)."""
+    if isinstance(value, str):
+        return jsoncodec.loads_or_none(value, "session metadata")
+    return value
 
 
 def _message(row: Sequence[Any]) -> MessageRow:
@@ -678,19 +736,17 @@ class SessionWriter:
         self._handle = handle
         self._profile = handle.profile
         self._q = _queries(tables, handle.profile)
+        self._missing: frozenset[str] | None = None
+
+    async def _missing_tables(self) -> frozenset[str]:
+        """Tables of turnstore's the target lacks (it predates them); probed once."""
+        if self._missing is None:
+            self._missing = await _probe_missing(self._handle, self._q.bookkeeping)
+        return self._missing
 
     async def exists(self, session_id: str) -> bool:
-        """Whether the store has a session of that id (rows, or a clear generation)."""
-        q = self._q
-
-        def probe(conn: Connection) -> bool:
-            params = {"sid": session_id}
-            return (
-                q.session_row.first(conn, params) is not None
-                or q.generation.scalar(conn, params) is not None
-            )
-
-        return await self._handle.read(probe)
+        """Whether the store has a session of that id (rows, generation or info)."""
+        return bool(await self.existing([session_id]))
 
     async def write(
         self,
@@ -712,8 +768,9 @@ class SessionWriter:
                 define, or message ids do not increase.
         """
         try:
+            missing = await self._missing_tables()
             async with self._handle.steps(write=True) as steps:
-                replaced = await steps.run(self._begin, head, on_conflict)
+                replaced = await steps.run(self._begin, head, on_conflict, missing)
                 if replaced is None:
                     return WriteOutcome(False, False, SessionCounts())
                 ids = MessageIdMap()
@@ -741,15 +798,19 @@ class SessionWriter:
                 await close()
 
     async def existing(self, session_ids: Sequence[str]) -> set[str]:
-        """Which of the given sessions the store has (rows, or a clear generation)."""
+        """Which of the given sessions the store has (rows, generation or info)."""
         if not session_ids:
             return set()
-        statement = self._q.group_existing
+        statement = self._existing_statement(await self._missing_tables())
         return set(
             await self._handle.read(
                 lambda conn: list(conn.execute(statement, {"ids": list(session_ids)}).scalars())
             )
         )
+
+    def _existing_statement(self, missing: frozenset[str]) -> Any:
+        q = self._q
+        return q.group_existing_without_info if q.bookkeeping[2] in missing else q.group_existing
 
     async def write_group(
         self, sessions: Sequence[SessionData], on_conflict: OnConflict = OnConflict.SKIP
@@ -762,53 +823,29 @@ class SessionWriter:
         """
         if not sessions:
             return []
-        return await self._handle.write(self._write_group, list(sessions), on_conflict)
+        missing = await self._missing_tables()
+        return await self._handle.write(self._write_group, list(sessions), on_conflict, missing)
 
     def _write_group(
-        self, conn: Connection, sessions: list[SessionData], on_conflict: OnConflict
+        self,
+        conn: Connection,
+        sessions: list[SessionData],
+        on_conflict: OnConflict,
+        missing: frozenset[str],
     ) -> list[WriteOutcome]:
         q, profile, dialect = self._q, self._profile, conn.dialect
-        params = {"ids": [data.head.session_id for data in sessions]}
-        conn.execute(q.group_lock, params)
-        existing = set(conn.execute(q.group_existing, params).scalars())
-        if existing and on_conflict is OnConflict.FAIL:
-            first = next(d.head.session_id for d in sessions if d.head.session_id in existing)
-            raise SessionExistsError(
-                f"Session {first!r} already exists in the target; nothing of it was written. "
-                'Pass on_conflict="skip" to keep it or "replace" to overwrite it.'
-            )
-        if existing and on_conflict is OnConflict.REPLACE:
-            for statement in q.group_erase:
-                conn.execute(statement, {"ids": sorted(existing)})
+        states = self._claim(conn, [data.head for data in sessions], on_conflict, missing)
         outcomes = []
         chosen = []
-        for data in sessions:
-            there = data.head.session_id in existing
-            if there and on_conflict is OnConflict.SKIP:
+        for data, state in zip(sessions, states, strict=True):
+            if state is None:
                 outcomes.append(WriteOutcome(False, False, SessionCounts()))
             else:
-                outcomes.append(WriteOutcome(True, there, data.counts))
+                outcomes.append(WriteOutcome(True, state, data.counts))
                 chosen.append(data)
         if not chosen:
             return outcomes
-        heads = [data.head for data in chosen]
         t = q.tables
-        session_rows = [
-            {"sid": h.session_id, "created_at": h.created_at, "updated_at": h.updated_at}
-            for h in heads
-            if h.has_session_row
-        ]
-        self._load(conn, q.insert_session, t.sessions, session_rows)
-        generation_rows = [
-            {"sid": h.session_id, "generation": h.clear_generation}
-            for h in heads
-            if h.clear_generation is not None
-        ]
-        self._load(conn, q.insert_generation, t.generations, generation_rows)
-        reservations = [
-            {"sid": h.session_id, "branch_id": name} for h in heads for name in h.reserved_branches
-        ]
-        self._load(conn, q.insert_reservation, t.reservations, reservations)
         # Messages: ids handed out ahead (one statement for the group) where the database can,
         # so every row of the group goes in by its bulk path; else returned by the insert.
         count = sum(len(data.messages) for data in chosen)
@@ -883,36 +920,77 @@ class SessionWriter:
         ]
         profile.bulk_copy(conn, table, ["session_id", *columns], records)
 
-    def _begin(self, conn: Connection, head: SessionHead, on_conflict: OnConflict) -> bool | None:
+    def _begin(
+        self,
+        conn: Connection,
+        head: SessionHead,
+        on_conflict: OnConflict,
+        missing: frozenset[str],
+    ) -> bool | None:
         """Lock, settle a conflict, write the head; ``None`` to skip, else whether replaced."""
-        q, sid = self._q, head.session_id
-        params = {"sid": sid}
-        exists = (
-            q.lock_session.first(conn, params) is not None
-            or q.generation.scalar(conn, params) is not None
-        )
-        replaced = False
-        if exists:
-            if on_conflict is OnConflict.SKIP:
-                return None
-            if on_conflict is OnConflict.FAIL:
-                raise SessionExistsError(
-                    f"Session {sid!r} already exists in the target; nothing of it was written. "
-                    'Pass on_conflict="skip" to keep it or "replace" to overwrite it.'
-                )
-            for statement in q.erase:
-                conn.execute(statement, params)
-            replaced = True
-        if head.has_session_row:
-            q.insert_session.execute(
-                conn, {"sid": sid, "created_at": head.created_at, "updated_at": head.updated_at}
+        return self._claim(conn, [head], on_conflict, missing)[0]
+
+    def _claim(
+        self,
+        conn: Connection,
+        heads: list[SessionHead],
+        on_conflict: OnConflict,
+        missing: frozenset[str],
+    ) -> list[bool | None]:
+        """Lock the sessions, settle conflicts, write the heads of those to write.
+
+        Returns:
+            Per head: ``None`` if skipped, else whether an existing session was replaced.
+
+        Raises:
+            SessionExistsError: One exists and ``on_conflict`` is ``fail``.
+        """
+        q, t = self._q, self._q.tables
+        params = {"ids": [head.session_id for head in heads]}
+        conn.execute(q.group_lock, params)
+        existing = set(conn.execute(self._existing_statement(missing), params).scalars())
+        if existing and on_conflict is OnConflict.FAIL:
+            first = next(h.session_id for h in heads if h.session_id in existing)
+            raise SessionExistsError(
+                f"Session {first!r} already exists in the target; nothing of it was written. "
+                'Pass on_conflict="skip" to keep it or "replace" to overwrite it.'
             )
-        if head.clear_generation is not None:
-            q.insert_generation.execute(conn, {"sid": sid, "generation": head.clear_generation})
-        q.insert_reservation.execute_many(
-            conn, [{"sid": sid, "branch_id": name} for name in head.reserved_branches]
-        )
-        return replaced
+        if existing and on_conflict is OnConflict.REPLACE:
+            for name, statement in q.group_erase:
+                if name not in missing:
+                    conn.execute(statement, {"ids": sorted(existing)})
+        states: list[bool | None] = []
+        chosen = []
+        for head in heads:
+            there = head.session_id in existing
+            if there and on_conflict is OnConflict.SKIP:
+                states.append(None)
+            else:
+                states.append(there)
+                chosen.append(head)
+        if not chosen:
+            return states
+        session_rows = [
+            {"sid": h.session_id, "created_at": h.created_at, "updated_at": h.updated_at}
+            for h in chosen
+            if h.has_session_row
+        ]
+        self._load(conn, q.insert_session, t.sessions, session_rows)
+        generation_rows = [
+            {"sid": h.session_id, "generation": h.clear_generation}
+            for h in chosen
+            if h.clear_generation is not None
+        ]
+        self._load(conn, q.insert_generation, t.generations, generation_rows)
+        reservations = [
+            {"sid": h.session_id, "branch_id": name} for h in chosen for name in h.reserved_branches
+        ]
+        self._load(conn, q.insert_reservation, t.reservations, reservations)
+        if t.info.name not in missing:
+            infos = [info for info in map(_info_row, chosen) if info is not None]
+            if infos:
+                conn.execute(q.insert_info, infos)
+        return states
 
     def _messages(
         self, conn: Connection, session_id: str, batch: list[MessageRow], ids: MessageIdMap
