@@ -47,6 +47,7 @@ from turnstore.persistence.store_queries import Selection, StoreQueries
 from turnstore.schema.migrate import bring_to_head
 from turnstore.session import AdvancedSession
 from turnstore.store_cursors import CursorCodec
+from turnstore.store_moving import StoreMoving
 
 _default_logger = logging.getLogger("turnstore")
 
@@ -68,7 +69,7 @@ class SessionPage:
     next_cursor: str | None
 
 
-class Store:
+class Store(StoreMoving):
     """Every conversation of one database: list, count, inspect, delete, erase, expire.
 
     Give it a database URL (``url=``) or an ``AsyncEngine`` you own (``engine=``); it shares

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import IO, Any
@@ -309,7 +309,7 @@ async def write_export(
 async def import_records(
     handle: EngineHandle,
     tables: StoreTables,
-    records: Iterable[tuple[int, Any]],
+    records: Iterable[tuple[int, Any]] | AsyncIterable[tuple[int, Any]],
     *,
     on_conflict: OnConflict = OnConflict.SKIP,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -322,7 +322,7 @@ async def import_records(
         SessionExistsError: A session exists and ``on_conflict`` is ``fail``.
     """
     decoder = RecordDecoder(records, batch_size=check_batch_size(batch_size))
-    decoder.read_header()
+    await decoder.read_header()
     writer = SessionWriter(handle, tables)
     summary = TransferSummary()
     clock = _Clock(None, progress)
@@ -365,7 +365,9 @@ async def import_file(
     )
 
 
-def numbered_records(records: Iterable[Mapping[str, Any]]) -> Iterable[tuple[int, Any]]:
+def numbered_records(
+    records: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
+) -> Iterable[tuple[int, Any]] | AsyncIterator[tuple[int, Any]]:
     """Records given as dicts (say, from ``Store.export``), numbered for :func:`import_records`."""
     return numbered(records)
 

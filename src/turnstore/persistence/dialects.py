@@ -627,9 +627,11 @@ class PostgresProfile(_OnConflictProfile):
     ) -> ColumnElement[bool]:
         """JSONB containment (``@>``), excluding array members (see ``_containment_fragments``)."""
         members, arrays = _containment_fragments(wanted)
-        conditions = [document.op("@>")(cast(literal(members, String()), postgresql.JSONB))]
+        # is_comparison: the operator yields a boolean, which not_() may negate.
+        contains = document.op("@>", is_comparison=True)
+        conditions = [contains(cast(literal(members, String()), postgresql.JSONB))]
         conditions += [
-            not_(document.op("@>")(cast(literal(fragment, String()), postgresql.JSONB)))
+            not_(contains(cast(literal(fragment, String()), postgresql.JSONB)))
             for fragment in arrays
         ]
         return and_(*conditions)

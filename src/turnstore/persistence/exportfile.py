@@ -15,7 +15,14 @@ import bisect
 import io
 import json
 from array import array
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -205,9 +212,22 @@ def file_records(file: IO[Any]) -> Iterator[tuple[int, Any]]:
         yield number, value
 
 
-def numbered(records: Iterable[Mapping[str, Any]]) -> Iterator[tuple[int, Any]]:
+def numbered(
+    records: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
+) -> Iterable[tuple[int, Any]] | AsyncIterator[tuple[int, Any]]:
     """Records given as objects, numbered from 1 like the lines of a file."""
+    if isinstance(records, AsyncIterable):
+        return _numbered_async(records)
     return enumerate(records, start=1)
+
+
+async def _numbered_async(
+    records: AsyncIterable[Mapping[str, Any]],
+) -> AsyncIterator[tuple[int, Any]]:
+    number = 0
+    async for record in records:
+        number += 1
+        yield number, record
 
 
 _SESSION_KEYS = {
@@ -340,8 +360,18 @@ class RecordDecoder:
         batch_size: Rows per batch handed out.
     """
 
-    def __init__(self, records: Iterable[tuple[int, Any]], *, batch_size: int) -> None:
-        self._records = iter(records)
+    def __init__(
+        self,
+        records: Iterable[tuple[int, Any]] | AsyncIterable[tuple[int, Any]],
+        *,
+        batch_size: int,
+    ) -> None:
+        self._records: Iterator[tuple[int, Any]] | None = None
+        self._async_records: AsyncIterator[tuple[int, Any]] | None = None
+        if isinstance(records, AsyncIterable):
+            self._async_records = aiter(records)
+        else:
+            self._records = iter(records)
         self._batch_size = batch_size
         self._last_line = 0
         self.version: int | None = None
@@ -355,29 +385,33 @@ class RecordDecoder:
 
     # -- plumbing
 
-    def _next(self) -> tuple[int, Any] | None:
-        found = next(self._records, None)
+    async def _next(self) -> tuple[int, Any] | None:
+        if self._records is not None:
+            found = next(self._records, None)
+        else:
+            assert self._async_records is not None
+            found = await anext(self._async_records, None)
         if found is not None:
             self._last_line = found[0]
             if not isinstance(found[1], dict) or not isinstance(found[1].get("record"), str):
                 raise ExportFileError(found[0], 'not a record (an object with a "record" field)')
         return found
 
-    def _expect_more(self, what: str) -> tuple[int, Any]:
-        found = self._next()
+    async def _expect_more(self, what: str) -> tuple[int, Any]:
+        found = await self._next()
         if found is None:
             raise ExportFileError(
                 self._last_line + 1, f"the file ends before {what}: it is truncated"
             )
         return found
 
-    def read_header(self) -> Record:
+    async def read_header(self) -> Record:
         """Read and check the header.
 
         Raises:
             ExportFileError: No header, another format, or a version this turnstore cannot read.
         """
-        found = self._next()
+        found = await self._next()
         if found is None:
             raise ExportFileError(1, "the file is empty; expected a turnstore export header")
         line, record = found
@@ -404,12 +438,12 @@ class RecordDecoder:
     async def sessions(self) -> AsyncIterator[tuple[SessionHead, AsyncIterator[Batch]]]:
         """Each session's head and its batches, in file order, then checks the end record."""
         if self.header is None:
-            self.read_header()
+            await self.read_header()
         count = 0
         while True:
             if self._in_session is not None:
                 await self._skip_rest()
-            line, record = self._expect_more("its end record")
+            line, record = await self._expect_more("its end record")
             kind = record["record"]
             if kind == "end":
                 check = _Checker(line, record, {"record", "sessions"})
@@ -419,7 +453,7 @@ class RecordDecoder:
                         f"the file says it holds {declared} sessions, but {count} came before "
                         "it: sessions are missing"
                     )
-                trailing = self._next()
+                trailing = await self._next()
                 if trailing is not None:
                     raise ExportFileError(trailing[0], "records after the end record")
                 return
@@ -468,7 +502,7 @@ class RecordDecoder:
         batch: list[Any] = []
         batch_kind = ""
         while True:
-            line, record = self._expect_more(f"the end of session {session.session_id!r}")
+            line, record = await self._expect_more(f"the end of session {session.session_id!r}")
             kind = record["record"]
             if kind == "session_end":
                 if batch:

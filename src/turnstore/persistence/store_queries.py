@@ -166,6 +166,28 @@ class StoreQueries:
         )
         return [_session_row(row) for row in await self._handle.read(_rows, stmt)]
 
+    async def positions(
+        self, selection: Selection, after: Position | None, limit: int
+    ) -> list[Position]:
+        """Like :meth:`page`, but only each session's position: (last activity, session id).
+
+        For walking every session a selection matches (an export, a copy) without computing
+        summaries; the same index ranges as a listing.
+        """
+        i = self._t.info
+        conditions = self._conditions(selection)
+        if after is not None:
+            conditions.append(
+                self._profile.keyset_before([i.c.last_activity_us, i.c.session_id], after)
+            )
+        stmt = (
+            select(i.c.last_activity_us, i.c.session_id)
+            .where(*conditions)
+            .order_by(i.c.last_activity_us.desc(), i.c.session_id.desc())
+            .limit(limit)
+        )
+        return [(int(activity), sid) for activity, sid in await self._handle.read(_rows, stmt)]
+
     async def count(self, selection: Selection) -> int:
         """How many sessions match, counted by the database along the activity indexes."""
         stmt = select(func.count()).select_from(self._t.info).where(*self._conditions(selection))
