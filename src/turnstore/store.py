@@ -45,7 +45,7 @@ from turnstore.persistence.models import (
 from turnstore.persistence.repository import ConversationRepository
 from turnstore.persistence.store_queries import Selection, StoreQueries
 from turnstore.schema.migrate import bring_to_head
-from turnstore.session import AdvancedSession
+from turnstore.session import AdvancedSession, ContextRouter
 from turnstore.store_cursors import CursorCodec
 from turnstore.store_moving import StoreMoving
 
@@ -159,6 +159,7 @@ class Store(StoreMoving):
         create_tables: bool | None = None,
         logger: logging.Logger | None = None,
         session_settings: Any = None,
+        session_for_context: ContextRouter | None = None,
     ) -> AdvancedSession:
         """A session on this store's engine and tables.
 
@@ -182,6 +183,7 @@ class Store(StoreMoving):
             user_id=user_id,
             title=title,
             metadata=metadata,
+            session_for_context=session_for_context,
         )
 
     # -- inspection ----------------------------------------------------------------------

@@ -45,7 +45,7 @@ from turnstore.errors import (
     SchemaMissingError,
     TurnNotFoundError,
 )
-from turnstore.persistence import server_routines
+from turnstore.persistence import rewrite, server_routines
 from turnstore.persistence.dialects import DialectProfile, utc_now
 from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.engines import EngineHandle
@@ -783,15 +783,33 @@ class ConversationRepository:
         self._touch_info(conn, session_id)
         return BranchPointer(branch_id, generation)
 
-    async def pop_latest(self, session_id: str, branch_id: str) -> PoppedItem | None:
+    async def pop_latest(
+        self,
+        session_id: str,
+        branch_id: str,
+        check: Callable[[str | None], None] | None = None,
+    ) -> PoppedItem | None:
         """Remove the newest item of a branch; ``None`` when the branch is empty.
 
         The message row itself is deleted only when no other branch shares it, and the turn's
         usage row goes when its last item does.
-        """
-        return await self._handle.write(self._pop_latest, session_id, branch_id)
 
-    def _pop_latest(self, conn: Connection, session_id: str, branch_id: str) -> PoppedItem | None:
+        Args:
+            session_id: The session.
+            branch_id: The branch.
+            check: Called with the newest item's stored text (``None`` if its message is
+                gone) inside the transaction, before anything is deleted; whatever it raises
+                rolls the transaction back and propagates, leaving the item where it was.
+        """
+        return await self._handle.write(self._pop_latest, session_id, branch_id, check)
+
+    def _pop_latest(
+        self,
+        conn: Connection,
+        session_id: str,
+        branch_id: str,
+        check: Callable[[str | None], None] | None = None,
+    ) -> PoppedItem | None:
         s, m, u = self._t.structure, self._t.messages, self._t.usage
         if self._q.lock_session.scalar(conn, {"sid": session_id}) is None:
             return None
@@ -804,6 +822,8 @@ class ConversationRepository:
         ).first()
         if row is None:
             return None
+        if check is not None:
+            check(row.message_data)
         conn.execute(delete(s).where(s.c.session_id == session_id, s.c.id == row.id))
         conn.execute(
             delete(m).where(
@@ -828,6 +848,104 @@ class ConversationRepository:
             )
         self._touch_info(conn, session_id)
         return PoppedItem(row.message_data)
+
+    # -- compaction ----------------------------------------------------------------------
+
+    async def branch_tail(self, session_id: str, branch_id: str, limit: int) -> rewrite.BranchTail:
+        """The newest ``limit`` items of a branch, for a later :meth:`replace_tail`."""
+        return await self._handle.read(rewrite.read_tail, self._t, session_id, branch_id, limit)
+
+    async def replace_tail(
+        self,
+        session_id: str,
+        tail: rewrite.BranchTail,
+        start: int,
+        messages: Sequence[NewMessage],
+        prunable: Callable[[str | None], bool] | None = None,
+    ) -> bool:
+        """Replace ``tail.rows[start:]`` with ``messages``, if the branch still ends with them.
+
+        One transaction: it refuses (returns ``False``, changing nothing) when the session was
+        cleared since the read or the branch no longer ends with exactly those rows (another
+        writer appended, popped or rewrote them). Other branches and all usage rows are left
+        alone; the new items are numbered as an append after the kept rows would be.
+
+        Args:
+            session_id: The session.
+            tail: What :meth:`branch_tail` read.
+            start: Index into ``tail.rows`` of the first row to replace.
+            messages: The replacement items.
+            prunable: Given a kept row's stored text, whether it may be deleted too: the
+                branch's oldest rows are deleted while it says yes (in batches of the tail's
+                size), as the SDK's encrypted sessions reclaim expired items.
+        """
+        if not tail.rows[start:]:
+            return False
+        return await self._handle.write(
+            self._replace_tail, session_id, tail, start, messages, prunable
+        )
+
+    def _replace_tail(
+        self,
+        conn: Connection,
+        session_id: str,
+        tail: rewrite.BranchTail,
+        start: int,
+        messages: Sequence[NewMessage],
+        prunable: Callable[[str | None], bool] | None,
+    ) -> bool:
+        q, t = self._q, self._t
+        if q.lock_session.scalar(conn, {"sid": session_id}) is None:
+            return False
+        generation = int(q.current_generation.scalar(conn, {"sid": session_id}) or 0)
+        expected = tail.rows[start:]
+        if generation != tail.generation or not rewrite.tail_unchanged(
+            conn, t, session_id, tail.branch_id, expected
+        ):
+            return False
+        if prunable is not None:
+            rewrite.prune_prefix(
+                conn,
+                t,
+                session_id,
+                tail.branch_id,
+                expected[0].sequence_number,
+                prunable,
+                max(len(tail.rows), 1),
+            )
+        rewrite.delete_rows(conn, t, session_id, expected)
+        rewrite.append_numbered(conn, t, self._profile, session_id, tail.branch_id, messages)
+        return True
+
+    async def replace_branch(
+        self, session_id: str, pointer: BranchPointer, messages: Sequence[NewMessage]
+    ) -> BranchPointer:
+        """Replace every item of a branch with ``messages``, in one transaction.
+
+        Other branches and all usage rows are left alone. If the session was cleared since
+        ``pointer.generation``, the branch is gone and ``main`` is written, as appends do.
+
+        Returns:
+            The branch written and the session's clear generation.
+        """
+        return await self._handle.write(self._replace_branch, session_id, pointer, messages)
+
+    def _replace_branch(
+        self,
+        conn: Connection,
+        session_id: str,
+        pointer: BranchPointer,
+        messages: Sequence[NewMessage],
+    ) -> BranchPointer:
+        q = self._q
+        q.touch_session.execute(conn, {"sid": session_id})
+        generation = int(q.current_generation.scalar(conn, {"sid": session_id}) or 0)
+        branch_id = pointer.branch_id
+        if generation != pointer.generation and branch_id != MAIN_BRANCH:
+            branch_id = MAIN_BRANCH
+        rewrite.delete_branch_rows(conn, self._t, session_id, branch_id)
+        rewrite.append_numbered(conn, self._t, self._profile, session_id, branch_id, messages)
+        return BranchPointer(branch_id, generation)
 
     async def clear(self, session_id: str) -> int:
         """Delete every row of a session, keep its branch names reserved, bump its generation.
