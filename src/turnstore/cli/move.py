@@ -18,11 +18,14 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Annotated, Any
 
 import typer
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from turnstore import transfer
 from turnstore.cli import common
@@ -33,11 +36,13 @@ from turnstore.errors import (
     InvalidArgumentError,
     SchemaMissingError,
 )
+from turnstore.info import check_user_id, to_micros
 from turnstore.persistence import engines
 from turnstore.persistence.dialects import profile_for
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import DEFAULT_TABLES
 from turnstore.persistence.moving import DEFAULT_BATCH_SIZE, OnConflict, SessionReader
+from turnstore.persistence.store_queries import Position, Selection, StoreQueries
 from turnstore.schema import migrate
 from turnstore.schema.adoption import DatabaseKind
 from turnstore.session import AdvancedSession
@@ -63,6 +68,29 @@ SessionOption = Annotated[
         "-s",
         help="Only this session (repeat for several); every session when absent. "
         "Example: --session user-42",
+    ),
+]
+UserOption = Annotated[
+    str | None,
+    typer.Option(
+        "--user",
+        help="Only the sessions of this owner (user_id). Example: --user alice",
+    ),
+]
+ActiveAfterOption = Annotated[
+    str | None,
+    typer.Option(
+        "--active-after",
+        help="Only sessions last active at or after this ISO 8601 time (UTC unless it says). "
+        "Example: --active-after 2026-01-01",
+    ),
+]
+ActiveBeforeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--active-before",
+        help="Only sessions last active before this ISO 8601 time (UTC unless it says). "
+        "Example: --active-before 2026-06-30T12:00",
     ),
 ]
 OnConflictOption = Annotated[
@@ -138,18 +166,78 @@ async def _opened(url: str) -> AsyncIterator[EngineHandle]:
         await engines.dispose_engines(url)
 
 
+def _moment(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"{option} must be an ISO 8601 date or time, e.g. 2026-01-31 or "
+            f"2026-01-31T08:00:00+01:00; got {value!r}"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class _Filters:
+    """What the command line chose to move."""
+
+    sessions: list[str] | None
+    user: str | None
+    active_after: str | None
+    active_before: str | None
+
+    def selection(self) -> Selection | None:
+        after = _moment(self.active_after, "--active-after")
+        before = _moment(self.active_before, "--active-before")
+        if self.user is None and after is None and before is None:
+            return None
+        if self.sessions:
+            raise InvalidArgumentError(
+                "Pass --session or the filters (--user, --active-after, --active-before), not both"
+            )
+        return Selection(
+            user_id=check_user_id(self.user, "--user"),
+            active_after_us=None if after is None else to_micros(after, "--active-after"),
+            active_before_us=None if before is None else to_micros(before, "--active-before"),
+        )
+
+
 async def _selected(
-    handle: EngineHandle, sessions: list[str] | None
-) -> tuple[list[str] | None, int]:
-    """The chosen session ids (``None``: all) and how many there are."""
-    if sessions:
-        chosen = list(dict.fromkeys(sessions))
+    handle: EngineHandle, filters: _Filters
+) -> tuple[list[str] | AsyncIterator[str] | None, int]:
+    """The chosen sessions (``None``: all) and how many there are."""
+    selection = filters.selection()
+    if selection is not None:
+        queries = StoreQueries(handle, DEFAULT_TABLES)
+        try:
+            total = await queries.count(selection)
+        except DBAPIError:
+            raise SchemaMissingError(
+                "Filtering by owner or activity needs turnstore's session info table, which "
+                "this database predates; upgrade it, or choose sessions with --session"
+            ) from None
+        return _matching(queries, selection), total
+    if filters.sessions:
+        chosen = list(dict.fromkeys(filters.sessions))
         return chosen, len(chosen)
     reader = SessionReader(handle, DEFAULT_TABLES)
     total = 0
     async for _ in reader.all_session_ids():
         total += 1
     return None, total
+
+
+async def _matching(queries: StoreQueries, selection: Selection) -> AsyncIterator[str]:
+    after: Position | None = None
+    while True:
+        page = await queries.positions(selection, after, 1000)
+        for _activity, session_id in page:
+            yield session_id
+        if len(page) < 1000:
+            return
+        after = page[-1]
 
 
 def _duration(seconds: float) -> str:
@@ -245,6 +333,9 @@ def export(
         ),
     ] = "-",
     session: SessionOption = None,
+    user: UserOption = None,
+    active_after: ActiveAfterOption = None,
+    active_before: ActiveBeforeOption = None,
     batch_size: BatchOption = DEFAULT_BATCH_SIZE,
     as_json: common.JsonOption = False,
 ) -> None:
@@ -254,11 +345,13 @@ def export(
     """
     source = _parsed(common.resolve_url(url))
     to_stdout = output == "-"
+    filters = _Filters(session, user, active_after, active_before)
+    filters.selection()  # bad filters fail before anything is written
 
     async def run(file: IO[bytes]) -> transfer.TransferSummary:
         await _check_source(source)
         async with _opened(source) as handle:
-            chosen, total = await _selected(handle, session)
+            chosen, total = await _selected(handle, filters)
             with _progress("exported", total) as report:
                 return await transfer.write_export(
                     handle,
@@ -364,6 +457,9 @@ def copy(
         ),
     ],
     session: SessionOption = None,
+    user: UserOption = None,
+    active_after: ActiveAfterOption = None,
+    active_before: ActiveBeforeOption = None,
     on_conflict: OnConflictOption = OnConflict.SKIP,
     migrate_schema: MigrateOption = False,
     verify: Annotated[
@@ -389,6 +485,8 @@ def copy(
     _parsed(target)
     if make_url(source) == make_url(target):
         raise InvalidArgumentError("--from and --to name the same database")
+    filters = _Filters(session, user, active_after, active_before)
+    filters.selection()
 
     async def run() -> tuple[transfer.TransferSummary, str, int]:
         await _check_source(source)
@@ -396,7 +494,7 @@ def copy(
             target, migrate_schema=migrate_schema, where=_hidden(target)
         )
         async with _opened(source) as from_handle, _opened(target) as to_handle:
-            chosen, total = await _selected(from_handle, session)
+            chosen, total = await _selected(from_handle, filters)
             with _progress("copied", total) as report:
                 summary = await transfer.copy_sessions(
                     (from_handle, DEFAULT_TABLES),
