@@ -399,3 +399,31 @@ async def test_an_sdk_file_copies_to_postgres_and_answers_like_the_sdk(
                 await copied.aclose()
     finally:
         await engines.release(source)
+
+
+def _documented_example() -> str:
+    """The last code block of docs/export-format.md: a complete export."""
+    document = (Path(__file__).resolve().parents[1] / "docs" / "export-format.md").read_text()
+    return document.rsplit("```\n", 2)[-2]
+
+
+async def test_the_documented_example_imports(sqlite_path: Path) -> None:
+    example = _documented_example()
+    handle = engines.acquire_for_url(f"sqlite+aiosqlite:///{sqlite_path}")
+    try:
+        await ConversationRepository(handle, DEFAULT_TABLES).prepare_schema(
+            create=True, migrate_default=bring_to_head
+        )
+        summary = await transfer.import_file(handle, DEFAULT_TABLES, io.BytesIO(example.encode()))
+        assert (summary.sessions, summary.messages, summary.items, summary.usage) == (1, 2, 2, 1)
+        session = AdvancedSession(session_id="user-42", url=f"sqlite+aiosqlite:///{sqlite_path}")
+        assert await session.get_items() == [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+        usage = await session.get_turn_usage(1)
+        assert isinstance(usage, dict)
+        assert usage["total_tokens"] == 15
+        await session.aclose()
+    finally:
+        await engines.release(handle)
