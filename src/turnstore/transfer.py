@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from turnstore.errors import (
     ExportFileError,
@@ -52,6 +52,7 @@ from turnstore.persistence.moving import (
     SessionReader,
     SessionWriter,
     StructureRow,
+    UsageRow,
 )
 from turnstore.schema import migrate
 from turnstore.schema.adoption import DatabaseKind
@@ -326,16 +327,74 @@ async def import_records(
     writer = SessionWriter(handle, tables)
     summary = TransferSummary()
     clock = _Clock(None, progress)
-    async for head, batches in decoder.sessions():
-        try:
-            outcome = await writer.write(head, batches, on_conflict)
-        except InvalidArgumentError as exc:
-            # The decoder checks what the writer would refuse; this is a last line of defence.
-            raise ExportFileError(decoder.line, str(exc)) from exc
-        _count(summary, outcome.written, outcome.replaced, outcome.counts)
-        clock.tick(summary, head.session_id)
+    # Small sessions are gathered and written several to a transaction, as a copy does; a
+    # session larger than a batch streams in a transaction of its own.
+    group: list[SessionData] = []
+    group_rows = 0
+
+    async def flush() -> None:
+        nonlocal group, group_rows
+        if group:
+            outcomes = await writer.write_group(group, on_conflict)
+            for data, outcome in zip(group, outcomes, strict=True):
+                _count(summary, outcome.written, outcome.replaced, outcome.counts)
+                clock.tick(summary, data.head.session_id)
+        group, group_rows = [], 0
+
+    try:
+        async for head, batches in decoder.sessions():
+            data = SessionData(head, [], [], [])
+            rows = 0
+            overflow: Batch | None = None
+            async for batch in batches:
+                if rows + len(batch) > batch_size:
+                    overflow = batch
+                    break
+                rows += len(batch)
+                _extend(data, batch)
+            if overflow is None:
+                if group_rows + rows > batch_size:
+                    await flush()
+                group.append(data)
+                group_rows += rows
+                continue
+            await flush()
+            try:
+                outcome = await writer.write(head, _chain(data, overflow, batches), on_conflict)
+            except InvalidArgumentError as exc:
+                # The decoder checks what the writer would refuse; a last line of defence.
+                raise ExportFileError(decoder.line, str(exc)) from exc
+            _count(summary, outcome.written, outcome.replaced, outcome.counts)
+            clock.tick(summary, head.session_id)
+    except ExportFileError:
+        # The sessions read whole before the bad line are written; the bad one is not.
+        await flush()
+        raise
+    await flush()
     summary.seconds = time.monotonic() - clock.start
     return summary
+
+
+def _extend(data: SessionData, batch: Batch) -> None:
+    first = batch[0]
+    if isinstance(first, MessageRow):
+        data.messages.extend(cast(list[MessageRow], batch))
+    elif isinstance(first, StructureRow):
+        data.structure.extend(cast(list[StructureRow], batch))
+    else:
+        data.usage.extend(cast(list[UsageRow], batch))
+
+
+async def _chain(
+    data: SessionData, overflow: Batch, rest: AsyncIterator[Batch]
+) -> AsyncIterator[Batch]:
+    """The batches of a session read partly already, then the rest of them."""
+    for kept in (data.messages, data.structure, data.usage):
+        if kept:
+            yield kept
+    yield overflow
+    async for batch in rest:
+        yield batch
 
 
 async def import_file(
