@@ -163,3 +163,20 @@ async def test_a_real_process_copies_and_prints_plain_progress_and_counts(
     assert done.stdout.startswith(f"copied {len(session_ids)} sessions")
     assert "verified 6 sessions: every read answers the same" in done.stdout
     assert "\x1b[" not in done.stdout + done.stderr  # no terminal decoration in a pipe
+
+
+def test_without_a_terminal_progress_is_a_plain_line_every_few_seconds(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from turnstore import transfer
+    from turnstore.cli import move
+
+    monkeypatch.setattr(move, "PLAIN_PROGRESS_EVERY", 0.0)
+    with move._progress("copied", 10) as report:
+        report(transfer.Progress(4, 10, 400, 1000, 2.0, "s4"))
+    line = capsys.readouterr().err
+    assert line == "copied 4/10 sessions, 400 items, 500 rows/s, ETA 3s\n"
+    monkeypatch.setattr(move, "PLAIN_PROGRESS_EVERY", 3600.0)
+    with move._progress("copied", 10) as report:
+        report(transfer.Progress(5, 10, 500, 1200, 2.0, "s5"))
+    assert capsys.readouterr().err == ""
