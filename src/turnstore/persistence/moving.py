@@ -14,175 +14,51 @@ written (the map from old to new message ids).
 
 from __future__ import annotations
 
-import bisect
 import json
-from array import array
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import (
-    Integer,
-    Table,
-    Text,
-    and_,
-    bindparam,
-    delete,
-    func,
-    insert,
-    inspect,
-    select,
-    type_coerce,
-    union,
-)
+from sqlalchemy import Table, insert, select, union
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.elements import BindParameter
 
 from turnstore.errors import InvalidArgumentError, SessionExistsError
 from turnstore.persistence import jsoncodec
-from turnstore.persistence.dialects import DialectProfile
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
-from turnstore.persistence.prepared import PreparedStatement
-from turnstore.persistence.types import (
-    ExchangedJSON,
-    ExchangedTimestamp,
-    parse_timestamp,
-    stored_timestamp,
+from turnstore.persistence.moving_queries import moving_queries, probe_missing
+from turnstore.persistence.moving_rows import (
+    DEFAULT_BATCH_SIZE,
+    Batch,
+    MessageIdMap,
+    MessageRow,
+    OnConflict,
+    SessionCounts,
+    SessionData,
+    SessionHead,
+    StructureRow,
+    UsageRow,
+    WriteOutcome,
+    export_timestamp,
 )
+from turnstore.persistence.prepared import PreparedStatement
+from turnstore.persistence.types import parse_timestamp, stored_timestamp
 
-#: Rows per batch when a caller does not say.
-DEFAULT_BATCH_SIZE = 10_000
-
-
-class OnConflict(StrEnum):
-    """What writing a session does when the target already has a session of that id."""
-
-    SKIP = "skip"
-    REPLACE = "replace"
-    FAIL = "fail"
-
-
-@dataclass(frozen=True, slots=True)
-class SessionHead:
-    """What a session is besides its rows.
-
-    Attributes:
-        session_id: The session.
-        has_session_row: Whether the session has its ``agent_sessions`` row (a session
-            cleared and not written since has only its generation and reserved names).
-        created_at: The session row's creation time (export text form), if any.
-        updated_at: The session row's last update time (export text form), if any.
-        clear_generation: How often the session was cleared (``None``: never recorded).
-        reserved_branches: Branch names reserved for good, in name order.
-        info: The session's store information (owner, title, metadata), if any.
-    """
-
-    session_id: str
-    has_session_row: bool
-    created_at: str | None
-    updated_at: str | None
-    clear_generation: int | None
-    reserved_branches: tuple[str, ...]
-    info: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MessageRow:
-    """One stored message: its id in the source, its creation time, its text as stored."""
-
-    id: int
-    created_at: str | None
-    data: str
-
-
-@dataclass(frozen=True, slots=True)
-class StructureRow:
-    """One structure row; ``message_id`` is the message's id in the source."""
-
-    message_id: int
-    branch_id: str
-    message_type: str
-    sequence_number: int
-    user_turn_number: int | None
-    branch_turn_number: int | None
-    tool_name: str | None
-    created_at: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRow:
-    """One ``turn_usage`` row; token details are the JSON text the source stored."""
-
-    branch_id: str
-    user_turn_number: int
-    requests: int | None
-    input_tokens: int | None
-    output_tokens: int | None
-    total_tokens: int | None
-    input_tokens_details: str | None
-    output_tokens_details: str | None
-    created_at: str | None
-
-
-#: A batch of one kind of row. A session's batches come messages first, then structure rows,
-#: then usage rows.
-Batch = list[MessageRow] | list[StructureRow] | list[UsageRow]
-
-
-@dataclass(frozen=True, slots=True)
-class SessionCounts:
-    """How many rows of each kind a session has."""
-
-    messages: int = 0
-    structure: int = 0
-    usage: int = 0
-
-    @property
-    def items(self) -> int:
-        """Structure rows: the items of every branch."""
-        return self.structure
-
-    def __add__(self, other: SessionCounts) -> SessionCounts:
-        return SessionCounts(
-            self.messages + other.messages,
-            self.structure + other.structure,
-            self.usage + other.usage,
-        )
-
-
-@dataclass(slots=True)
-class SessionData:
-    """A whole (small) session in memory: its head and every row."""
-
-    head: SessionHead
-    messages: list[MessageRow]
-    structure: list[StructureRow]
-    usage: list[UsageRow]
-
-    @property
-    def counts(self) -> SessionCounts:
-        """How many rows of each kind it has."""
-        return SessionCounts(len(self.messages), len(self.structure), len(self.usage))
-
-
-def export_timestamp(value: object) -> str | None:
-    """A stored timestamp in the export's text form: UTC, microseconds only if not zero.
-
-    SQLite's text passes through as it is stored.
-    """
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(UTC).replace(tzinfo=None)
-        if value.microsecond:
-            return value.strftime("%Y-%m-%d %H:%M:%S.%f")
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "Batch",
+    "MessageIdMap",
+    "MessageRow",
+    "OnConflict",
+    "SessionCounts",
+    "SessionData",
+    "SessionHead",
+    "SessionReader",
+    "SessionWriter",
+    "StructureRow",
+    "UsageRow",
+    "WriteOutcome",
+]
 
 
 def _json_text(value: object) -> str | None:
@@ -197,226 +73,6 @@ def _json_text(value: object) -> str | None:
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("utf-8")
     return json.dumps(value, ensure_ascii=False)
-
-
-class _Queries:
-    """Statements built once per table set and dialect."""
-
-    def __init__(self, tables: StoreTables, profile: DialectProfile) -> None:
-        t = tables
-        sessions, m, s, u = t.sessions, t.messages, t.structure, t.usage
-        g, r, i = t.generations, t.reservations, t.info
-        direct = profile.runs_prepared_statements_directly
-        sid: BindParameter[str] = bindparam("sid", type_=sessions.c.session_id.type)
-        after: BindParameter[int] = bindparam("after", type_=Integer)
-        limit: BindParameter[int] = bindparam("limit", type_=Integer)
-
-        def prepared(statement: Any) -> PreparedStatement:
-            return PreparedStatement(statement, direct=direct)
-
-        # -- reading
-        self.session_row = prepared(
-            select(
-                type_coerce(sessions.c.created_at, Text), type_coerce(sessions.c.updated_at, Text)
-            ).where(sessions.c.session_id == sid)
-        )
-        self.generation = prepared(select(g.c.generation).where(g.c.session_id == sid))
-        info_columns = (
-            i.c.session_id,
-            i.c.user_id,
-            i.c.title,
-            i.c["metadata"],
-            i.c.created_at_us,
-            i.c.last_activity_us,
-        )
-        # Through SQLAlchemy (not the driver directly): metadata is decoded by its type.
-        self.group_info = select(*info_columns).where(
-            i.c.session_id.in_(bindparam("ids", expanding=True))
-        )
-        self.insert_info = insert(i)
-        self.reserved = prepared(
-            select(r.c.branch_id).where(r.c.session_id == sid).order_by(r.c.branch_id)
-        )
-        self.messages = prepared(
-            select(m.c.id, type_coerce(m.c.created_at, Text), m.c.message_data)
-            .where(m.c.session_id == sid, m.c.id > after)
-            .order_by(m.c.id)
-            .limit(limit)
-        )
-        self.structure = prepared(
-            select(
-                s.c.id,
-                s.c.message_id,
-                s.c.branch_id,
-                s.c.message_type,
-                s.c.sequence_number,
-                s.c.user_turn_number,
-                s.c.branch_turn_number,
-                s.c.tool_name,
-                type_coerce(s.c.created_at, Text),
-            )
-            # Rows whose message is not this session's are invisible to every read; they
-            # are not part of the conversation and are left behind.
-            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
-            .where(s.c.session_id == sid, s.c.id > after)
-            .order_by(s.c.id)
-            .limit(limit)
-        )
-        self.usage = prepared(
-            select(
-                u.c.id,
-                u.c.branch_id,
-                u.c.user_turn_number,
-                u.c.requests,
-                u.c.input_tokens,
-                u.c.output_tokens,
-                u.c.total_tokens,
-                type_coerce(u.c.input_tokens_details, Text),
-                type_coerce(u.c.output_tokens_details, Text),
-                type_coerce(u.c.created_at, Text),
-            )
-            .where(u.c.session_id == sid, u.c.id > after)
-            .order_by(u.c.id)
-            .limit(limit)
-        )
-        # Tables whose rows make a session known, besides the sessions table.
-        self.knowing = (g, i)
-        self.bookkeeping = (r.name, g.name, i.name)
-
-        # -- groups of whole sessions (IN lists; small sessions read and written together)
-        ids: BindParameter[list[str]] = bindparam("ids", expanding=True)
-        self.group_sizes = [
-            select(table.c.session_id, func.count())
-            .where(table.c.session_id.in_(ids))
-            .group_by(table.c.session_id)
-            for table in (m, s, u)
-        ]
-        self.group_session_rows = select(
-            sessions.c.session_id,
-            type_coerce(sessions.c.created_at, Text),
-            type_coerce(sessions.c.updated_at, Text),
-        ).where(sessions.c.session_id.in_(ids))
-        self.group_generations = select(g.c.session_id, g.c.generation).where(
-            g.c.session_id.in_(ids)
-        )
-        self.group_reserved = (
-            select(r.c.session_id, r.c.branch_id)
-            .where(r.c.session_id.in_(ids))
-            .order_by(r.c.session_id, r.c.branch_id)
-        )
-        self.group_messages = (
-            select(m.c.session_id, m.c.id, type_coerce(m.c.created_at, Text), m.c.message_data)
-            .where(m.c.session_id.in_(ids))
-            .order_by(m.c.session_id, m.c.id)
-        )
-        self.group_structure = (
-            select(
-                s.c.session_id,
-                s.c.message_id,
-                s.c.branch_id,
-                s.c.message_type,
-                s.c.sequence_number,
-                s.c.user_turn_number,
-                s.c.branch_turn_number,
-                s.c.tool_name,
-                type_coerce(s.c.created_at, Text),
-            )
-            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
-            .where(s.c.session_id.in_(ids))
-            .order_by(s.c.session_id, s.c.id)
-        )
-        self.group_usage = (
-            select(
-                u.c.session_id,
-                u.c.branch_id,
-                u.c.user_turn_number,
-                u.c.requests,
-                u.c.input_tokens,
-                u.c.output_tokens,
-                u.c.total_tokens,
-                type_coerce(u.c.input_tokens_details, Text),
-                type_coerce(u.c.output_tokens_details, Text),
-                type_coerce(u.c.created_at, Text),
-            )
-            .where(u.c.session_id.in_(ids))
-            .order_by(u.c.session_id, u.c.id)
-        )
-        known = [
-            select(sessions.c.session_id.label("session_id")).where(sessions.c.session_id.in_(ids)),
-            select(g.c.session_id).where(g.c.session_id.in_(ids)),
-        ]
-        self.group_existing = union(*known, select(i.c.session_id).where(i.c.session_id.in_(ids)))
-        # Where the store has no info table (a database before revision 0005, an SDK file).
-        self.group_existing_without_info = union(*known)
-        self.group_lock = (
-            select(sessions.c.session_id).where(sessions.c.session_id.in_(ids)).with_for_update()
-        )
-        self.group_erase = [
-            (table.name, delete(table).where(table.c.session_id.in_(ids)))
-            for table in (s, u, m, r, g, sessions, i)
-        ]
-        self.tables = t
-
-        # -- writing
-        def stamped(name: str = "created_at") -> BindParameter[Any]:
-            return bindparam(name, type_=ExchangedTimestamp())
-
-        self.lock_session = prepared(
-            select(sessions.c.session_id).where(sessions.c.session_id == sid).with_for_update()
-        )
-        self.insert_session = prepared(
-            insert(sessions).values(
-                session_id=sid, created_at=stamped(), updated_at=stamped("updated_at")
-            )
-        )
-        self.insert_generation = prepared(
-            insert(g).values(session_id=sid, generation=bindparam("generation", type_=Integer))
-        )
-        self.insert_reservation = prepared(
-            insert(r).values(session_id=sid, branch_id=bindparam("branch_id"))
-        )
-        self.insert_messages = (
-            insert(m)
-            .values(
-                session_id=bindparam("session_id", type_=m.c.session_id.type),
-                message_data=bindparam("message_data", type_=m.c.message_data.type),
-                created_at=stamped(),
-            )
-            .returning(m.c.id, sort_by_parameter_order=True)
-        )
-        self.insert_structure = prepared(
-            insert(s).values(
-                session_id=sid,
-                message_id=bindparam("message_id", type_=s.c.message_id.type),
-                branch_id=bindparam("branch_id", type_=s.c.branch_id.type),
-                message_type=bindparam("message_type", type_=Text),
-                sequence_number=bindparam("sequence_number", type_=Integer),
-                user_turn_number=bindparam("user_turn_number", type_=Integer),
-                branch_turn_number=bindparam("branch_turn_number", type_=Integer),
-                tool_name=bindparam("tool_name", type_=Text),
-                created_at=stamped(),
-            )
-        )
-        self.insert_usage = prepared(
-            insert(u).values(
-                session_id=sid,
-                branch_id=bindparam("branch_id", type_=u.c.branch_id.type),
-                user_turn_number=bindparam("user_turn_number", type_=Integer),
-                requests=bindparam("requests", type_=Integer),
-                input_tokens=bindparam("input_tokens", type_=Integer),
-                output_tokens=bindparam("output_tokens", type_=Integer),
-                total_tokens=bindparam("total_tokens", type_=Integer),
-                input_tokens_details=bindparam("input_tokens_details", type_=ExchangedJSON()),
-                output_tokens_details=bindparam("output_tokens_details", type_=ExchangedJSON()),
-                created_at=stamped(),
-            )
-        )
-        # Children before parents; the sessions row last.
-
-
-@cache
-def _queries(tables: StoreTables, profile: DialectProfile) -> _Queries:
-    return _Queries(tables, profile)
 
 
 class SessionReader:
@@ -434,14 +90,14 @@ class SessionReader:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidArgumentError(f"batch_size must be a positive int; got {batch_size!r}")
         self._handle = handle
-        self._q = _queries(tables, handle.profile)
+        self._q = moving_queries(tables, handle.profile)
         self.batch_size = batch_size
         self._missing: frozenset[str] | None = None
 
     async def _missing_tables(self) -> frozenset[str]:
         """Bookkeeping tables the store lacks (a file of an older SDK release has neither)."""
         if self._missing is None:
-            self._missing = await _probe_missing(self._handle, self._q.bookkeeping)
+            self._missing = await probe_missing(self._handle, self._q.bookkeeping)
         return self._missing
 
     async def session_ids(self, after: str | None, limit: int) -> list[str]:
@@ -598,16 +254,6 @@ class SessionReader:
         return heads
 
 
-async def _probe_missing(handle: EngineHandle, wanted: Sequence[str]) -> frozenset[str]:
-    """Which of the ``wanted`` tables the database lacks."""
-
-    def probe(conn: Connection) -> frozenset[str]:
-        inspector = inspect(conn)
-        return frozenset(name for name in wanted if not inspector.has_table(name))
-
-    return await handle.read(probe)
-
-
 def _info_row(head: SessionHead) -> dict[str, Any] | None:
     """The info row to write for a session, if any.
 
@@ -676,72 +322,19 @@ def _usage(row: Sequence[Any]) -> UsageRow:
     )
 
 
-class MessageIdMap:
-    """Old message ids to new ones, for one session: 16 bytes a message.
-
-    Old ids arrive in increasing order (as sessions are read and as export files must list
-    them), so a lookup is a binary search.
-    """
-
-    def __init__(self) -> None:
-        self._old = array("q")
-        self._new = array("q")
-
-    def __len__(self) -> int:
-        return len(self._old)
-
-    def add(self, old_ids: Sequence[int], new_ids: Sequence[int]) -> None:
-        """Record a batch of ids, old ids increasing and above every one recorded before.
-
-        Raises:
-            InvalidArgumentError: The old ids are not increasing.
-        """
-        previous = self._old[-1] if self._old else None
-        for old in old_ids:
-            if previous is not None and old <= previous:
-                raise InvalidArgumentError(
-                    f"message ids must increase within a session; {old} follows {previous}"
-                )
-            previous = old
-        self._old.extend(old_ids)
-        self._new.extend(new_ids)
-
-    def get(self, old_id: int) -> int | None:
-        """The new id of ``old_id``, or ``None`` if the session defined no such message."""
-        at = bisect.bisect_left(self._old, old_id)
-        if at < len(self._old) and self._old[at] == old_id:
-            return self._new[at]
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class WriteOutcome:
-    """What writing one session did.
-
-    Attributes:
-        written: Whether the session was written (``False``: skipped, it existed).
-        replaced: Whether an existing session of that id was replaced.
-        counts: The rows written.
-    """
-
-    written: bool
-    replaced: bool
-    counts: SessionCounts
-
-
 class SessionWriter:
     """Writes sessions, each in one transaction, into one store."""
 
     def __init__(self, handle: EngineHandle, tables: StoreTables) -> None:
         self._handle = handle
         self._profile = handle.profile
-        self._q = _queries(tables, handle.profile)
+        self._q = moving_queries(tables, handle.profile)
         self._missing: frozenset[str] | None = None
 
     async def _missing_tables(self) -> frozenset[str]:
         """Tables of turnstore's the target lacks (it predates them); probed once."""
         if self._missing is None:
-            self._missing = await _probe_missing(self._handle, self._q.bookkeeping)
+            self._missing = await probe_missing(self._handle, self._q.bookkeeping)
         return self._missing
 
     async def exists(self, session_id: str) -> bool:
