@@ -23,7 +23,7 @@ from turnstore.persistence.models import StoreTables
 from turnstore.persistence.moving import DEFAULT_BATCH_SIZE
 from turnstore.persistence.repository import ConversationRepository
 from turnstore.persistence.store_queries import Position, Selection, StoreQueries
-from turnstore.schema.migrate import bring_to_head
+from turnstore.schema.check import at_head, bring_to_head_when_needed
 from turnstore.transfer import ProgressCallback, TransferSummary
 
 
@@ -107,7 +107,11 @@ class StoreMoving:
         """The handle and tables, with the schema checked (the info table is optional)."""
         handle = self._handle()
         repository = ConversationRepository(handle, self._tables)
-        await repository.prepare_schema(create=self._create_tables, migrate_default=bring_to_head)
+        await repository.prepare_schema(
+            create=self._create_tables,
+            migrate_default=bring_to_head_when_needed,
+            default_is_current=at_head,
+        )
         return handle, self._tables
 
     def _selected(
