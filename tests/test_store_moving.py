@@ -38,8 +38,12 @@ async def test_export_records_import_them_elsewhere_and_everything_reads_the_sam
         assert await all_answers(other.engine, session_ids) == await all_answers(
             backend.engine, session_ids
         )
-        # Owner, title, metadata, creation and last activity come along unchanged.
+        # Owner, title, metadata, creation and last activity come along unchanged, so the
+        # target lists the sessions in the source's order.
         assert await _info(target, session_ids) == await _info(source, session_ids)
+        listed = (await target.list_sessions(limit=100)).sessions
+        assert listed == (await source.list_sessions(limit=100)).sessions
+        assert len(listed) == len(session_ids)
 
         buffer = io.BytesIO()
         written = await source.export(buffer, session_ids=["branchy"])
@@ -128,5 +132,22 @@ async def test_a_copy_told_to_fail_keeps_the_sessions_before_the_conflict(
         await store.copy_to(other.engine, session_ids=["b"])
         with pytest.raises(SessionExistsError, match="'b' already exists"):
             await store.copy_to(other.engine, on_conflict="fail")
+        assert (await stored_rows(other.engine, "a"))["messages"] != []
+        assert (await stored_rows(other.engine, "c"))["messages"] == []
+
+
+async def test_an_import_told_to_fail_keeps_the_sessions_before_the_conflict(
+    backend: Backend, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    for name in ("a", "b", "c"):
+        await backend.session(name).add_items([user(f"{name} question")])
+    async with (
+        empty_store(backend.name, request, tmp_path) as other,
+        Store(engine=backend.engine) as store,
+        Store(engine=other.engine, create_tables=True) as target,
+    ):
+        await target.import_records(store.export(session_ids=["b"]))
+        with pytest.raises(SessionExistsError, match="'b' already exists"):
+            await target.import_records(store.export(), on_conflict="fail")
         assert (await stored_rows(other.engine, "a"))["messages"] != []
         assert (await stored_rows(other.engine, "c"))["messages"] == []

@@ -334,6 +334,19 @@ async def import_records(
 
     async def flush() -> None:
         nonlocal group, group_rows
+        if group and on_conflict is OnConflict.FAIL:
+            # Write the sessions before the first one the target has, then stop at it.
+            there = await writer.existing([data.head.session_id for data in group])
+            first = next((n for n, d in enumerate(group) if d.head.session_id in there), None)
+            if first is not None:
+                conflict = group[first].head.session_id
+                group, group_rows = group[:first], 0
+                await flush()
+                raise SessionExistsError(
+                    f"Session {conflict!r} already exists in the target; "
+                    "it and the sessions after it were not imported. Pass "
+                    'on_conflict="skip" to keep it or "replace" to overwrite it.'
+                )
         if group:
             outcomes = await writer.write_group(group, on_conflict)
             for data, outcome in zip(group, outcomes, strict=True):
