@@ -374,6 +374,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=10_000, help="100 items each")
     parser.add_argument("--quick", action="store_true", help="50 sessions: a smoke run")
+    parser.add_argument(
+        "--copy-only", action="store_true", help="the floor and the copy, no export/import rates"
+    )
     parser.add_argument("--postgres", default=POSTGRES)
     parser.add_argument("--mysql", default=MYSQL, help="'' to leave MariaDB out")
     parser.add_argument("--phase", choices=["floor", "copy", "moves"], help=argparse.SUPPRESS)
@@ -405,7 +408,7 @@ def main() -> None:
         )
         floor = run_phase("floor", source, tmp, backends)
         copied = run_phase("copy", source, tmp, backends)
-        moves = run_phase("moves", source, tmp, backends)
+        moves = {} if args.copy_only else run_phase("moves", source, tmp, backends)
     floor_rate = floor["rows"] / floor["seconds"]
     copy_rate = copied["rows"] / copied["seconds"]
     figures = {

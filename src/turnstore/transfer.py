@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import IO, Any, cast
@@ -236,6 +236,14 @@ async def _session_records(reader: SessionReader, session_id: str) -> AsyncItera
         yield session_end_record(session_id, counts)
 
 
+def _data_records(data: SessionData) -> Iterator[Record]:
+    """The records of a session read whole."""
+    yield session_record(data.head)
+    for rows in (data.messages, data.structure, data.usage):
+        yield from batch_records(rows)
+    yield session_end_record(data.head.session_id, data.counts)
+
+
 async def export_records(
     handle: EngineHandle,
     tables: StoreTables,
@@ -262,16 +270,38 @@ async def export_records(
     summary = summary if summary is not None else TransferSummary()
     clock = _Clock(None, progress)
     yield header_record(producer=producer(), source=source)
-    async for session_id in _session_ids(reader, session_ids):
-        async for record in _session_records(reader, session_id):
-            kind = record["record"]
-            if kind == "session_end":
-                summary.sessions += 1
-                summary._add(
-                    SessionCounts(record["messages"], record["structure"], record["usage"])
-                )
-                clock.tick(summary, session_id)
-            yield record
+
+    def done(data_counts: SessionCounts, session_id: str) -> None:
+        summary.sessions += 1
+        summary._add(data_counts)
+        clock.tick(summary, session_id)
+
+    # Small sessions are read several at a time (one snapshot, one query per table); a
+    # session larger than a batch streams from a snapshot of its own.
+    async for page in _pages(_session_ids(reader, session_ids), ID_PAGE):
+        sizes = await reader.sizes(page)
+        group: list[str] = []
+        rows = 0
+        for position, session_id in enumerate(page):
+            size = sizes.get(session_id, 0)
+            if size <= batch_size:
+                group.append(session_id)
+                rows += size
+            last = position == len(page) - 1
+            if group and (size > batch_size or rows > batch_size or last):
+                for data in await reader.read_group(group):
+                    for record in _data_records(data):
+                        yield record
+                    done(data.counts, data.head.session_id)
+                group, rows = [], 0
+            if size > batch_size:
+                async for record in _session_records(reader, session_id):
+                    if record["record"] == "session_end":
+                        done(
+                            SessionCounts(record["messages"], record["structure"], record["usage"]),
+                            session_id,
+                        )
+                    yield record
     summary.seconds = time.monotonic() - clock.start
     yield end_record(summary.sessions)
 
