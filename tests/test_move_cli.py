@@ -120,11 +120,15 @@ async def test_errors_are_one_line_with_the_documented_exit_code(
     tmp_path: Path, source: tuple[str, list[str]]
 ) -> None:
     url, _ = source
-    missing = await invoke(
-        ["copy", "--from", f"sqlite+aiosqlite:///{tmp_path}/nope.db", "--to", url]
-    )
+    nowhere = f"sqlite+aiosqlite:///{tmp_path}/nope.db"
+    missing = await invoke(["copy", "--from", nowhere, "--to", url])
     assert missing.exit_code == common.ExitCode.UNAVAILABLE
     assert "does not exist" in missing.stderr
+    unfinished = tmp_path / "unfinished.jsonl"
+    failed_export = await invoke(["export", "--url", nowhere, "-o", str(unfinished)])
+    assert failed_export.exit_code == common.ExitCode.UNAVAILABLE
+    # Nothing is left that looks like an export.
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("unfinished.jsonl*")))
 
     both = await invoke(["export", "--url", url, "--session", "a", "--user", "b"])
     assert both.exit_code == common.ExitCode.USAGE

@@ -371,8 +371,12 @@ def export(
         partial = path.with_name(path.name + ".partial")
         # Written beside the target and renamed at the end: an interrupted export never
         # leaves a file that looks complete (the reader would also refuse it as truncated).
-        with partial.open("wb") as file:
-            summary = asyncio.run(run(file))
+        try:
+            with partial.open("wb") as file:
+                summary = asyncio.run(run(file))
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         partial.replace(path)
     data = summary.as_dict()
     text = _counts_line("exported", summary) + ("" if to_stdout else f" to {output}")
