@@ -2,7 +2,7 @@
 
 Use :class:`AdvancedSQLiteSession` as a drop-in for the SDK's class of the same name, or
 :class:`AdvancedSession` on any supported database URL or engine; :class:`Store` lists,
-inspects, erases and expires the conversations of a database.
+inspects, erases, expires, exports, imports and copies the conversations of a database.
 """
 
 from turnstore.errors import (
@@ -10,11 +10,13 @@ from turnstore.errors import (
     BranchNotFoundError,
     ConnectionLostError,
     ContentNotFoundError,
+    ExportFileError,
     InvalidArgumentError,
     InvalidItemError,
     ProtectedBranchError,
     SchemaMissingError,
     SessionClosedError,
+    SessionExistsError,
     TurnNotFoundError,
     TurnstoreError,
 )
@@ -22,6 +24,7 @@ from turnstore.info import SessionSummary
 from turnstore.persistence.engines import dispose_engines
 from turnstore.session import AdvancedSession, AdvancedSQLiteSession, SessionSettings
 from turnstore.store import Removed, SessionPage, Store
+from turnstore.transfer import Progress, TransferSummary
 
 __version__ = "0.1.0"
 
@@ -32,16 +35,20 @@ __all__ = [
     "BranchNotFoundError",
     "ConnectionLostError",
     "ContentNotFoundError",
+    "ExportFileError",
     "InvalidArgumentError",
     "InvalidItemError",
+    "Progress",
     "ProtectedBranchError",
     "Removed",
     "SchemaMissingError",
     "SessionClosedError",
+    "SessionExistsError",
     "SessionPage",
     "SessionSettings",
     "SessionSummary",
     "Store",
+    "TransferSummary",
     "TurnNotFoundError",
     "TurnstoreError",
     "__version__",
