@@ -184,3 +184,42 @@ def test_without_a_terminal_progress_is_a_plain_line_every_few_seconds(
     with move._progress("copied", 10) as report:
         report(transfer.Progress(5, 10, 500, 1200, 2.0, "s5"))
     assert capsys.readouterr().err == ""
+
+
+def test_on_a_terminal_progress_is_a_bar(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from turnstore import transfer
+    from turnstore.cli import move
+
+    monkeypatch.setattr(common, "is_terminal", lambda stream: True)
+    with move._progress("copied", 10) as report:
+        report(transfer.Progress(4, 10, 400, 1000, 2.0, "s4"))
+        report(transfer.Progress(10, 10, 1000, 2500, 3.0, "s10"))
+    assert capsys.readouterr().out == ""  # the bar is drawn on stderr only
+
+
+async def test_verify_names_the_sessions_and_reads_that_differ(
+    tmp_path: Path, source: tuple[str, list[str]]
+) -> None:
+    from sqlalchemy import delete
+
+    from turnstore.cli import move
+    from turnstore.errors import CopyMismatchError
+    from turnstore.persistence.models import DEFAULT_TABLES
+
+    url, session_ids = source
+    target = f"sqlite+aiosqlite:///{tmp_path / 'tampered.db'}"
+    copied = await invoke(["copy", "--from", url, "--to", target])
+    assert copied.exit_code == 0, copied.stderr
+    engine = create_async_engine(target)
+    usage = DEFAULT_TABLES.usage
+    async with engine.begin() as conn:
+        await conn.execute(delete(usage).where(usage.c.session_id == "branchy"))
+    await engine.dispose()
+    with pytest.raises(CopyMismatchError) as caught:
+        await move._verify(url, target, session_ids)
+    message = str(caught.value)
+    assert message.startswith("1 of 6 copied sessions answer differently on the target:")
+    assert "'branchy': get_session_usage" in message
+    await engines.dispose_engines()
