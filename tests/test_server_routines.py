@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, ProgrammingError
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from tests.conftest import Backend, _postgres_backend
 from tests.helpers import function_call, function_output, run_result, turn, user
 from tests.read_counters import grow_to, keep_postgres_from_analyzing, reads_by
-from turnstore import AdvancedSession, SchemaMissingError
+from turnstore import AdvancedSession, SchemaMissingError, StorageError
 from turnstore.persistence import server_routines
 from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.models import DEFAULT_TABLES
@@ -154,8 +154,10 @@ async def test_sessions_call_the_functions(pg_backend: Backend) -> None:
     await session.add_items(turn("first"))
     # The next append must go through the newest version.
     await replace_with_refusal(pg_backend.engine, APPEND_V3)
-    with pytest.raises(DBAPIError, match="the append function ran"):
+    # Database errors come out as StorageError; the database's own error stays attached.
+    with pytest.raises(StorageError, match=r"add_items failed .* \[P0001\]") as raised:
         await session.add_items(turn("second"))
+    assert "the append function ran" in str(raised.value.original)
     assert [item["content"] for item in await session.get_items()][:1] == ["first"]
 
 
@@ -170,8 +172,10 @@ async def test_a_database_with_only_version_1_calls_it(
         await session.add_items(turn("first"))
     assert any("Using version 1" in r.getMessage() for r in caplog.records)
     await replace_with_refusal(pg_backend.engine, APPEND_V1)
-    with pytest.raises(DBAPIError, match="the append function ran"):
+    # Database errors come out as StorageError; the database's own error stays attached.
+    with pytest.raises(StorageError, match=r"add_items failed .* \[P0001\]") as raised:
         await session.add_items(turn("second"))
+    assert "the append function ran" in str(raised.value.original)
 
 
 async def test_a_database_before_the_info_table_calls_version_2(
@@ -194,8 +198,10 @@ async def test_a_database_before_the_info_table_calls_version_2(
         await owned.add_items(turn("not stored"))
     assert len(await session.get_items()) == 2
     await replace_with_refusal(pg_backend.engine, APPEND_V2)
-    with pytest.raises(DBAPIError, match="the append function ran"):
+    # Database errors come out as StorageError; the database's own error stays attached.
+    with pytest.raises(StorageError, match=r"add_items failed .* \[P0001\]") as raised:
         await session.add_items(turn("second"))
+    assert "the append function ran" in str(raised.value.original)
 
 
 async def test_database_without_the_functions_warns_and_works(

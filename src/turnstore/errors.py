@@ -115,6 +115,56 @@ def connection_lost(*, outcome_unknown: bool) -> ConnectionLostError:
     )
 
 
+class TableSetConflictError(InvalidArgumentError):
+    """The database already holds another table set's structure tables.
+
+    ``message_structure``, ``turn_usage`` and the bookkeeping tables have fixed names (the SDK's
+    class uses the same fixed names whatever ``sessions_table``/``messages_table`` are, and
+    files stay compatible with it both ways), so one file or schema holds one
+    ``sessions_table``/``messages_table`` pair. Give each pair its own file, schema or database.
+    """
+
+
+class StorageError(TurnstoreError, RuntimeError):
+    """The database failed an operation for a reason other than the arguments given.
+
+    The message names the operation, the session id and the database error's class (and its
+    SQLSTATE or error code where the driver gives one), but not the database's own message or
+    the statement's parameters, which may quote conversation content. Where the user opted in
+    to model data in logs (``OPENAI_AGENTS_DONT_LOG_MODEL_DATA=0``), the message adds the
+    database's message and the error is chained to the original as ``__cause__``.
+
+    Attributes:
+        operation: The session method that failed (``"add_items"``...).
+        session_id: The session it ran for.
+        error_class: The class name of the database's error (``"IntegrityError"``...).
+        code: The SQLSTATE, server error number or SQLite error name, if known.
+        original: The SQLAlchemy exception; its text may hold content and parameters.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        session_id: str,
+        error_class: str,
+        code: str | None,
+        original: BaseException,
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.session_id = session_id
+        self.error_class = error_class
+        self.code = code
+        self.original = original
+
+
+class ReadOnlyDatabaseError(StorageError):
+    """A write reached a database that is read-only (SQLite ``?mode=ro`` or a read-only file,
+    a Postgres standby, a MySQL server in read-only mode). Reads keep working."""  # noqa: D205, D209
+
+
 class SchemaLockTimeoutError(TurnstoreError, TimeoutError):
     """Another process held the schema lock for longer than turnstore waits for it."""
 

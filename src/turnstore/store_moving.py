@@ -23,7 +23,7 @@ from turnstore.persistence.models import StoreTables
 from turnstore.persistence.moving import DEFAULT_BATCH_SIZE
 from turnstore.persistence.repository import ConversationRepository
 from turnstore.persistence.store_queries import Position, Selection, StoreQueries
-from turnstore.schema.check import at_head, bring_to_head_when_needed
+from turnstore.schema.startup import at_head, bring_to_head_when_needed
 from turnstore.transfer import ProgressCallback, TransferSummary
 
 

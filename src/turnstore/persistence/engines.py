@@ -79,6 +79,10 @@ class EngineHandle:
         driver_calls: Runs single statements on the driver itself, where the engine's
             driver allows it (``None`` elsewhere).
         schema_lock: Serializes schema preparation within the loop.
+        statement_size_limit: The most bytes one statement may have on this server (``None``:
+            no limit, or not read yet); read once per engine by :meth:`read_limits`.
+        absent_tables: Optional tables (see ``StoreTables.optional``) a ready table set
+            lacks, by table set.
     """
 
     profile: DialectProfile
@@ -91,6 +95,16 @@ class EngineHandle:
     without_info: set[Hashable] = field(default_factory=set)
     driver_calls: AsyncpgCalls | None = None
     schema_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    statement_size_limit: int | None = None
+    absent_tables: dict[Hashable, frozenset[str]] = field(default_factory=dict)
+    _limits_read: bool = False
+
+    async def read_limits(self) -> None:
+        """Read the server's limits once per engine (``max_allowed_packet`` on MySQL)."""
+        if self._limits_read:
+            return
+        self.statement_size_limit = await self.read(self.profile.statement_size_limit)
+        self._limits_read = True
 
     @property
     def engine(self) -> object:
@@ -470,12 +484,17 @@ def _new_handle(
     try:
         if threaded is not None:
             return ThreadedEngineHandle(
-                create_engine(threaded.url, **{**threaded.engine_options, **engine_kwargs}),
+                create_engine(
+                    threaded.url,
+                    **{"hide_parameters": True, **threaded.engine_options, **engine_kwargs},
+                ),
                 profile,
                 separate_reader=threaded.separate_reader,
                 **options,
             )
-        engine = create_async_engine(url, **{**profile.engine_options(url), **engine_kwargs})
+        # Statement parameters are the user's messages: keep them out of error text and logs.
+        options_for_url = {"hide_parameters": True, **profile.engine_options(url), **engine_kwargs}
+        engine = create_async_engine(url, **options_for_url)
     except ImportError as exc:
         where = url.render_as_string(hide_password=True)
         raise MissingExtraError(f"Cannot use {where!r}: {profile.driver_hint(url)}") from exc

@@ -52,6 +52,7 @@ STRUCTURE_TABLE = "message_structure"
 USAGE_TABLE = "turn_usage"
 RESERVATIONS_TABLE = "branch_reservations"
 GENERATIONS_TABLE = "session_clear_generations"
+APPEND_KEYS_TABLE = "turnstore_append_keys"
 SESSION_INFO_TABLE = "turnstore_session_info"
 
 # Explicit names make constraints addressable by migrations on every dialect; the documented
@@ -66,7 +67,14 @@ NAMING_CONVENTION: dict[str, str] = {
 
 _PLAIN_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _FIXED_TABLES = frozenset(
-    {STRUCTURE_TABLE, USAGE_TABLE, RESERVATIONS_TABLE, GENERATIONS_TABLE, SESSION_INFO_TABLE}
+    {
+        STRUCTURE_TABLE,
+        USAGE_TABLE,
+        RESERVATIONS_TABLE,
+        GENERATIONS_TABLE,
+        SESSION_INFO_TABLE,
+        APPEND_KEYS_TABLE,
+    }
 )
 #: Longest ``title`` a session may carry, in characters (MySQL's TEXT holds 64 KiB of bytes).
 MAX_TITLE_LENGTH = 1000
@@ -84,6 +92,7 @@ class StoreTables:
     reservations: Table
     generations: Table
     info: Table
+    append_keys: Table
 
     @property
     def metadata(self) -> MetaData:
@@ -97,6 +106,15 @@ class StoreTables:
             DEFAULT_SESSIONS_TABLE,
             DEFAULT_MESSAGES_TABLE,
         )
+
+    @property
+    def optional(self) -> frozenset[str]:
+        """Tables a database may lack while the store still works without what they add.
+
+        Databases written by the SDK's class, or migrated by an older turnstore and opened
+        without ``create_tables``, lack them until the migrations run.
+        """
+        return frozenset({self.info.name, self.append_keys.name})
 
     @property
     def routine_tables(self) -> dict[str, str]:
@@ -247,7 +265,19 @@ def define_tables(
         Index("idx_session_info_user_activity", "user_id", "last_activity_us", "session_id"),
         **TABLE_OPTIONS,
     )
-    return StoreTables(sessions, messages, structure, usage, reservations, generations, info)
+    # turnstore's own: the keys of appends made with an idempotency key, so a retried batch
+    # is stored once (see ConversationRepository.append). Cleared with the session.
+    append_keys = Table(
+        APPEND_KEYS_TABLE,
+        metadata,
+        Column("session_id", IDENTIFIER, primary_key=True),
+        Column("append_key", IDENTIFIER, primary_key=True),
+        Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
+        **TABLE_OPTIONS,
+    )
+    return StoreTables(
+        sessions, messages, structure, usage, reservations, generations, info, append_keys
+    )
 
 
 def validate_table_name(name: object, argument: str) -> str:
@@ -261,7 +291,8 @@ def validate_table_name(name: object, argument: str) -> str:
             f"{argument} must be a plain identifier (letters, digits and underscores, not "
             f"starting with a digit, at most 63 characters); got {name!r}"
         )
-    if name in _FIXED_TABLES:
+    # SQLite (and MySQL on some systems) compare table names case-insensitively.
+    if name.lower() in _FIXED_TABLES:
         raise InvalidArgumentError(f"{argument} may not be {name!r}: turnstore uses that table")
     return name
 
@@ -340,6 +371,16 @@ class BranchReservation(Base):
     branch_id: Mapped[str]
 
 
+class AppendKey(Base):
+    """The idempotency key of an append that was stored, so a retry is not stored twice."""
+
+    __table__ = DEFAULT_TABLES.append_keys
+
+    session_id: Mapped[str]
+    append_key: Mapped[str]
+    created_at: Mapped[datetime | None]
+
+
 class SessionClearGeneration(Base):
     """How many times a session was cleared; lets other instances notice a clear."""
 
@@ -358,7 +399,7 @@ def tables_for(sessions_table: str, messages_table: str) -> StoreTables:
     """
     validate_table_name(sessions_table, "sessions_table")
     validate_table_name(messages_table, "messages_table")
-    if sessions_table == messages_table:
+    if sessions_table.lower() == messages_table.lower():
         raise InvalidArgumentError("sessions_table and messages_table must differ")
     if (sessions_table, messages_table) == (DEFAULT_SESSIONS_TABLE, DEFAULT_MESSAGES_TABLE):
         return DEFAULT_TABLES

@@ -9,12 +9,13 @@ write lock on SQLite.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Integer,
@@ -35,6 +36,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import Executable, Select
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
@@ -42,7 +44,9 @@ from turnstore.errors import (
     BranchNameTakenError,
     BranchNotFoundError,
     InvalidArgumentError,
+    InvalidItemError,
     SchemaMissingError,
+    TableSetConflictError,
     TurnNotFoundError,
 )
 from turnstore.persistence import rewrite, server_routines
@@ -53,10 +57,19 @@ from turnstore.persistence.jsoncodec import loads_or_none
 from turnstore.persistence.models import DEFAULT_TABLES, StoreTables
 from turnstore.persistence.prepared import PreparedStatement
 from turnstore.persistence.server_routines import ServerRoutines
+from turnstore.persistence.types import INTEGER_MAX
+from turnstore.persistence.validation import check_identifier, fits_integer_column
 
 logger = logging.getLogger(__name__)
 
 MAIN_BRANCH = "main"
+
+T = TypeVar("T")
+
+# Waits before each retry of a write that lost a lock wait or a deadlock; then it fails.
+_LOCK_RETRY_DELAYS = (0.05, 0.25, 1.0)
+# Room in a statement for its SQL text and the other columns of an item's row.
+_STATEMENT_OVERHEAD = 64 * 1024
 
 #: The structure columns an append or a branch copy writes (the rest have defaults).
 STRUCTURE_COLUMNS = (
@@ -267,7 +280,7 @@ class _Statements:
                     "last_activity_us": now,
                 },
                 ["session_id"],
-                {"last_activity_us": _later(now, i.c.last_activity_us)},
+                keep_greater=["last_activity_us"],
             )
         )
         self.bump_info = prepared(
@@ -364,6 +377,12 @@ class _Statements:
             )
         )
         self.reserve_name = prepared(insert(r).values(session_id=sid, branch_id=name))
+        k = tables.append_keys
+        append_key = bindparam("key", type_=k.c.append_key.type)
+        self.append_key_stored = prepared(
+            select(k.c.session_id).where(k.c.session_id == sid, k.c.append_key == append_key)
+        )
+        self.store_append_key = prepared(insert(k).values(session_id=sid, append_key=append_key))
         self.copy_branch = prepared(
             insert(s).from_select(
                 STRUCTURE_COLUMNS,
@@ -550,6 +569,9 @@ class ConversationRepository:
     ) -> None:
         """Create missing tables and indexes, or check that they exist (once per engine).
 
+        What exists is read first, without a write transaction, so a complete store on a
+        read-only database opens for reading even with ``create``.
+
         Args:
             create: Create what is missing instead of refusing.
             migrate_default: Brings the default table set to the newest migration inside the
@@ -561,6 +583,7 @@ class ConversationRepository:
 
         Raises:
             SchemaMissingError: ``create`` is false and tables are missing.
+            TableSetConflictError: The database holds another table set's structure tables.
         """
         handle, key = self._handle, self._t.metadata
         if key in handle.ready_schemas:
@@ -570,27 +593,30 @@ class ConversationRepository:
                 return
             if create:
                 self._check_schema_names()
-                current = (
-                    self._t is DEFAULT_TABLES
-                    and migrate_default is not None
-                    and default_is_current is not None
-                    and await handle.read(default_is_current)
+            current = (
+                self._t is DEFAULT_TABLES
+                and default_is_current is not None
+                and await handle.read(default_is_current)
+            )
+            # At the newest migration, the default set is complete: nothing to inspect.
+            missing = [] if current else await handle.read(self._missing_parts, default_is_current)
+            if missing and create:
+                await handle.write(lambda conn: self._create_missing(conn, migrate_default))
+                missing = []
+            required = [n for n in missing if n in self._t.names and n not in self._t.optional]
+            if required:
+                raise SchemaMissingError(
+                    f"The database lacks turnstore's tables ({', '.join(required)}). "
+                    "Pass create_tables=True to create them, or run the migrations first."
                 )
-                if not current:
-                    await handle.write(lambda conn: self._create_missing(conn, migrate_default))
-                handle.without_info.discard(key)
+            absent = handle.absent_tables[key] = frozenset(missing) & self._t.optional
+            # A schema from before migration 0005 serves sessions; only the features that
+            # need the info table refuse (require_info_table).
+            if self._t.info.name in absent:
+                handle.without_info.add(key)
             else:
-                missing = await handle.read(self._missing_tables)
-                # A schema from before migration 0005 serves sessions; only the features
-                # that need the info table refuse (require_info_table).
-                if missing == [self._t.info.name]:
-                    handle.without_info.add(key)
-                    missing = []
-                if missing:
-                    raise SchemaMissingError(
-                        f"The database lacks turnstore's tables ({', '.join(missing)}). Pass "
-                        "create_tables=True to create them, or run the migrations first."
-                    )
+                handle.without_info.discard(key)
+            await handle.read_limits()
             await self._find_routines()
             handle.ready_schemas.add(key)
 
@@ -646,15 +672,68 @@ class ConversationRepository:
                 "messages_table."
             )
 
-    def _missing_tables(self, conn: Connection) -> list[str]:
-        present = set(inspect(conn).get_table_names())
-        return [name for name in self._t.names if name not in present]
+    def _missing_parts(
+        self, conn: Connection, default_is_current: Callable[[Connection], bool] | None
+    ) -> list[str]:
+        """What ``create_tables`` would add: tables, indexes, a migration, server functions.
+
+        Raises:
+            TableSetConflictError: The database holds another table set's structure tables.
+        """
+        inspector = inspect(conn)
+        present = set(inspector.get_table_names())
+        self._refuse_other_table_set(inspector, present)
+        missing = [name for name in self._t.names if name not in present]
+        if missing:
+            return missing
+        if self._t is DEFAULT_TABLES and default_is_current is not None:
+            return [] if default_is_current(conn) else ["the newest migration"]
+        for table in self._t.metadata.sorted_tables:
+            indexes = {index["name"] for index in inspector.get_indexes(table.name)}
+            missing += [str(index.name) for index in table.indexes if index.name not in indexes]
+        versions = self._profile.server_routines(self._t)
+        if versions and not conn.exec_driver_sql(versions[0].presence_query).scalar():
+            missing.append(versions[0].append_name)
+        return missing
+
+    def _refuse_other_table_set(self, inspector: Any, present: set[str]) -> None:
+        """Refuse a database whose structure tables belong to other base tables.
+
+        ``message_structure`` and ``turn_usage`` have fixed names, and their foreign keys
+        record which sessions and messages tables own them (as the SDK's class records it).
+
+        Raises:
+            TableSetConflictError: They refer to another sessions or messages table.
+        """
+        t, same = self._t, self._profile.table_names_equal
+        owners = (
+            (t.structure.name, "message_id", t.messages.name),
+            (t.structure.name, "session_id", t.sessions.name),
+            (t.usage.name, "session_id", t.sessions.name),
+        )
+        for table, column, owner in owners:
+            name = next((found for found in present if same(found, table)), None)
+            if name is None:
+                continue
+            for key in inspector.get_foreign_keys(name):
+                referred = str(key["referred_table"])
+                if key["constrained_columns"] == [column] and not same(referred, owner):
+                    raise TableSetConflictError(
+                        f"This database's {table}.{column} refers to table {referred!r}, not "
+                        f"to the configured {owner!r}: it already holds another "
+                        "sessions_table/messages_table pair. The structure and usage tables "
+                        "have fixed names (as in the SDK's AdvancedSQLiteSession), so one "
+                        "database file or schema holds one pair; give this pair its own file, "
+                        "schema or database."
+                    )
 
     def _create_missing(
         self, conn: Connection, migrate_default: Callable[[Connection], None] | None
     ) -> None:
         self._profile.prepare_ddl(conn)
         self._profile.lock_schema(conn)
+        inspector = inspect(conn)
+        self._refuse_other_table_set(inspector, set(inspector.get_table_names()))
         if self._t is DEFAULT_TABLES and migrate_default is not None:
             # The migrations own the default table set: create through them (and stamp), so a
             # database made here can be upgraded later like any other.
@@ -672,20 +751,13 @@ class ConversationRepository:
                 if index.name not in present:
                     index.create(conn, checkfirst=True)
 
-    def check_identifier(self, value: str, what: str) -> None:
-        """Refuse a session or branch id longer than this database's id columns hold.
-
-        Checked before any SQL: the server would refuse it mid-transaction with a driver
-        error (or, outside strict mode, silently cut it short).
+    def check_identifier(self, value: object, what: str) -> str:
+        """Refuse an id no backend can store exactly (see :mod:`.validation`), before any SQL.
 
         Raises:
-            InvalidArgumentError: ``value`` is too long; ``what`` names it in the message.
+            InvalidArgumentError: ``value`` is not a valid id; ``what`` names it in the message.
         """
-        limit = self._profile.max_identifier_length
-        if limit is not None and len(value) > limit:
-            raise InvalidArgumentError(
-                f"{what} are at most {limit} characters on {self._profile.name}; got {len(value)}"
-            )
+        return check_identifier(value, what)
 
     # -- history -------------------------------------------------------------------------
 
@@ -701,7 +773,8 @@ class ConversationRepository:
         if limit == 0:
             return []
         params: dict[str, Any] = {"sid": session_id, "bid": branch_id}
-        if limit is None or limit < 0:
+        # No branch holds more items than an INTEGER column counts: a larger limit is "all".
+        if limit is None or limit < 0 or not fits_integer_column(limit):
             return await self._scalars(self._q.history, params)
         params["limit"] = limit
         newest_first = await self._scalars(self._q.latest, params)
@@ -731,6 +804,7 @@ class ConversationRepository:
         Pages follow one another by sequence number (keyset pagination), so each costs the
         same however deep into the history it starts.
         """
+        limit = min(limit, INTEGER_MAX)
         params = {"sid": session_id, "bid": branch_id, "after": after_sequence, "limit": limit}
         rows = await self._handle.read(self._q.page.rows, params)
         return [(data, int(sequence)) for data, sequence in rows]
@@ -740,19 +814,33 @@ class ConversationRepository:
         session_id: str,
         pointer: BranchPointer,
         messages: Sequence[NewMessage],
+        key: str | None = None,
     ) -> BranchPointer:
         """Append messages to a branch, numbering sequence and user turns, in one transaction.
 
         Later batches without a user message continue the branch's current turn. If the session
         was cleared since ``pointer.generation`` was seen, a non-main branch no longer exists
-        and the messages go to ``main``.
+        and the messages go to ``main``. A write that lost a lock wait is run again.
+
+        Args:
+            session_id: The session.
+            pointer: The branch to write to and the clear generation it was seen with.
+            messages: The batch.
+            key: An idempotency key: if an append with this key was stored in the session
+                before (and the session not cleared since), nothing is stored again.
 
         Returns:
             The branch written to and the session's current clear generation.
+
+        Raises:
+            InvalidItemError: An item is longer than one statement may be on this server.
         """
-        one_call = self._one_call_writes()
+        self._check_statement_sizes(messages)
+        one_call = None if key is not None else self._one_call_writes()
         if one_call is None:
-            return await self._handle.write(self._append, session_id, pointer, messages)
+            return await self._retrying_lock_conflicts(
+                lambda: self._handle.write(self._append, session_id, pointer, messages, key)
+            )
         calls, routines = one_call
         arguments = server_routines.append_arguments(
             session_id,
@@ -764,9 +852,58 @@ class ConversationRepository:
             arguments += self._info_arguments
         elif self._info.given:
             self.require_info_table()
-        rows = await calls.fetch(routines.append_call, arguments, writes=True)
+        rows = await self._retrying_lock_conflicts(
+            lambda: calls.fetch(routines.append_call, arguments, writes=True)
+        )
         branch_id, generation = rows[0]
         return BranchPointer(branch_id, generation)
+
+    def _require_table(self, table: Any, feature: str) -> None:
+        """Refuse a feature whose optional table the database lacks.
+
+        Raises:
+            SchemaMissingError: The table is missing.
+        """
+        if table.name in self._handle.absent_tables.get(self._t.metadata, frozenset()):
+            raise SchemaMissingError(
+                f"{feature} need the {table.name} table, which this database lacks; run the "
+                "migrations (turnstore db upgrade) or open it with create_tables=True"
+            )
+
+    def _check_statement_sizes(self, messages: Sequence[NewMessage]) -> None:
+        """Refuse, naming it, an item one statement cannot carry to this server.
+
+        Raises:
+            InvalidItemError: An item's statement would exceed the server's limit.
+        """
+        limit = self._handle.statement_size_limit
+        if limit is None:
+            return
+        room = limit - _STATEMENT_OVERHEAD
+        for index, message in enumerate(messages):
+            size = self._profile.sent_size(message.data)
+            if size > room:
+                raise InvalidItemError(
+                    f"Item {index} takes {size:,} bytes in a statement, and this server "
+                    f"accepts statements of at most {limit:,} bytes (max_allowed_packet), so "
+                    f"an item can be at most about {room:,}; raise the server's "
+                    "max_allowed_packet or store smaller items"
+                )
+
+    async def _retrying_lock_conflicts(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run a write, again after a short wait if it lost a lock wait or a deadlock.
+
+        Such a write was rolled back whole, so running it again cannot store anything twice.
+        """
+        for delay in _LOCK_RETRY_DELAYS:
+            try:
+                return await attempt()
+            except DBAPIError as exc:
+                if exc.orig is None or not self._profile.is_lock_conflict(exc.orig):
+                    raise
+                logger.debug("A write lost a lock wait; retrying in %.2fs", delay)
+            await asyncio.sleep(delay)
+        return await attempt()
 
     def _append(
         self,
@@ -774,6 +911,7 @@ class ConversationRepository:
         session_id: str,
         pointer: BranchPointer,
         messages: Sequence[NewMessage],
+        key: str | None = None,
     ) -> BranchPointer:
         q = self._q
         branch_id = pointer.branch_id
@@ -788,11 +926,19 @@ class ConversationRepository:
         if generation != pointer.generation and branch_id != MAIN_BRANCH:
             branch_id = MAIN_BRANCH
             turn = q.branch_max_turn.scalar(conn, {"sid": session_id, "bid": branch_id})
+        if key is not None:
+            self._require_table(self._t.append_keys, "idempotency keys")
+            # Under the session's lock: no other writer can record this key meanwhile.
+            keyed = {"sid": session_id, "key": key}
+            if q.append_key_stored.scalar(conn, keyed) is not None:
+                return BranchPointer(branch_id, generation)
+            q.store_append_key.execute(conn, keyed)
         message_ids = self._profile.insert_returning_ids(
             conn,
             q.insert_messages,
             [{"session_id": session_id, "message_data": m.data} for m in messages],
             {"session_id": session_id},
+            max_statement_bytes=self._handle.statement_size_limit,
         )
         sequence, turn = max_sequence or 0, turn or 0
         rows = []
@@ -948,6 +1094,7 @@ class ConversationRepository:
             )
         rewrite.delete_rows(conn, t, session_id, expected)
         rewrite.append_numbered(conn, t, self._profile, session_id, tail.branch_id, messages)
+        self._touch_info(conn, session_id)
         return True
 
     async def replace_branch(
@@ -978,6 +1125,7 @@ class ConversationRepository:
             branch_id = MAIN_BRANCH
         rewrite.delete_branch_rows(conn, self._t, session_id, branch_id)
         rewrite.append_numbered(conn, self._t, self._profile, session_id, branch_id, messages)
+        self._touch_info(conn, session_id)
         return BranchPointer(branch_id, generation)
 
     async def clear(self, session_id: str) -> int:
@@ -1000,7 +1148,10 @@ class ConversationRepository:
                 .distinct(),
             )
         )
-        for table in (t.structure, t.usage, t.messages, t.sessions):
+        absent = self._handle.absent_tables.get(t.metadata, frozenset())
+        for table in (t.structure, t.usage, t.messages, t.append_keys, t.sessions):
+            if table.name in absent:
+                continue
             conn.execute(delete(table).where(table.c.session_id == session_id))
         conn.execute(
             profile.upsert(
@@ -1035,7 +1186,9 @@ class ConversationRepository:
         """
         one_call = self._one_call_writes()
         if one_call is None:
-            return await self._handle.write(self._record_usage, session_id, pointer, usage)
+            return await self._retrying_lock_conflicts(
+                lambda: self._handle.write(self._record_usage, session_id, pointer, usage)
+            )
         calls, routines = one_call
         arguments: tuple[Any, ...] = (
             session_id,
@@ -1050,7 +1203,9 @@ class ConversationRepository:
         )
         if routines.maintains_info:
             arguments += self._info_arguments
-        rows = await calls.fetch(routines.usage_call, arguments, writes=True)
+        rows = await self._retrying_lock_conflicts(
+            lambda: calls.fetch(routines.usage_call, arguments, writes=True)
+        )
         turn = rows[0][0]
         return None if turn is None else int(turn)
 
@@ -1107,6 +1262,8 @@ class ConversationRepository:
         params: dict[str, Any] = {"sid": session_id, "bid": branch_id}
         if user_turn_number is None:
             rows = await self._handle.read(self._q.turn_usage.rows, params)
+        elif not fits_integer_column(user_turn_number):
+            return []  # beyond what the turn column holds: a turn that does not exist
         else:
             params["turn"] = user_turn_number
             rows = await self._handle.read(self._q.one_turn_usage.rows, params)
@@ -1190,7 +1347,8 @@ class ConversationRepository:
         if generation != source.generation and source_branch != MAIN_BRANCH:
             source_branch = MAIN_BRANCH
         source_params = {"sid": session_id, "bid": source_branch, "turn": turn}
-        if q.user_turn_row.scalar(conn, source_params) is None:
+        # A number beyond what the turn column holds names no turn; the driver would refuse it.
+        if not fits_integer_column(turn) or q.user_turn_row.scalar(conn, source_params) is None:
             raise TurnNotFoundError(
                 f"Turn {turn} does not contain a user message in branch '{source_branch}'"
             )

@@ -216,7 +216,7 @@ async def _engine(target: Target) -> AsyncIterator[tuple[AsyncEngine, DialectPro
     url = _parse(target)
     profile = _profile(url)
     try:
-        engine = create_async_engine(url, **profile.engine_options(url))
+        engine = create_async_engine(url, hide_parameters=True, **profile.engine_options(url))
     except ImportError as exc:
         raise MissingExtraError(
             f"Cannot use {url.render_as_string(hide_password=True)!r}: {profile.driver_hint(url)}"
