@@ -61,6 +61,29 @@ class ProtectedBranchError(TurnstoreError, ValueError):
     """The branch may not be deleted (``main``, or the current branch without ``force``)."""
 
 
+class SessionExistsError(TurnstoreError, ValueError):
+    """An import or copy met a session the target already has, and was told to fail."""
+
+
+class ExportFileError(TurnstoreError, ValueError):
+    """An export file is truncated, corrupt, of an unknown version or inconsistent.
+
+    The message names the line (1-based). Nothing of the session the line belongs to was
+    written; sessions before it were.
+
+    Attributes:
+        line: The line the problem was found on.
+    """
+
+    def __init__(self, line: int, problem: str) -> None:
+        super().__init__(f"line {line}: {problem}")
+        self.line = line
+
+
+class CopyMismatchError(TurnstoreError, RuntimeError):
+    """A verified copy found sessions whose reads answer differently on the target."""
+
+
 class SchemaMissingError(TurnstoreError, ValueError):
     """The database lacks turnstore's tables and the session was told not to create them."""
 

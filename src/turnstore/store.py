@@ -54,6 +54,7 @@ from turnstore.schema.startup import at_head, bring_to_head_when_needed
 from turnstore.search import SearchPage
 from turnstore.session import AdvancedSession, ContextRouter
 from turnstore.store_cursors import CursorCodec
+from turnstore.store_moving import StoreMoving
 from turnstore.usage_report import UsageRow
 
 _default_logger = logging.getLogger("turnstore")
@@ -86,7 +87,7 @@ class SessionPage:
     next_cursor: str | None
 
 
-class Store:
+class Store(StoreMoving):
     """Every conversation of one database: list, count, inspect, delete, erase, expire.
 
     Give it a database URL (``url=``) or an ``AsyncEngine`` you own (``engine=``); it shares

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "turnstore.cli.db",
     "turnstore.cli.sessions",
     "turnstore.cli.look",
+    "turnstore.cli.move",
 )
 
 

@@ -57,6 +57,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.schema import PrimaryKeyConstraint
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.util import await_only
 
 from turnstore.errors import MigrationError, SchemaLockTimeoutError
 from turnstore.persistence import server_routines
@@ -247,6 +248,32 @@ class DialectProfile:
 
     def begin_write(self, conn: Connection) -> None:
         """Start a write transaction that cannot interleave with another writer's."""
+
+    def has_bulk_copy(self, conn: Connection) -> bool:
+        """Whether :meth:`bulk_copy` works on ``conn``."""
+        return False
+
+    def bulk_copy(
+        self, conn: Connection, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> bool:
+        """Load ``rows`` (values in ``columns`` order) by the database's bulk-load path.
+
+        Returns:
+            Whether it did; ``False`` where the dialect has no such path (the caller inserts).
+        """
+        return False
+
+    def allocate_ids(self, conn: Connection, table: Table, count: int) -> list[int] | None:
+        """Reserve ``count`` new ids of ``table``'s key in increasing order, where the
+        database hands them out ahead of the insert (``None`` elsewhere)."""  # noqa: D205, D209
+        return None
+
+    def begin_snapshot(self, conn: Connection) -> None:
+        """Make the transaction just begun on ``conn`` read one snapshot throughout, read-only.
+
+        For reads spread over several statements that must agree with one another (a session
+        exported batch by batch while writers write).
+        """
 
     def prepare_ddl(self, conn: Connection) -> None:
         """Settings for a schema-creating transaction begun by :meth:`begin_write`."""
@@ -519,6 +546,11 @@ class SQLiteProfile(_OnConflictProfile):
         if not getattr(conn.connection.driver_connection, "in_transaction", False):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+    def begin_snapshot(self, conn: Connection) -> None:
+        """A deferred BEGIN: in WAL mode the first read fixes the snapshot for the rest."""
+        if not getattr(conn.connection.driver_connection, "in_transaction", False):
+            conn.exec_driver_sql("BEGIN")
+
     def lock_schema(self, conn: Connection) -> None:
         """The database write lock also serializes DDL."""
         self.begin_write(conn)
@@ -755,6 +787,44 @@ class PostgresProfile(_OnConflictProfile):
         """
         conn.exec_driver_sql("SET LOCAL enable_sort = off")
 
+    def has_bulk_copy(self, conn: Connection) -> bool:
+        """Where the driver is asyncpg."""
+        return hasattr(conn.connection.driver_connection, "copy_records_to_table")
+
+    def bulk_copy(
+        self, conn: Connection, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> bool:
+        """Binary COPY through asyncpg, inside the connection's transaction.
+
+        Values must be what asyncpg encodes for each column (aware datetimes for timestamps,
+        JSON text for JSONB).
+        """
+        driver = conn.connection.driver_connection
+        copy_records = getattr(driver, "copy_records_to_table", None)  # asyncpg only
+        if copy_records is None:
+            return False
+        if rows:
+            await_only(copy_records(table.name, records=rows, columns=list(columns)))
+        return True
+
+    def allocate_ids(self, conn: Connection, table: Table, count: int) -> list[int] | None:
+        """``nextval`` of the key's sequence, ``count`` times in one statement (asyncpg only:
+        only there are the rows then loaded by COPY)."""  # noqa: D205, D209
+        if not self.has_bulk_copy(conn):
+            return None
+        if count == 0:
+            return []
+        id_column = _row_id_column(table)
+        sequence = func.pg_get_serial_sequence(table.name, id_column.name)
+        found = conn.execute(
+            select(func.nextval(sequence)).select_from(func.generate_series(1, count))
+        ).scalars()
+        return sorted(int(value) for value in found)
+
+    def begin_snapshot(self, conn: Connection) -> None:
+        """REPEATABLE READ: every statement of the transaction sees the first one's snapshot."""
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
     def prepare_ddl(self, conn: Connection) -> None:
         """Undo :meth:`begin_write`'s planner setting for a schema transaction, and no JIT.
 
@@ -963,6 +1033,10 @@ class MySQLProfile(DialectProfile):
         serializes writers of one session; READ COMMITTED drops the gap locks.
         """
         conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+    def begin_snapshot(self, conn: Connection) -> None:
+        """InnoDB's REPEATABLE READ: the first read fixes the snapshot (set before it starts)."""
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
     def insert_returning_ids(
         self,

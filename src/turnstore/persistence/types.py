@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import TIMESTAMP, BigInteger, Integer, Text
@@ -164,4 +165,94 @@ class JSONDocument(TypeDecorator[Any]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         """Parse text storage, reading invalid JSON as ``None``."""
+        return jsoncodec.loads_or_none(value, "token-details")
+
+
+# -- values moving between databases ---------------------------------------------------------
+#
+# An export carries timestamps as text ("YYYY-MM-DD HH:MM:SS", with ".ffffff" where the source
+# kept sub-second digits; always UTC) and token details as the JSON text the source stored.
+# Each database wants them in its own form; these types turn the carried form into it.
+
+
+def parse_timestamp(value: str) -> datetime:
+    """An exported timestamp as a naive UTC datetime.
+
+    Raises:
+        ValueError: ``value`` is not an ISO 8601 date and time.
+    """
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed
+
+
+def _stored_timestamp(value: str | datetime, dialect_name: str) -> Any:
+    if dialect_name == "sqlite":
+        # SQLite keeps the text CURRENT_TIMESTAMP writes, to the second (what the SDK writes
+        # and what every read reports); text that is no timestamp stays as it was.
+        if isinstance(value, datetime):
+            return value.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            return parse_timestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            return value
+    moment = parse_timestamp(value) if isinstance(value, str) else value
+    if dialect_name == "postgresql":
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    # MySQL's DATETIME keeps whole seconds; MySQL would round the rest, MariaDB cut it. Cut
+    # it here, as every read reports timestamps.
+    return moment.replace(microsecond=0, tzinfo=None)
+
+
+class ExchangedTimestamp(TypeDecorator[Any]):
+    """Binds an exported timestamp (text or datetime) into a :data:`TIMESTAMP_UTC` column."""
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        """The column's own storage type; on SQLite, the text as it is."""
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(Text())
+        return dialect.type_descriptor(TIMESTAMP_UTC)
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        """Convert to the database's form (see :func:`stored_timestamp`)."""
+        return None if value is None else _stored_timestamp(value, dialect.name)
+
+
+def stored_timestamp(value: str | datetime | None, dialect: Dialect) -> Any:
+    """An exported timestamp as ``dialect`` stores it in a :data:`TIMESTAMP_UTC` column.
+
+    SQLite gets the text ``CURRENT_TIMESTAMP`` writes (whole seconds); Postgres an aware UTC
+    datetime; MySQL and MariaDB a naive UTC datetime cut to the second.
+
+    Raises:
+        ValueError: Text that is no ISO 8601 timestamp, for a server.
+    """
+    return None if value is None else _stored_timestamp(value, dialect.name)
+
+
+class ExchangedJSON(TypeDecorator[Any]):
+    """Binds JSON text into a :class:`JSONDocument` column.
+
+    As it is on SQLite, where the column holds text; parsed on servers, whose native JSON
+    types encode it themselves.
+
+    Text that is not JSON is stored as SQL NULL on servers; SQLite readers (turnstore's and
+    the SDK's) read it as ``None`` too, so every read answers the same.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        """The column's own storage type."""
+        return JSONDocument().load_dialect_impl(dialect)
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        """Keep the text on SQLite; decode it for a server's JSON type."""
+        if value is None or dialect.name == "sqlite":
+            return value
         return jsoncodec.loads_or_none(value, "token-details")

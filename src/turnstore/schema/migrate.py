@@ -425,6 +425,23 @@ async def stamp(target: Target, revision: str = "head") -> None:
     await _run(target, work)
 
 
+async def inspect_target(target: Target) -> tuple[adoption.Inspection, tuple[str, ...]]:
+    """What the database holds, and the revisions it records, without changing anything.
+
+    Raises:
+        InvalidArgumentError: The URL is malformed or names an unsupported driver.
+        DatabaseUnavailableError: The database cannot be reached.
+        UnknownRevisionError: The recorded revision is not one of turnstore's.
+    """
+
+    def work(connection: Connection) -> tuple[adoption.Inspection, tuple[str, ...]]:
+        return adoption.inspect_database(connection, VERSION_TABLE), _check_recorded_known(
+            connection
+        )
+
+    return await _run(target, work, lock=False)
+
+
 async def current(target: Target) -> tuple[str, ...]:
     """The revisions recorded in the database (empty if it was never migrated).
 
