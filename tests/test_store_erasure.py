@@ -21,7 +21,17 @@ from turnstore import InvalidArgumentError, Removed, Store
 from turnstore.persistence.models import DEFAULT_TABLES
 
 T = DEFAULT_TABLES
-TABLES = (T.sessions, T.messages, T.structure, T.usage, T.reservations, T.generations, T.info)
+TABLES = (
+    T.sessions,
+    T.messages,
+    T.structure,
+    T.usage,
+    T.reservations,
+    T.generations,
+    T.info,
+    T.turn_models,
+    T.lineage,
+)
 OLD = datetime(2020, 1, 1, tzinfo=UTC)
 MARKER = re.compile(r"\[(\d+)\]")
 

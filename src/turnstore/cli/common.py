@@ -40,6 +40,7 @@ from turnstore.errors import (
     MigrationError,
     MissingExtraError,
     SchemaMissingError,
+    SessionNotFoundError,
     TurnNotFoundError,
     TurnstoreError,
     UnknownRevisionError,
@@ -89,6 +90,7 @@ _EXIT_CODES: tuple[tuple[type[TurnstoreError], ExitCode], ...] = (
     (ForeignDatabaseError, ExitCode.REFUSED),
     (SchemaMissingError, ExitCode.REFUSED),
     (BranchNotFoundError, ExitCode.NOT_FOUND),
+    (SessionNotFoundError, ExitCode.NOT_FOUND),
     (TurnNotFoundError, ExitCode.NOT_FOUND),
     (MigrationError, ExitCode.FAILED),
 )

@@ -85,6 +85,8 @@ class _Statements:
         )
         # Children first: no cascade is relied on, and the counts come from the deletes.
         order = (
+            tables.turn_models,
+            tables.lineage,
             tables.usage,
             tables.structure,
             tables.messages,
@@ -213,7 +215,13 @@ class Eraser:
     def _delete(self, conn: Connection, session_ids: Sequence[str]) -> Removed:
         """Delete every row of the sessions, children first."""
         ids = self._ids(session_ids)
-        counts = {name: stmt.execute(conn, ids) for name, stmt in self._q.deletes.items()}
+        # Optional tables the database lacks (the models and lineage before 0007) are skipped.
+        absent = self._handle.absent_tables.get(self._t.metadata, frozenset())
+        counts = {
+            name: stmt.execute(conn, ids)
+            for name, stmt in self._q.deletes.items()
+            if name not in absent
+        }
         return Removed(
             len(session_ids),
             max(counts[self._t.messages.name], 0),

@@ -268,6 +268,29 @@ class StoreQueries:
             rows = await self._rows(statement, {k: v for k, v in params.items() if v is not None})
         return [_session_row(row) for row in rows]
 
+    async def positions(
+        self, selection: Selection, after: Position | None, limit: int
+    ) -> list[Position]:
+        """Like :meth:`page`, but only each session's position: (last activity, session id).
+
+        For walking every session a selection matches (an export, a copy) without computing
+        summaries; the same index ranges as a listing.
+        """
+        i = self._t.info
+        conditions = self._q.conditions(selection, bound=False)
+        if after is not None:
+            conditions.append(
+                self._profile.keyset_before([i.c.last_activity_us, i.c.session_id], after)
+            )
+        stmt = (
+            select(i.c.last_activity_us, i.c.session_id)
+            .where(*conditions)
+            .order_by(i.c.last_activity_us.desc(), i.c.session_id.desc())
+            .limit(limit)
+        )
+        rows = await self._handle.read(_rows, stmt, {})
+        return [(int(activity), sid) for activity, sid in rows]
+
     async def count(self, selection: Selection) -> int:
         """How many sessions match, counted by the database along the activity indexes."""
         conditions = self._q.conditions(selection, bound=False)

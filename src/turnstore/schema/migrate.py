@@ -19,8 +19,6 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import TypeVar
 
 from alembic import command
@@ -42,9 +40,27 @@ from turnstore.errors import (
 )
 from turnstore.persistence.dialects import DialectProfile, profile_for
 from turnstore.schema import adoption
+from turnstore.schema.check import VERSION_TABLE, script_location
 
-# Not Alembic's default name, so an application's own migrations can share the database.
-VERSION_TABLE = "turnstore_alembic_version"
+__all__ = [
+    "URL_VARIABLE",
+    "VERSION_TABLE",
+    "MigrationInfo",
+    "Move",
+    "adopt",
+    "alembic_config",
+    "bring_to_head",
+    "current",
+    "data_dropping_steps",
+    "downgrade",
+    "head",
+    "history",
+    "script_location",
+    "stamp",
+    "upgrade",
+    "upgrade_sql",
+]
+
 URL_VARIABLE = "TURNSTORE_DATABASE_URL"
 
 Target = str | URL | AsyncEngine
@@ -87,23 +103,6 @@ class MigrationInfo:
 
 
 # -- scripts -------------------------------------------------------------------------------
-
-
-def script_location() -> Path:
-    """The folder holding ``env.py`` and ``versions/``: the installed copy, else the checkout's.
-
-    Raises:
-        MigrationError: Neither copy exists (a broken installation).
-    """
-    packaged = resources.files("turnstore") / "migrations"
-    candidates = [Path(str(packaged)), Path(__file__).resolve().parents[3] / "migrations"]
-    for candidate in candidates:
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise MigrationError(
-        "turnstore's migration scripts are missing (looked in "
-        f"{', '.join(str(c) for c in candidates)}); reinstall the turnstore package"
-    )
 
 
 def alembic_config(
@@ -217,7 +216,7 @@ async def _engine(target: Target) -> AsyncIterator[tuple[AsyncEngine, DialectPro
     url = _parse(target)
     profile = _profile(url)
     try:
-        engine = create_async_engine(url, **profile.engine_options(url))
+        engine = create_async_engine(url, hide_parameters=True, **profile.engine_options(url))
     except ImportError as exc:
         raise MissingExtraError(
             f"Cannot use {url.render_as_string(hide_password=True)!r}: {profile.driver_hint(url)}"
@@ -424,6 +423,23 @@ async def stamp(target: Target, revision: str = "head") -> None:
         _alembic(lambda config: command.stamp(config, revision, purge=True), connection)
 
     await _run(target, work)
+
+
+async def inspect_target(target: Target) -> tuple[adoption.Inspection, tuple[str, ...]]:
+    """What the database holds, and the revisions it records, without changing anything.
+
+    Raises:
+        InvalidArgumentError: The URL is malformed or names an unsupported driver.
+        DatabaseUnavailableError: The database cannot be reached.
+        UnknownRevisionError: The recorded revision is not one of turnstore's.
+    """
+
+    def work(connection: Connection) -> tuple[adoption.Inspection, tuple[str, ...]]:
+        return adoption.inspect_database(connection, VERSION_TABLE), _check_recorded_known(
+            connection
+        )
+
+    return await _run(target, work, lock=False)
 
 
 async def current(target: Target) -> tuple[str, ...]:
