@@ -92,6 +92,7 @@ class _Statements:
             tables.messages,
             tables.reservations,
             tables.generations,
+            tables.append_keys,
             tables.info,
             tables.sessions,
         )
