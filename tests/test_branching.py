@@ -105,11 +105,19 @@ async def test_failed_branch_creation_changes_nothing(backend: Backend) -> None:
     assert await session.create_branch_from_turn(2, "never") == "never"
 
 
-@pytest.mark.parametrize("turn_number", [0, -1])
+@pytest.mark.parametrize("turn_number", [0, 4, 2**63])
 async def test_missing_turns_are_value_errors(backend: Backend, turn_number: int) -> None:
     session = await three_turns(backend)
     with pytest.raises(TurnNotFoundError) as raised:
         await session.create_branch_from_turn(turn_number)
+    assert isinstance(raised.value, ValueError)
+
+
+async def test_negative_turns_are_value_errors_too(backend: Backend) -> None:
+    # Turns count from 1: a negative number is a bad argument (a ValueError, as the SDK's).
+    session = await three_turns(backend)
+    with pytest.raises(InvalidArgumentError, match="at least 0") as raised:
+        await session.create_branch_from_turn(-1)
     assert isinstance(raised.value, ValueError)
 
 
