@@ -56,7 +56,7 @@ from turnstore.persistence.repository import (
 from turnstore.persistence.store_queries import StoreQueries
 from turnstore.persistence.validation import check_identifier, check_int
 from turnstore.redaction import identifier, log_failure
-from turnstore.schema.check import at_head, bring_to_head_when_needed
+from turnstore.schema.startup import at_head, bring_to_head_when_needed
 from turnstore.sdk.items import (
     DEFAULT_MAX_ITEM_BYTES,
     TOOL_COUNT_RULE,

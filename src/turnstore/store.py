@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -45,7 +46,7 @@ from turnstore.persistence.models import (
 )
 from turnstore.persistence.repository import ConversationRepository
 from turnstore.persistence.store_queries import Selection, StoreQueries, track_untracked
-from turnstore.schema.check import at_head, bring_to_head_when_needed
+from turnstore.schema.startup import at_head, bring_to_head_when_needed
 from turnstore.session import AdvancedSession, ContextRouter
 from turnstore.store_cursors import CursorCodec
 
@@ -55,8 +56,11 @@ _default_logger = logging.getLogger("turnstore")
 MAX_PAGE_SIZE = 1000
 #: Most sessions one erasure batch (one transaction) may remove.
 MAX_BATCH_SIZE = 10_000
-#: Sessions an erasure batch removes by default: a short transaction on every database.
+#: Sessions an erasure batch removes by default, at most: a short transaction everywhere.
 DEFAULT_BATCH_SIZE = 100
+#: How long an erasure batch should take; batches shrink (to one session) when they take
+#: much longer, and grow back (to the batch size) when they take much less.
+BATCH_SECONDS = 0.02
 
 #: Called after each batch of an erasure with the totals so far (may return an awaitable).
 Progress = Callable[[Removed], object]
@@ -369,7 +373,8 @@ class Store:
 
         Args:
             user_id: The owner whose sessions go.
-            batch_size: Sessions per transaction, 1 to ``MAX_BATCH_SIZE``.
+            batch_size: Most sessions per transaction, 1 to ``MAX_BATCH_SIZE``; batches
+                shrink while they take longer than about ``BATCH_SECONDS`` (20 ms).
             dry_run: Only count what would be removed.
             progress: Called after each batch with the totals so far.
 
@@ -407,7 +412,8 @@ class Store:
             inactive_for: Remove sessions untouched for this long (give this or ``before``).
             before: Remove sessions last active before this time (naive: UTC).
             user_id: Only this user's sessions.
-            batch_size: Sessions per transaction, 1 to ``MAX_BATCH_SIZE``.
+            batch_size: Most sessions per transaction, 1 to ``MAX_BATCH_SIZE``; batches
+                shrink while they take longer than about ``BATCH_SECONDS`` (20 ms).
             dry_run: Only count what would be removed.
             progress: Called after each batch with the totals so far.
 
@@ -453,12 +459,21 @@ class Store:
             await _report(progress, total)
             return total
         total = Removed()
+        size = batch_size
         while True:
-            removed, picked = await eraser.remove_batch(criteria, batch_size)
+            started = time.monotonic()
+            removed, picked = await eraser.remove_batch(criteria, size)
+            elapsed = time.monotonic() - started
             if not picked:
                 return total
             total += removed
             await _report(progress, total)
+            # Keep each transaction short whatever the sessions weigh and the machine's load:
+            # writers of other sessions wait for at most one batch.
+            if elapsed > 2 * BATCH_SECONDS and size > 1:
+                size = max(1, size // 2)
+            elif elapsed < BATCH_SECONDS / 2 and size < batch_size:
+                size = min(batch_size, size * 2)
 
     # -- lifecycle -----------------------------------------------------------------------
 

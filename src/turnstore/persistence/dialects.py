@@ -24,8 +24,12 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    any_,
+    bindparam,
+    case,
     cast,
     event,
+    extract,
     func,
     insert,
     inspect,
@@ -158,6 +162,7 @@ class DialectProfile:
         updates: Mapping[str, Any] | None = None,
         *,
         take_new_values: Sequence[str] = (),
+        keep_greater: Sequence[str] = (),
     ) -> Insert:
         """INSERT one row, or UPDATE the row that has the same ``conflict_columns``.
 
@@ -167,6 +172,8 @@ class DialectProfile:
             conflict_columns: Columns of the unique key that identifies an existing row.
             updates: Column assignments applied to an existing row (SQL expressions allowed).
             take_new_values: Columns of an existing row to overwrite with the new row's values.
+            keep_greater: Columns of an existing row to set to the greater of its value and
+                the new row's.
         """
         raise NotImplementedError
 
@@ -326,6 +333,19 @@ class DialectProfile:
         """
         return []
 
+    def in_ids(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+        """``column`` is one of a list of ids bound as the one parameter ``name``.
+
+        One parameter whatever the list's length, so the statement compiles once and runs
+        as prepared; bind the list through :meth:`ids_value`. This default expands the list
+        into one parameter per id at run time.
+        """
+        return column.in_(bindparam(name, expanding=True))
+
+    def ids_value(self, ids: Sequence[str]) -> Any:
+        """The value of an :meth:`in_ids` parameter."""
+        return list(ids)
+
     def now_micros(self) -> ColumnElement[int]:
         """The database clock's current time, in microseconds since the Unix epoch (UTC)."""
         raise NotImplementedError
@@ -339,12 +359,12 @@ class DialectProfile:
     ) -> ColumnElement[bool]:
         """``columns`` sort strictly before ``values`` (a keyset position), as an index range.
 
+        ``values`` may be plain values or SQL expressions (bind parameters, say).
+
         A row-value comparison, which SQLite and Postgres turn into one range of an index on
         ``columns``.
         """
-        return tuple_(*columns) < tuple_(
-            *(literal(v, c.type) for c, v in zip(columns, values, strict=True))
-        )
+        return tuple_(*columns) < tuple_(*_bound(columns, values))
 
     def metadata_matches(
         self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
@@ -377,11 +397,13 @@ class _OnConflictProfile(DialectProfile):
         updates: Mapping[str, Any] | None = None,
         *,
         take_new_values: Sequence[str] = (),
+        keep_greater: Sequence[str] = (),
     ) -> Insert:
         """INSERT ... ON CONFLICT DO UPDATE."""
         stmt = self.insert(table).values(**values)
         assignments = dict(updates or {})
         assignments.update({column: stmt.excluded[column] for column in take_new_values})
+        assignments.update({c: _greater(stmt.excluded[c], table.c[c]) for c in keep_greater})
         return stmt.on_conflict_do_update(index_elements=list(conflict_columns), set_=assignments)
 
     def insert_if_absent(self, table: Table, conflict_columns: Sequence[str]) -> Insert:
@@ -510,18 +532,36 @@ class SQLiteProfile(_OnConflictProfile):
         directory = Path(url.database).expanduser().resolve().parent
         return None if directory.is_dir() else f"directory {directory} does not exist"
 
+    def in_ids(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+        """The ids as a JSON array text, unpacked by ``json_each``."""
+        members = func.json_each(bindparam(name, type_=String())).table_valued("value")
+        return column.in_(select(members.c.value))
+
+    def ids_value(self, ids: Sequence[str]) -> Any:
+        """A JSON array of the ids."""
+        return json.dumps(list(ids))
+
     def now_micros(self) -> ColumnElement[int]:
         """Whole seconds and the milliseconds SQLite's clock has, both read from ``'now'``.
 
         ``'now'`` is one instant throughout a statement, so the two parts agree.
         """
-        return self.epoch_micros(literal("now"))
+        return self.epoch_micros(literal_column("'now'"))
 
     def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
-        """Seconds from ``strftime('%s')`` plus milliseconds from ``'%f'`` (``SS.SSS``)."""
-        seconds = cast(func.strftime("%s", timestamp), Integer)
-        millis = cast(func.substr(func.strftime("%f", timestamp), 4), Integer)
-        return cast(seconds * 1_000_000 + millis * 1000, BigInteger)
+        """Seconds from ``strftime('%s')`` plus milliseconds from ``'%f'`` (``SS.SSS``).
+
+        Written as literal SQL: it runs on every write, where binding its constants as
+        parameters cost more than evaluating them.
+        """
+        seconds = cast(func.strftime(literal_column("'%s'"), timestamp), Integer)
+        millis = cast(
+            func.substr(func.strftime(literal_column("'%f'"), timestamp), literal_column("4")),
+            Integer,
+        )
+        return cast(
+            seconds * literal_column("1000000") + millis * literal_column("1000"), BigInteger
+        )
 
     def metadata_matches(
         self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
@@ -698,13 +738,17 @@ class PostgresProfile(_OnConflictProfile):
         """A deadlock, a serialization failure or a lock_timeout."""
         return self.error_code(error) in self._LOCK_CONFLICTS
 
+    def in_ids(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+        """``column = ANY(:ids)`` with the ids as one text array."""
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(String())))
+
     def now_micros(self) -> ColumnElement[int]:
         """``clock_timestamp()``: the time of the statement, not of the transaction's start."""
         return self.epoch_micros(func.clock_timestamp())
 
     def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
         """``EXTRACT(EPOCH ...)`` is exact (numeric) for timestamps with time zone."""
-        return cast(func.extract("epoch", timestamp) * 1_000_000, BigInteger)
+        return cast(extract("epoch", timestamp) * literal_column("1000000"), BigInteger)
 
     def metadata_matches(
         self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
@@ -776,6 +820,7 @@ class MySQLProfile(DialectProfile):
         updates: Mapping[str, Any] | None = None,
         *,
         take_new_values: Sequence[str] = (),
+        keep_greater: Sequence[str] = (),
     ) -> Insert:
         """INSERT ... ON DUPLICATE KEY UPDATE (takes the row lock on conflict).
 
@@ -786,6 +831,7 @@ class MySQLProfile(DialectProfile):
         stmt = mysql.insert(table).values(**values)
         assignments = dict(updates or {})
         assignments.update({column: stmt.inserted[column] for column in take_new_values})
+        assignments.update({c: _greater(stmt.inserted[c], table.c[c]) for c in keep_greater})
         return stmt.on_duplicate_key_update(assignments)
 
     def insert_if_absent(self, table: Table, conflict_columns: Sequence[str]) -> Insert:
@@ -1004,7 +1050,7 @@ class MySQLProfile(DialectProfile):
 
     def now_micros(self) -> ColumnElement[int]:
         """Microseconds since the epoch of ``UTC_TIMESTAMP(6)``, whatever the session's zone."""
-        return self.epoch_micros(func.utc_timestamp(6))
+        return self.epoch_micros(func.utc_timestamp(literal_column("6")))
 
     def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
         """``TIMESTAMPDIFF`` from the epoch: stored DATETIMEs are UTC wall times."""
@@ -1021,7 +1067,7 @@ class MySQLProfile(DialectProfile):
         of seeking to it, so a deep page would cost as much as every page before it; the
         spelt-out form becomes index ranges.
         """
-        bound = [literal(v, c.type) for c, v in zip(columns, values, strict=True)]
+        bound = _bound(columns, values)
         alternatives = []
         for position in range(len(columns)):
             equal = [columns[i] == bound[i] for i in range(position)]
@@ -1170,6 +1216,18 @@ def _release_mysql_schema_lock(
             cursor.execute(f"DO RELEASE_LOCK({MySQLProfile._LOCK_NAME_SQL})")
     finally:
         cursor.close()
+
+
+def _bound(columns: Sequence[ColumnElement[Any]], values: Sequence[Any]) -> list[Any]:
+    """Values as SQL: expressions (bind parameters) as they are, plain values bound."""
+    return [
+        value if isinstance(value, ColumnElement) else literal(value, column.type)
+        for column, value in zip(columns, values, strict=True)
+    ]
+
+
+def _greater(new: ColumnElement[Any], stored: ColumnElement[Any]) -> ColumnElement[Any]:
+    return case((new > stored, new), else_=stored)
 
 
 def _row_id_column(table: Table) -> Column[Any]:

@@ -280,7 +280,7 @@ class _Statements:
                     "last_activity_us": now,
                 },
                 ["session_id"],
-                {"last_activity_us": _later(now, i.c.last_activity_us)},
+                keep_greater=["last_activity_us"],
             )
         )
         self.bump_info = prepared(
@@ -1094,6 +1094,7 @@ class ConversationRepository:
             )
         rewrite.delete_rows(conn, t, session_id, expected)
         rewrite.append_numbered(conn, t, self._profile, session_id, tail.branch_id, messages)
+        self._touch_info(conn, session_id)
         return True
 
     async def replace_branch(
@@ -1124,6 +1125,7 @@ class ConversationRepository:
             branch_id = MAIN_BRANCH
         rewrite.delete_branch_rows(conn, self._t, session_id, branch_id)
         rewrite.append_numbered(conn, self._t, self._profile, session_id, branch_id, messages)
+        self._touch_info(conn, session_id)
         return BranchPointer(branch_id, generation)
 
     async def clear(self, session_id: str) -> int:
