@@ -127,6 +127,21 @@ def turn_script() -> str:
             10: "NULL",
             11: "NULL",
             12: "NULL",
+            # Version 4's model rows: the turn's models and their shares, as arrays.
+            13: _array(["gpt-4o"], "text"),
+            **{
+                14 + index: _array([count], "integer")
+                for index, count in enumerate(
+                    (
+                        usage.requests,
+                        usage.input_tokens,
+                        0,
+                        usage.output_tokens,
+                        0,
+                        usage.total_tokens,
+                    )
+                )
+            },
         },
     )
     # pgbench takes one statement per line.
