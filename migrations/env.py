@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from turnstore.persistence.dialects import profile_for
-from turnstore.persistence.models import Base
+from turnstore.persistence.models import Base, created_on
 from turnstore.schema.migrate import URL_VARIABLE, VERSION_TABLE
 
 config = context.config
@@ -45,6 +45,8 @@ def _options(dialect_name: str) -> dict[str, object]:
         # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
         "render_as_batch": dialect_name == "sqlite",
         "compare_type": True,
+        # Keys only some dialects get (``ddl_if``), which autogenerate does not read itself.
+        "include_object": lambda item, *_: created_on(item, dialect_name),
     }
 
 

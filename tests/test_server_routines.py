@@ -27,14 +27,17 @@ from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.models import DEFAULT_TABLES
 from turnstore.schema import migrate
 
-# sha256 of each released version of the functions, as migrations 0003 and 0004 create them.
+# sha256 of each released version of the functions, as migrations 0003, 0004 and 0008 create
+# them.
 FROZEN_DIGESTS = {
     1: "059f84324a7ac8adc41295dd1b1a781feeed82679fef821b10231e04da93126e",
     2: "8bdde440e1b32e1bcc2f8e17f83245da6a41ac8730963b6a504afe09a78f5977",
+    3: "d4705e02bed6b35d72243a363ae231c153d2a9e089d2e173cc64118e3fc5215c",
 }
 APPEND_ARGUMENTS = "(text, text, integer, text[], text[], boolean[], text[])"
 APPEND_V1 = f"turnstore_append_v1{APPEND_ARGUMENTS}"
 APPEND_V2 = f"turnstore_append_v2{APPEND_ARGUMENTS}"
+APPEND_NEWEST = f"turnstore_append_v{server_routines.VERSION}{APPEND_ARGUMENTS}"
 
 
 @pytest.fixture
@@ -120,7 +123,7 @@ async def test_functions_replace_the_statements_exactly(
     assert not await function_exists(second_pg_backend.engine, APPEND_V1)
 
     with_functions = await play(pg_backend.engine, create_tables=True)
-    assert await function_exists(pg_backend.engine, APPEND_V2)
+    assert await function_exists(pg_backend.engine, APPEND_NEWEST)
     without_functions = await play(second_pg_backend.engine, create_tables=False)
 
     assert with_functions == without_functions
@@ -144,10 +147,25 @@ async def test_sessions_call_the_functions(pg_backend: Backend) -> None:
     session = pg_backend.session()
     await session.add_items(turn("first"))
     # The next append must go through the newest version.
-    await replace_with_refusal(pg_backend.engine, APPEND_V2)
+    await replace_with_refusal(pg_backend.engine, APPEND_NEWEST)
     with pytest.raises(DBAPIError, match="the append function ran"):
         await session.add_items(turn("second"))
     assert [item["content"] for item in await session.get_items()][:1] == ["first"]
+
+
+async def test_a_database_at_0004_calls_version_2(
+    pg_backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The release before the server keys: its version 2 still serves this code.
+    await migrate.upgrade(pg_backend.engine, "0004")
+    assert not await function_exists(pg_backend.engine, APPEND_NEWEST)
+    with caplog.at_level(logging.INFO, logger="turnstore"):
+        session = pg_backend.session(create_tables=False)
+        await session.add_items(turn("first"))
+    assert any("Using version 2" in r.getMessage() for r in caplog.records)
+    await replace_with_refusal(pg_backend.engine, APPEND_V2)
+    with pytest.raises(DBAPIError, match="the append function ran"):
+        await session.add_items(turn("second"))
 
 
 async def test_a_database_with_only_version_1_calls_it(
@@ -186,6 +204,7 @@ async def test_database_without_the_functions_warns_and_works(
     await migrate.upgrade(pg_backend.engine)
     assert await function_exists(pg_backend.engine, APPEND_V1)
     assert await function_exists(pg_backend.engine, APPEND_V2)
+    assert await function_exists(pg_backend.engine, APPEND_NEWEST)
 
 
 async def test_custom_tables_get_functions_of_their_own(pg_backend: Backend) -> None:

@@ -75,6 +75,8 @@ class DialectProfile:
             writer (SQLite), so nothing read can change before the transaction ends. Not on
             servers: a statement that waited for a row lock still reads with the snapshot it
             took before waiting, and would miss what the lock holder committed.
+        session_scoped_keys: Whether the tables take the server key layout, ``session_id`` in
+            every key (see :mod:`turnstore.persistence.models`); SQLite keeps the SDK's.
         max_identifier_length: Most characters a session or branch id column holds (``None``:
             no limit).
         runs_prepared_statements_directly: Whether the per-turn statements may run as compiled
@@ -90,6 +92,7 @@ class DialectProfile:
     lock_statement_may_read: ClassVar[bool] = False
     read_execution_options: ClassVar[Mapping[str, Any]] = {}
     max_identifier_length: ClassVar[int | None] = None
+    session_scoped_keys: ClassVar[bool] = False
 
     def insert(self, table: Table) -> Insert:
         """Return the dialect's INSERT construct (with its upsert extensions) for ``table``."""
@@ -143,7 +146,7 @@ class DialectProfile:
         """The INSERT that :meth:`insert_returning_ids` runs on ``table``; build it once.
 
         Args:
-            table: A table whose primary key is a single autoincrement column.
+            table: A table whose primary key has an autoincrement column.
         """
         return insert(table).returning(_row_id_column(table), sort_by_parameter_order=True)
 
@@ -362,6 +365,7 @@ class PostgresProfile(_OnConflictProfile):
     """PostgreSQL: row locks serialize writers of one session; readers never block."""
 
     name = "postgresql"
+    session_scoped_keys = True
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
     # Any fixed 64-bit key; shared by every turnstore process touching the schema.
     schema_lock_key: ClassVar[int] = 0x7475726E73746F72  # "turnstor"
@@ -435,6 +439,7 @@ class MySQLProfile(DialectProfile):
     """
 
     name = "mysql"
+    session_scoped_keys = True
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
     max_identifier_length: ClassVar[int | None] = 255  # IDENTIFIER is VARCHAR(255) here
     schema_lock_timeout_seconds: ClassVar[int] = 300
@@ -608,14 +613,14 @@ def _release_mysql_schema_lock(
 
 
 def _row_id_column(table: Table) -> Column[Any]:
-    """The single autoincrement primary key column of ``table``."""
-    key = list(table.primary_key.columns)
-    if len(key) != 1:
+    """The autoincrement column of ``table``'s primary key (alone or beside ``session_id``)."""
+    column = table.autoincrement_column
+    if column is None:
         raise ValueError(
-            f"{table.name} needs a single-column autoincrement primary key to return new ids; "
-            f"its primary key is {[column.name for column in key]}"
+            f"{table.name} needs an autoincrement column in its primary key to return new ids; "
+            f"its primary key is {[column.name for column in table.primary_key.columns]}"
         )
-    return key[0]
+    return column
 
 
 _MYSQL_PROFILE = MySQLProfile()

@@ -45,11 +45,11 @@ from turnstore.errors import (
     TurnNotFoundError,
 )
 from turnstore.persistence import server_routines
-from turnstore.persistence.dialects import DialectProfile, utc_now
+from turnstore.persistence.dialects import DialectProfile
 from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.jsoncodec import loads_or_none
-from turnstore.persistence.models import DEFAULT_TABLES, StoreTables
+from turnstore.persistence.models import StoreTables
 from turnstore.persistence.prepared import PreparedStatement
 from turnstore.persistence.server_routines import ServerRoutines
 
@@ -220,11 +220,10 @@ class _Statements:
             .order_by(s.c.sequence_number)
             .limit(bindparam("limit", type_=Integer))
         )
+        # Upserts set only the new row's own values (here the column default), never a
+        # function: Citus refuses non-immutable functions in DO UPDATE SET.
         touch_session = profile.upsert(
-            tables.sessions,
-            {"session_id": sid},
-            ["session_id"],
-            {"updated_at": utc_now()},
+            tables.sessions, {"session_id": sid}, ["session_id"], take_new_values=["updated_at"]
         )
         self.touch_session = prepared(touch_session)
         self.lock_session = prepared(
@@ -366,8 +365,7 @@ class _Statements:
                     **{name: bindparam(name, type_=u.c[name].type) for name in usage_columns},
                 },
                 ["session_id", "branch_id", "user_turn_number"],
-                {"created_at": utc_now()},
-                take_new_values=usage_columns,
+                take_new_values=[*usage_columns, "created_at"],
             )
         )
 
@@ -391,7 +389,10 @@ class _Statements:
             )
             .where(s.c.session_id == sid)
             .group_by(s.c.branch_id)
-            .order_by(created, func.min(s.c.id))
+            # Ties (one timestamp) go by the first sequence number: a fork numbers its rows
+            # after every row the session had, and ids need not grow (on Citus they come
+            # from per-node ranges).
+            .order_by(created, func.min(s.c.sequence_number))
         )
         self.branch_structure = prepared(
             select(s.c.user_turn_number, s.c.message_type, s.c.tool_name)
@@ -426,8 +427,9 @@ class ConversationRepository:
     def __init__(self, handle: EngineHandle, tables: StoreTables) -> None:
         self._handle = handle
         self._profile = handle.profile
-        self._t = tables
-        self._q = _statements(tables, handle.profile)
+        # Callers name the tables; the database's dialect decides their key layout.
+        self._t = tables.with_keys(handle.profile.session_scoped_keys)
+        self._q = _statements(self._t, handle.profile)
 
     # -- schema --------------------------------------------------------------------------
 
@@ -520,7 +522,7 @@ class ConversationRepository:
         self, conn: Connection, migrate_default: Callable[[Connection], None] | None
     ) -> None:
         self._profile.lock_schema(conn)
-        if self._t is DEFAULT_TABLES and migrate_default is not None:
+        if self._t.is_default and migrate_default is not None:
             # The migrations own the default table set: create through them (and stamp), so a
             # database made here can be upgraded later like any other.
             migrate_default(conn)

@@ -21,6 +21,12 @@ index, newest first" instead of ``max()``. Both read one index entry when the pl
 statistics; on a table it has not analyzed yet (a new database, or one autovacuum has not
 reached), Postgres may plan ``max()`` as an aggregate over every row of the branch, which made
 each append and usage write cost more as the history grew.
+
+Version 3 (migration 0008) is version 2 with upserts that set only the new row's values
+(``SET updated_at = EXCLUDED.updated_at``) instead of calling ``CURRENT_TIMESTAMP``: Citus
+refuses non-immutable functions in ``DO UPDATE SET`` on distributed tables. It is the first
+version that runs on Citus (:data:`FIRST_DISTRIBUTABLE_VERSION`), where it is distributed by its
+session argument so that a call runs on the worker holding the session.
 """
 
 from __future__ import annotations
@@ -31,9 +37,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-VERSION = 2
+VERSION = 3
 #: Every released version, newest first.
-VERSIONS = (2, 1)
+VERSIONS = (3, 2, 1)
+#: The oldest version whose bodies run on Citus's distributed tables.
+FIRST_DISTRIBUTABLE_VERSION = 3
+#: The argument the functions are distributed by on Citus (the session id).
+DISTRIBUTION_ARGUMENT = "p_session"
 
 # Argument types, in order; also the signature ``to_regprocedure`` looks up.
 _APPEND_ARGUMENTS = "text, text, integer, text[], text[], boolean[], text[]"
@@ -63,6 +73,19 @@ class ServerRoutines:
     def usage_call(self) -> str:
         """SQL calling the usage function; one value, the turn written or NULL."""
         return f"SELECT {self.usage_name}($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+
+    @property
+    def signatures(self) -> tuple[str, str]:
+        """``name(argument types)`` of both functions, as ``regprocedure`` reads them."""
+        return (
+            f"{self.append_name}({_APPEND_ARGUMENTS})",
+            f"{self.usage_name}({_USAGE_ARGUMENTS})",
+        )
+
+    @property
+    def distributable(self) -> bool:
+        """Whether this version's bodies run on Citus's distributed tables."""
+        return self.version >= FIRST_DISTRIBUTABLE_VERSION
 
     @property
     def presence_query(self) -> str:
@@ -113,7 +136,7 @@ def routine_ddl(
     generations_table: str,
 ) -> list[str]:
     """``CREATE OR REPLACE FUNCTION`` statements for the functions, in their version."""
-    build = {1: _version_1_ddl, 2: _version_2_ddl}[routines.version]
+    build = {1: _version_1_ddl, 2: _version_2_ddl, 3: _version_3_ddl}[routines.version]
     return build(
         routines,
         sessions_table=sessions_table,
@@ -326,6 +349,45 @@ BEGIN
 END
 $turnstore$"""
     return [append.strip(), usage.strip()]
+
+
+def _version_3_ddl(
+    routines: ServerRoutines,
+    *,
+    sessions_table: str,
+    messages_table: str,
+    structure_table: str,
+    usage_table: str,
+    generations_table: str,
+) -> list[str]:
+    """Version 3, as migration 0008 creates it: version 2 with immutable upsert assignments.
+
+    Built from version 2's (frozen) text, so the two differ only where shown; the frozen-digest
+    test pins the result like every released version.
+    """
+    statements = _version_2_ddl(
+        routines,
+        sessions_table=sessions_table,
+        messages_table=messages_table,
+        structure_table=structure_table,
+        usage_table=usage_table,
+        generations_table=generations_table,
+    )
+    changes = (
+        (
+            "DO UPDATE SET updated_at = CURRENT_TIMESTAMP;",
+            "DO UPDATE SET updated_at = EXCLUDED.updated_at;",
+        ),
+        (
+            "            created_at = CURRENT_TIMESTAMP;",
+            "            created_at = EXCLUDED.created_at;",
+        ),
+    )
+    changed = []
+    for statement, (before, after) in zip(statements, changes, strict=True):
+        assert statement.count(before) == 1, "version 2 is frozen; version 3 edits it as shown"
+        changed.append(statement.replace(before, after))
+    return changed
 
 
 def drop_ddl(routines: ServerRoutines) -> list[str]:

@@ -100,3 +100,8 @@ class JSONDocument(TypeDecorator[Any]):
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         """Parse text storage, reading invalid JSON as ``None``."""
         return jsoncodec.loads_or_none(value, "token-details")
+
+
+# Dialects whose autoincrement column must lead an index of its own: InnoDB refuses an
+# AUTO_INCREMENT column that is only the second column of a composite primary key.
+ROW_ID_NEEDS_OWN_INDEX: tuple[str, ...] = _MYSQL_NAMES

@@ -44,6 +44,8 @@ from turnstore.schema import adoption
 # Not Alembic's default name, so an application's own migrations can share the database.
 VERSION_TABLE = "turnstore_alembic_version"
 URL_VARIABLE = "TURNSTORE_DATABASE_URL"
+# The revision that gives server tables session-scoped keys (see persistence.models).
+SERVER_KEYS_REVISION = "0008"
 
 Target = str | URL | AsyncEngine
 _T = TypeVar("_T")
@@ -404,6 +406,12 @@ def bring_to_head(connection: Connection) -> None:
         raise ForeignDatabaseError(f"Cannot use this database: {found.reason}")
     elif found.store_tables:
         adoption.complete_schema(connection)
-        _alembic(lambda config: command.stamp(config, "head"), connection)
-        return
+        if profile_for(connection.dialect.name).session_scoped_keys:
+            # The tables have the SDK's keys: record the revision before the server keys,
+            # and let the migrations re-key them.
+            before = _scripts().get_revision(SERVER_KEYS_REVISION).down_revision
+            _alembic(lambda config: command.stamp(config, str(before)), connection)
+        else:
+            _alembic(lambda config: command.stamp(config, "head"), connection)
+            return
     _alembic(lambda config: command.upgrade(config, "head"), connection)

@@ -1,0 +1,140 @@
+"""Servers: session_id in every key (distributable by session), duplicate indexes gone.
+
+On Postgres and MariaDB/MySQL the primary keys of ``agent_messages``, ``message_structure`` and
+``turn_usage`` become ``(session_id, id)`` and the structure -> message foreign key becomes
+``(session_id, message_id) -> agent_messages (session_id, id)``: Citus distributes a table by a
+column only when every key includes it. ``idx_structure_message_session`` is rebuilt to lead
+with the foreign key's columns (InnoDB wants that for the reference). Indexes the new keys make
+duplicates go: ``idx_agent_messages_session_id`` (the new primary key), ``idx_structure_branch``
+(a prefix of two others) and ``idx_turn_usage_session_turn`` (the unique constraint's index).
+InnoDB needs its AUTO_INCREMENT column to lead a key, so there each ``id`` gets a unique key.
+
+Postgres gets version 3 of the server functions, whose upserts set ``EXCLUDED`` values rather
+than ``CURRENT_TIMESTAMP`` (Citus refuses functions in ``DO UPDATE SET``); versions 1 and 2 stay
+for processes of earlier releases.
+
+SQLite keeps the Agents SDK's documented schema: the SDK's own class reads those files.
+
+Building a primary key reads the whole table under an exclusive lock; on a large store, run
+this revision in a maintenance window.
+
+Revision ID: 0008
+Revises: 0004
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+from turnstore.persistence import server_routines
+
+revision = "0008"
+down_revision: str | None = "0004"
+branch_labels: tuple[str, ...] | None = None
+depends_on: tuple[str, ...] | None = None
+
+_ROW_TABLES = ("agent_messages", "message_structure", "turn_usage")
+_OLD_MESSAGE_KEY = "fk_message_structure_message_id_agent_messages"
+_NEW_MESSAGE_KEY = "fk_message_structure_session_id_agent_messages"
+_DUPLICATES = (
+    ("idx_agent_messages_session_id", "agent_messages", ["session_id", "id"]),
+    ("idx_structure_branch", "message_structure", ["session_id", "branch_id"]),
+    ("idx_turn_usage_session_turn", "turn_usage", ["session_id", "branch_id", "user_turn_number"]),
+)
+# Version 3 of the functions for the default tables; frozen once released, like 1 and 2.
+_ROUTINES = server_routines.routines_for(
+    "agent_sessions", "agent_messages", default=True, version=3
+)
+_TABLES = {
+    "sessions_table": "agent_sessions",
+    "messages_table": "agent_messages",
+    "structure_table": "message_structure",
+    "usage_table": "turn_usage",
+    "generations_table": "session_clear_generations",
+}
+
+
+def _dialect() -> str:
+    return op.get_context().dialect.name
+
+
+def _on_mysql() -> bool:
+    return _dialect() in ("mysql", "mariadb")
+
+
+def upgrade() -> None:
+    """Re-key the three id tables by session on servers; version 3 of the functions."""
+    if _dialect() == "sqlite":
+        return
+    op.drop_constraint(_OLD_MESSAGE_KEY, "message_structure", type_="foreignkey")
+    for table in _ROW_TABLES:
+        if _on_mysql():
+            op.create_unique_constraint(f"uq_{table}_id", table, ["id"])
+        op.drop_constraint(f"pk_{table}", table, type_="primary")
+        op.create_primary_key(f"pk_{table}", table, ["session_id", "id"])
+    op.drop_index("idx_structure_message_session", table_name="message_structure")
+    op.create_index(
+        "idx_structure_message_session", "message_structure", ["session_id", "message_id"]
+    )
+    op.create_foreign_key(
+        _NEW_MESSAGE_KEY,
+        "message_structure",
+        "agent_messages",
+        ["session_id", "message_id"],
+        ["session_id", "id"],
+        ondelete="CASCADE",
+    )
+    # Only now: on MySQL the session foreign keys may have been using these indexes.
+    for name, table, _columns in _DUPLICATES:
+        op.drop_index(name, table_name=table)
+    if _dialect() == "postgresql":
+        for statement in server_routines.routine_ddl(_ROUTINES, **_TABLES):
+            op.execute(statement)
+
+
+def downgrade() -> None:
+    """Key the three tables by id alone again; drop version 3 of the functions."""
+    if _dialect() == "sqlite":
+        return
+    if _dialect() == "postgresql":
+        _refuse_distributed()
+        for statement in server_routines.drop_ddl(_ROUTINES):
+            op.execute(statement)
+    for name, table, columns in _DUPLICATES:
+        op.create_index(name, table, columns)
+    op.drop_constraint(_NEW_MESSAGE_KEY, "message_structure", type_="foreignkey")
+    op.drop_index("idx_structure_message_session", table_name="message_structure")
+    op.create_index(
+        "idx_structure_message_session", "message_structure", ["message_id", "session_id"]
+    )
+    for table in _ROW_TABLES:
+        op.drop_constraint(f"pk_{table}", table, type_="primary")
+        op.create_primary_key(f"pk_{table}", table, ["id"])
+        if _on_mysql():
+            op.drop_constraint(f"uq_{table}_id", table, type_="unique")
+    op.create_foreign_key(
+        _OLD_MESSAGE_KEY,
+        "message_structure",
+        "agent_messages",
+        ["message_id"],
+        ["id"],
+        ondelete="CASCADE",
+    )
+
+
+def _refuse_distributed() -> None:
+    """Citus cannot key a distributed table without its distribution column."""
+    bind = op.get_bind()
+    if not bind.exec_driver_sql(
+        "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL"
+    ).scalar():
+        return
+    if bind.exec_driver_sql(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
+        "WHERE logicalrelid = to_regclass('agent_messages'))"
+    ).scalar():
+        raise RuntimeError(
+            "Cannot downgrade below 0008 while the tables are distributed by Citus: their keys "
+            "must include session_id. Undistribute them first (SELECT undistribute_table(...))."
+        )
