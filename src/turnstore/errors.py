@@ -98,3 +98,11 @@ class UnknownRevisionError(MigrationError):
 
 class ForeignDatabaseError(MigrationError):
     """The database holds tables that are neither turnstore's nor the Agents SDK's."""
+
+
+class DistributionError(MigrationError):
+    """The database cannot be distributed as asked.
+
+    No Citus extension, a worker node instead of the coordinator, or undistributed tables
+    holding data where only ``turnstore db distribute`` may move it.
+    """

@@ -35,6 +35,7 @@ from turnstore.persistence.repository import (
     ConversationRepository,
     UserTurn,
 )
+from turnstore.schema.distribution import distribute_store
 from turnstore.schema.migrate import bring_to_head
 from turnstore.sdk.items import (
     TOOL_COUNT_RULE,
@@ -236,7 +237,11 @@ class AdvancedSession:
     async def _store(self) -> ConversationRepository:
         store = self._binding().store
         store.check_identifier(self.session_id, "Session ids")
-        await store.prepare_schema(create=self._create_tables, migrate_default=bring_to_head)
+        await store.prepare_schema(
+            create=self._create_tables,
+            migrate_default=bring_to_head,
+            distribute=distribute_store,
+        )
         return store
 
     def _ordered(self) -> asyncio.Lock:

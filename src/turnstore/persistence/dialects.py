@@ -35,7 +35,7 @@ from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.dml import Insert
 
 from turnstore.errors import SchemaLockTimeoutError
-from turnstore.persistence import server_routines
+from turnstore.persistence import citus, server_routines
 from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.prepared import PreparedStatement
 from turnstore.persistence.server_routines import ServerRoutines
@@ -181,6 +181,10 @@ class DialectProfile:
 
     def lock_schema(self, conn: Connection) -> None:
         """Serialize schema changes across processes for the rest of the transaction."""
+
+    def cluster_node(self, conn: Connection) -> citus.CitusNode | None:
+        """The distributed-database node ``conn`` is on (Citus), or ``None`` on a plain server."""
+        return None
 
     def server_routines(self, tables: StoreTables) -> tuple[ServerRoutines, ...]:
         """Server-side functions doing an append or a usage write in one call, if any.
@@ -401,8 +405,19 @@ class PostgresProfile(_OnConflictProfile):
         conn.exec_driver_sql("SET LOCAL enable_sort = off")
 
     def lock_schema(self, conn: Connection) -> None:
-        """Transaction-scoped advisory lock, released by COMMIT or ROLLBACK."""
+        """Transaction-scoped advisory lock, released by COMMIT or ROLLBACK.
+
+        On a Citus coordinator the rest of the transaction also runs its distributed DDL
+        sequentially, so that migrations may change several distributed tables and functions
+        in one transaction.
+        """
         conn.execute(func.pg_advisory_xact_lock(self.schema_lock_key).select())
+        if self.cluster_node(conn) is not None:
+            citus.allow_schema_changes_in_one_transaction(conn)
+
+    def cluster_node(self, conn: Connection) -> citus.CitusNode | None:
+        """The Citus node ``conn`` is on, where the database has the extension."""
+        return citus.detect(conn)
 
     def server_routines(self, tables: StoreTables) -> tuple[ServerRoutines, ...]:
         """PL/pgSQL functions for the append and the usage write (one round trip each)."""

@@ -434,7 +434,11 @@ class ConversationRepository:
     # -- schema --------------------------------------------------------------------------
 
     async def prepare_schema(
-        self, *, create: bool, migrate_default: Callable[[Connection], None] | None = None
+        self,
+        *,
+        create: bool,
+        migrate_default: Callable[[Connection], object] | None = None,
+        distribute: Callable[[Connection, StoreTables], object] | None = None,
     ) -> None:
         """Create missing tables and indexes, or check that they exist (once per engine).
 
@@ -443,6 +447,9 @@ class ConversationRepository:
             migrate_default: Brings the default table set to the newest migration inside the
                 given transaction. The caller supplies it so that queries do not depend on
                 schema management; without it the default set is created like any other.
+            distribute: Distributes a table set that was created without the migrations, in
+                the same transaction, where the database is distributed (Citus); supplied by
+                the caller like ``migrate_default``.
 
         Raises:
             SchemaMissingError: ``create`` is false and tables are missing.
@@ -455,7 +462,9 @@ class ConversationRepository:
                 return
             if create:
                 self._check_schema_names()
-                await handle.write(lambda conn: self._create_missing(conn, migrate_default))
+                await handle.write(
+                    lambda conn: self._create_missing(conn, migrate_default, distribute)
+                )
             else:
                 missing = await handle.read(self._missing_tables)
                 if missing:
@@ -519,7 +528,10 @@ class ConversationRepository:
         return [name for name in self._t.names if name not in present]
 
     def _create_missing(
-        self, conn: Connection, migrate_default: Callable[[Connection], None] | None
+        self,
+        conn: Connection,
+        migrate_default: Callable[[Connection], object] | None,
+        distribute: Callable[[Connection, StoreTables], object] | None,
     ) -> None:
         self._profile.lock_schema(conn)
         if self._t.is_default and migrate_default is not None:
@@ -538,6 +550,8 @@ class ConversationRepository:
             for index in table.indexes:
                 if index.name not in present:
                     index.create(conn, checkfirst=True)
+        if distribute is not None:
+            distribute(conn, self._t)
 
     def check_identifier(self, value: str, what: str) -> None:
         """Refuse a session or branch id longer than this database's id columns hold.

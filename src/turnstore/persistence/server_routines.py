@@ -66,8 +66,13 @@ class ServerRoutines:
 
     @property
     def append_call(self) -> str:
-        """SQL calling the append function; one row ``(branch_id, generation)``."""
-        return f"SELECT * FROM {self.append_name}($1, $2, $3, $4, $5, $6, $7)"
+        """SQL calling the append function; one row ``(branch_id, generation)``.
+
+        The user-message flags travel as ``text[]`` (``t``/``f``): asyncpg has no
+        built-in codec for ``boolean[]`` and looks its type up on every new connection, a
+        catalog query that takes over a second on a Citus coordinator.
+        """
+        return f"SELECT * FROM {self.append_name}($1, $2, $3, $4, $5, $6::text[]::boolean[], $7)"
 
     @property
     def usage_call(self) -> str:
@@ -418,7 +423,7 @@ def append_arguments(
         generation,
         [data for data, _, _, _ in messages],
         [kind for _, kind, _, _ in messages],
-        [is_user for _, _, is_user, _ in messages],
+        ["t" if is_user else "f" for _, _, is_user, _ in messages],
         [tool for _, _, _, tool in messages],
     )
 

@@ -39,7 +39,7 @@ from turnstore.errors import (
     UnknownRevisionError,
 )
 from turnstore.persistence.dialects import DialectProfile, profile_for
-from turnstore.schema import adoption
+from turnstore.schema import adoption, distribution
 
 # Not Alembic's default name, so an application's own migrations can share the database.
 VERSION_TABLE = "turnstore_alembic_version"
@@ -258,30 +258,82 @@ def _check_recorded_known(connection: Connection) -> tuple[str, ...]:
     return recorded
 
 
-def _alembic(action: Callable[[Config], None], connection: Connection) -> None:
+def _alembic(
+    action: Callable[[Config], None], connection: Connection, *, move_data: bool = False
+) -> distribution.DistributionReport | None:
+    """Run an Alembic command on ``connection``; on a Citus coordinator, what it distributed.
+
+    Args:
+        action: The command, given the config.
+        connection: A connection in the caller's (schema-locked) transaction.
+        move_data: Let the distribution that follows a migration to head move tables that
+            hold rows into shards (see :func:`turnstore.schema.distribution.distribute_store`).
+    """
+    config = alembic_config(connection=connection)
+    config.attributes["move_data"] = move_data
     try:
-        action(alembic_config(connection=connection))
+        action(config)
     except CommandError as exc:
         raise MigrationError(_one_line(exc)) from exc
+    report = config.attributes.get("distribution")
+    return report if isinstance(report, distribution.DistributionReport) else None
 
 
 # -- public API ----------------------------------------------------------------------------
 
 
-async def upgrade(target: Target, revision: str = "head") -> None:
+async def upgrade(target: Target, revision: str = "head", *, require_citus: bool = False) -> None:
     """Upgrade the database to ``revision`` (serialized against concurrent upgrades).
+
+    On a Citus coordinator (a database with the ``citus`` extension), an upgrade to head
+    also distributes every turnstore table by ``session_id``, makes the version table a
+    reference table and distributes the server functions (see
+    :mod:`turnstore.schema.distribution`). Undistributed tables holding rows are refused
+    there: moving data is :func:`distribute`'s job.
 
     Args:
         target: Database URL or an ``AsyncEngine`` you own (left open).
         revision: Target revision; ``head`` for the newest.
+        require_citus: Refuse unless the database is a Citus coordinator (so a deployment
+            meant for a cluster never creates single-server tables by mistake).
 
     Raises:
         InvalidArgumentError: The URL is malformed or names an unsupported driver.
         DatabaseUnavailableError: The database cannot be reached.
         UnknownRevisionError: ``revision``, or the database's recorded revision, is unknown.
+        DistributionError: ``require_citus`` on a database without Citus; a Citus worker;
+            undistributed tables with rows on a coordinator.
         MigrationError: Alembic refused the upgrade.
     """
-    await _move(target, revision, command.upgrade)
+    await _move(target, revision, command.upgrade, require_citus=require_citus)
+
+
+async def distribute(target: Target) -> distribution.DistributionReport:
+    """Turn a database on a Citus coordinator into a distributed store, in place.
+
+    Brings the schema to head first, then distributes every turnstore table by
+    ``session_id`` (co-located), copying the rows the tables hold into shards and removing
+    them from the coordinator, all in one transaction. Idempotent: a distributed store is
+    left as it is.
+
+    Returns:
+        What was distributed now (nothing, when it already was).
+
+    Raises:
+        InvalidArgumentError: The URL is malformed or names an unsupported driver.
+        DatabaseUnavailableError: The database cannot be reached.
+        UnknownRevisionError: The database's recorded revision is unknown.
+        DistributionError: The database has no Citus extension, or this is a worker node.
+        ForeignDatabaseError: A store table lacks columns turnstore needs.
+        MigrationError: A migration failed.
+    """
+
+    def work(connection: Connection) -> distribution.DistributionReport:
+        node = distribution.require_coordinator(connection)
+        report = bring_to_head(connection, move_data=True)
+        return report if report is not None else distribution.DistributionReport(node=node)
+
+    return await _run(target, work)
 
 
 async def downgrade(target: Target, revision: str) -> None:
@@ -296,11 +348,19 @@ async def downgrade(target: Target, revision: str) -> None:
     await _move(target, revision, command.downgrade)
 
 
-async def _move(target: Target, revision: str, move: Callable[[Config, str], None]) -> None:
+async def _move(
+    target: Target,
+    revision: str,
+    move: Callable[[Config, str], None],
+    *,
+    require_citus: bool = False,
+) -> None:
     """Run Alembic's upgrade or downgrade to ``revision`` after checking both revisions."""
     _check_revision_exists(revision)
 
     def work(connection: Connection) -> None:
+        if require_citus:
+            distribution.require_coordinator(connection)
         _check_recorded_known(connection)
         _alembic(lambda config: move(config, revision), connection)
 
@@ -388,12 +448,22 @@ async def adopt(target: Target) -> adoption.Inspection:
     return await _run(target, work)
 
 
-def bring_to_head(connection: Connection) -> None:
+def bring_to_head(
+    connection: Connection, *, move_data: bool = False
+) -> distribution.DistributionReport | None:
     """Bring the default table set to head on ``connection`` (caller holds the schema lock).
 
     Versioned databases are upgraded; databases with some store tables but no version (written
     by the SDK, or by turnstore before migrations) are completed in place and stamped; others
-    get the migrations from scratch. Unrelated tables are ignored.
+    get the migrations from scratch. Unrelated tables are ignored. On a Citus coordinator
+    the store is then distributed.
+
+    Args:
+        connection: A connection in the caller's transaction.
+        move_data: On a Citus coordinator, let tables that hold rows be distributed.
+
+    Returns:
+        On a Citus coordinator, what was distributed; ``None`` elsewhere.
 
     Raises:
         UnknownRevisionError: The database is at a revision turnstore does not know.
@@ -412,6 +482,5 @@ def bring_to_head(connection: Connection) -> None:
             before = _scripts().get_revision(SERVER_KEYS_REVISION).down_revision
             _alembic(lambda config: command.stamp(config, str(before)), connection)
         else:
-            _alembic(lambda config: command.stamp(config, "head"), connection)
-            return
-    _alembic(lambda config: command.upgrade(config, "head"), connection)
+            return _alembic(lambda config: command.stamp(config, "head"), connection)
+    return _alembic(lambda config: command.upgrade(config, "head"), connection, move_data=move_data)
