@@ -16,7 +16,8 @@ for processes of earlier releases.
 SQLite keeps the Agents SDK's documented schema: the SDK's own class reads those files.
 
 Building a primary key reads the whole table under an exclusive lock; on a large store, run
-this revision in a maintenance window.
+this revision in a maintenance window. On a Citus coordinator the downgrade first moves the
+tables back onto the coordinator (``undistribute_table``): their old keys cannot be distributed.
 
 Revision ID: 0008
 Revises: 0004
@@ -98,7 +99,7 @@ def downgrade() -> None:
     if _dialect() == "sqlite":
         return
     if _dialect() == "postgresql":
-        _refuse_distributed()
+        _undistribute()
         for statement in server_routines.drop_ddl(_ROUTINES):
             op.execute(statement)
     for name, table, columns in _DUPLICATES:
@@ -123,18 +124,24 @@ def downgrade() -> None:
     )
 
 
-def _refuse_distributed() -> None:
-    """Citus cannot key a distributed table without its distribution column."""
+def _undistribute() -> None:
+    """Bring tables Citus distributes back onto the coordinator (their keys change below).
+
+    Citus refuses keys without the distribution column on distributed tables, so going below
+    this revision on a cluster first moves every row of these tables to the coordinator
+    (``undistribute_table``, following foreign keys to the tables referencing them).
+    """
     bind = op.get_bind()
     if not bind.exec_driver_sql(
         "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL"
     ).scalar():
         return
-    if bind.exec_driver_sql(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
-        "WHERE logicalrelid = to_regclass('agent_messages'))"
-    ).scalar():
-        raise RuntimeError(
-            "Cannot downgrade below 0008 while the tables are distributed by Citus: their keys "
-            "must include session_id. Undistribute them first (SELECT undistribute_table(...))."
-        )
+    for table in ("agent_sessions", "branch_reservations", "session_clear_generations"):
+        distributed = bind.exec_driver_sql(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
+            f"WHERE logicalrelid = to_regclass('{table}'))"
+        ).scalar()
+        if distributed:
+            bind.exec_driver_sql(
+                f"SELECT undistribute_table('{table}', cascade_via_foreign_keys => true)"
+            )

@@ -74,7 +74,7 @@ def allow_schema_changes_in_one_transaction(conn: Connection) -> None:
 def tables(conn: Connection) -> dict[str, DistributedTable]:
     """Tables of the current schema that Citus distributes, by name."""
     rows = conn.exec_driver_sql(
-        "SELECT c.relname, p.partmethod, "
+        "SELECT c.relname, p.partmethod::text, "
         "CASE WHEN p.partmethod = 'h' "
         "THEN column_to_column_name(p.logicalrelid, p.partkey) END, p.colocationid "
         "FROM pg_catalog.pg_dist_partition AS p "
