@@ -104,6 +104,10 @@ def turn_script() -> str:
             5: _array([m.message_type for m in messages], "text"),
             6: _array([m.is_user_message for m in messages], "boolean"),
             7: _array([m.tool_name for m in messages], "text"),
+            # Version 3's session info for a session that has none yet: none given.
+            8: "NULL",
+            9: "NULL",
+            10: "NULL",
         },
     )
     usage = usage_from_result(run_result(1))
@@ -120,6 +124,9 @@ def turn_script() -> str:
             7: str(usage.total_tokens),
             8: _literal(server_routines.json_argument(usage.input_tokens_details)),
             9: _literal(server_routines.json_argument(usage.output_tokens_details)),
+            10: "NULL",
+            11: "NULL",
+            12: "NULL",
         },
     )
     # pgbench takes one statement per line.

@@ -271,6 +271,14 @@ class SessionModel:
         self.usage.clear()
         self.current = MAIN
 
+    def replace_branch(self, items: list[dict[str, Any]]) -> None:
+        """turnstore's compaction: the current branch becomes ``items``, numbered afresh.
+
+        Other branches, the current branch and all usage rows stay as they were.
+        """
+        self.branches[self.current] = []
+        self.add_items(items)
+
     def store_run_usage(self, row: UsageRow) -> None:
         turn = self.max_turn()
         if turn is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ async def test_adopted_sdk_database_reads_back_identically(
     url = f"sqlite+aiosqlite:///{sqlite_path}"
     adopted = run_cli(["db", "adopt", "--url", url])
     assert adopted.returncode == 0, adopted.stderr
-    assert "adopted a sdk database" in adopted.stdout
+    assert "adopted an Agents SDK database; now at" in adopted.stdout
 
     after = row_counts(sqlite_path)
     for table, count in counts.items():
@@ -180,25 +181,51 @@ async def test_create_tables_completes_an_sdk_file_and_stamps_it(sqlite_path: Pa
 
 async def test_empty_database_is_adopted_by_migrating_it(sqlite_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{sqlite_path}"
+    # A file that does not exist is a typo, not an empty database: nothing is created.
+    missing = run_cli(["db", "adopt", "--url", url])
+    assert missing.returncode == 3, missing.stderr
+    assert not await asyncio.to_thread(sqlite_path.exists)
+    await asyncio.to_thread(sqlite_path.touch)
     result = run_cli(["db", "adopt", "--url", url])
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("adopted an empty database; now at ")
     assert await migrate.current(url) == (migrate.head(),)
 
 
-@pytest.mark.parametrize(
-    "ddl",
-    [
-        "CREATE TABLE invoices (id INTEGER PRIMARY KEY)",
-        "CREATE TABLE agent_sessions (session_id TEXT PRIMARY KEY, owner TEXT)",
-    ],
-    ids=["unrelated-table", "incompatible-store-table"],
-)
-async def test_foreign_database_is_refused_untouched(sqlite_path: Path, ddl: str) -> None:
+async def test_incompatible_store_table_is_refused_untouched(sqlite_path: Path) -> None:
     with sqlite3.connect(sqlite_path) as conn:
-        conn.execute(ddl)
+        conn.execute("CREATE TABLE agent_sessions (session_id TEXT PRIMARY KEY, owner TEXT)")
     before = row_counts(sqlite_path)
-    result = run_cli(["db", "adopt", "--url", f"sqlite+aiosqlite:///{sqlite_path}"])
-    assert result.returncode == 5
-    assert result.stderr.count("\n") == 1
-    assert "Refusing to adopt" in result.stderr
-    assert row_counts(sqlite_path) == before
+    url = f"sqlite+aiosqlite:///{sqlite_path}"
+    for command in ("adopt", "upgrade"):
+        result = run_cli(["db", command, "--url", url])
+        assert result.returncode == 5, result.stderr
+        assert result.stderr.count("\n") == 1
+        assert "lacks column(s)" in result.stderr
+        assert row_counts(sqlite_path) == before
+
+
+@pytest.mark.parametrize("command", ["adopt", "upgrade"])
+async def test_other_applications_tables_are_left_alone(sqlite_path: Path, command: str) -> None:
+    # One rule for adopt and upgrade: turnstore shares a database with other applications
+    # (its version table has a name of its own) and never touches their tables.
+    with sqlite3.connect(sqlite_path) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total INTEGER)")
+        conn.execute("INSERT INTO invoices VALUES (1, 42)")
+    url = f"sqlite+aiosqlite:///{sqlite_path}"
+    result = run_cli(["db", command, "--url", url])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1
+    if command == "adopt":
+        assert "adopted an empty database" in result.stdout
+        assert "left 1 other table(s) alone: invoices" in result.stdout
+    assert await migrate.current(url) == (migrate.head(),)
+    with sqlite3.connect(sqlite_path) as conn:
+        assert conn.execute("SELECT * FROM invoices").fetchall() == [(1, 42)]
+    # Going back to base removes turnstore's tables only.
+    down = run_cli(["db", "downgrade", "--revision", "base", "--yes", "--url", url])
+    assert down.returncode == 0, down.stderr
+    with sqlite3.connect(sqlite_path) as conn:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        names = {row[0] for row in rows} - {"sqlite_sequence"}
+    assert names == {"invoices", migrate.VERSION_TABLE}

@@ -25,11 +25,12 @@ def assert_one_line_error(
 
 def test_upgrade_current_downgrade_on_sqlite(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "cli.db")
-    assert run_cli(["db", "current", "--url", url]).stdout == "<none>\n"
     up = run_cli(["db", "upgrade"], TURNSTORE_DATABASE_URL=url)
     assert up.returncode == 0, up.stderr
+    assert up.stdout.count("\n") == 1
+    assert f"to {migrate.head()} (head)" in up.stdout
     assert run_cli(["db", "current", "--url", url]).stdout == f"{migrate.head()} (head)\n"
-    down = run_cli(["db", "downgrade", "--url", url, "--revision", "base"])
+    down = run_cli(["db", "downgrade", "--url", url, "--revision", "base", "--yes"])
     assert down.returncode == 0, down.stderr
     assert run_cli(["db", "current", "--url", url]).stdout == "<none>\n"
     stamped = run_cli(["db", "stamp", "--url", url])

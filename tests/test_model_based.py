@@ -1,9 +1,10 @@
 """Model-based test: random operation sequences agree with an in-memory reference model.
 
 Hypothesis drives a session through random sequences of writes (batches with and without user
-messages, pops, clears, branch creation by turn and by content, switches, deletions, usage) on
-every backend, and after every step compares every read method with
-:class:`tests.reference_model.SessionModel`. An operation the model says must fail has to raise
+messages, pops, clears by this and by another instance, branch creation by turn and by content,
+switches, deletions, usage, compaction through the SDK's compaction wrapper) on every backend,
+and after every step compares every read method, and the current branch the session reports,
+with :class:`tests.reference_model.SessionModel`. An operation the model says must fail has to raise
 exactly the model's error type, and the full comparison that follows proves it changed nothing.
 
 Hypothesis state machines are synchronous; each test run drives the async session API on one
@@ -36,9 +37,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import turnstore
 from tests.conftest import Backend
+from tests.fake_compaction import compacting
 from tests.helpers import assistant, function_call, function_output, run_result
 from tests.reference_model import MAIN, SessionModel, UsageRow, auto_name_pattern, texts_of
-from turnstore import AdvancedSession, TurnstoreError
+from turnstore import AdvancedSession, AdvancedSQLiteSession, TurnstoreError
 
 T = TypeVar("T")
 
@@ -170,13 +172,21 @@ class SessionMachine(RuleBasedStateMachine):
 
     With ``sdk=True`` the session is the SDK's own class, which checks the model itself: the
     SDK raises plain ``ValueError`` where turnstore raises its subclasses, does not check
-    argument types, and leaves the order of tools within a turn open.
+    argument types, and leaves the order of tools within a turn open. ``other`` is a second
+    instance of the same session, as another process would hold it.
+
+    Compaction is where the two differ by design: the SDK's class has no atomic replacement,
+    so its compaction wrapper clears the whole session and adds the summary to ``main``;
+    turnstore replaces the current branch only and keeps every other branch and all usage.
     """
 
-    def __init__(self, runner: asyncio.Runner, session: Any, *, sdk: bool = False) -> None:
+    def __init__(
+        self, runner: asyncio.Runner, session: Any, other: Any, *, sdk: bool = False
+    ) -> None:
         super().__init__()
         self.runner = runner
         self.session = session
+        self.other = other
         self.sdk = sdk
         self.model = SessionModel()
         self.steps = 0
@@ -184,8 +194,23 @@ class SessionMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if self.sdk:
             self.session.close()
+            self.other.close()
         else:
             self.runner.run(self.session.aclose())
+            self.runner.run(self.other.aclose())
+
+    def reported_branch(self) -> str:
+        """The current branch as the session reports it, by every name it has for it."""
+        names: set[str] = {
+            getattr(self.session, name)
+            for name in ("current_branch_id", "_current_branch_id")
+            if hasattr(self.session, name)
+        }
+        assert len(names) == 1, names
+        return names.pop()
+
+    def assert_reported_branch(self) -> None:
+        assert self.reported_branch() == self.model.current
 
     def run(self, operation: Awaitable[T]) -> T:
         return self.runner.run(_awaited(operation))
@@ -268,6 +293,32 @@ class SessionMachine(RuleBasedStateMachine):
         if restart is not None:
             self.add_turn(restart)
 
+    @precondition(lambda self: sum(map(len, self.model.branches.values())) >= 6)
+    @rule(restart=st.none() | user_batches())
+    def clear_by_another_instance(self, restart: list[dict[str, Any]] | None) -> None:
+        reported = self.reported_branch()
+        self.run(self.other.clear_session())
+        # Nothing tells this instance until its next read or write finds the clear.
+        assert self.reported_branch() == reported
+        self.model.clear_session()
+        if restart is not None:
+            self.add_turn(restart)
+            self.assert_reported_branch()
+
+    @precondition(lambda self: bool(self.model.entries()))
+    @rule(force=st.just(True))
+    def compact(self, force: bool) -> None:
+        """A manual compaction through the SDK's wrapper (a fresh one, so nothing is cached)."""
+        wrapper, responses = compacting(self.session)
+        self.run(wrapper.run_compaction({"force": force}))
+        [output] = responses.outputs
+        if self.sdk:
+            self.model.clear_session()
+            self.model.add_items(output)
+        else:
+            self.model.replace_branch(output)
+        self.assert_reported_branch()
+
     @rule(result=usage_rows)
     def store_run_usage(self, result: Any) -> None:
         self.run(self.session.store_run_usage(result))
@@ -341,6 +392,7 @@ class SessionMachine(RuleBasedStateMachine):
         else:
             assert created == name
         self.model.branch_from_turn(turn, created)
+        self.assert_reported_branch()
 
     @rule(data=st.data())
     def create_branch_from_turn(self, data: st.DataObject) -> None:
@@ -376,6 +428,7 @@ class SessionMachine(RuleBasedStateMachine):
             lambda: self.session.switch_to_branch(name),
             lambda model: model.switch_to_branch(name),
         )
+        self.assert_reported_branch()
 
     @rule(data=st.data(), force=st.booleans())
     def delete_branch(self, data: st.DataObject, force: bool) -> None:
@@ -384,6 +437,7 @@ class SessionMachine(RuleBasedStateMachine):
             lambda: self.session.delete_branch(name, force),
             lambda model: model.delete_branch(name, force),
         )
+        self.assert_reported_branch()
 
     # -- every read agrees with the model after every step --------------------------------
 
@@ -408,6 +462,8 @@ class SessionMachine(RuleBasedStateMachine):
             for branch in probed
         }
         actual = self.run(read_all(self.session, names, probes))
+        # Reads find a clear made by another instance: from here on ``main``.
+        self.assert_reported_branch()
 
         listed = untimed(actual["list_branches"], "created_at")
         branches = [
@@ -477,8 +533,10 @@ def test_session_agrees_with_the_reference_model(backend: Backend) -> None:
     engine = backend.new_engine()
 
     def machine(runner: asyncio.Runner) -> SessionMachine:
-        session = AdvancedSession(session_id=new_session_id(), engine=engine, create_tables=True)
-        return SessionMachine(runner, session)
+        session_id = new_session_id()
+        session = AdvancedSession(session_id=session_id, engine=engine, create_tables=True)
+        other = AdvancedSession(session_id=session_id, engine=engine)
+        return SessionMachine(runner, session, other)
 
     with asyncio.Runner() as runner:
         try:
@@ -493,11 +551,30 @@ def test_reference_model_agrees_with_the_sdk_class(tmp_path: Path) -> None:
     path = tmp_path / "sdk.db"
 
     def machine(runner: asyncio.Runner) -> SessionMachine:
-        session = SDKSession(session_id=new_session_id(), db_path=path, create_tables=True)
-        return SessionMachine(runner, session, sdk=True)
+        session_id = new_session_id()
+        session = SDKSession(session_id=session_id, db_path=path, create_tables=True)
+        other = SDKSession(session_id=session_id, db_path=path)
+        return SessionMachine(runner, session, other, sdk=True)
 
     with asyncio.Runner() as runner:
         run_state_machine_as_test(lambda: machine(runner))  # type: ignore[arg-type]
+
+
+def test_drop_in_agrees_with_the_reference_model(tmp_path: Path) -> None:
+    """The drop-in class on its own SQLite file, as code switching its import would run it."""
+    path = tmp_path / "drop-in.db"
+
+    def machine(runner: asyncio.Runner) -> SessionMachine:
+        session_id = new_session_id()
+        session = AdvancedSQLiteSession(session_id=session_id, db_path=path, create_tables=True)
+        other = AdvancedSQLiteSession(session_id=session_id, db_path=path)
+        return SessionMachine(runner, session, other)
+
+    with asyncio.Runner() as runner:
+        try:
+            run_state_machine_as_test(lambda: machine(runner))  # type: ignore[arg-type]
+        finally:
+            runner.run(turnstore.dispose_engines())
 
 
 def new_session_id() -> str:

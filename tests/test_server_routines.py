@@ -21,23 +21,35 @@ from sqlalchemy.pool import StaticPool
 from tests.conftest import Backend, _postgres_backend
 from tests.helpers import function_call, function_output, run_result, turn, user
 from tests.read_counters import grow_to, keep_postgres_from_analyzing, reads_by
-from turnstore import AdvancedSession
+from turnstore import AdvancedSession, SchemaMissingError
 from turnstore.persistence import server_routines
 from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.models import DEFAULT_TABLES
 from turnstore.schema import migrate
 
-# sha256 of each released version of the functions, as migrations 0003, 0004 and 0008 create
-# them.
+# sha256 of each released version of the functions, as migrations 0003, 0004, 0005 and 0008
+# create them.
 FROZEN_DIGESTS = {
     1: "059f84324a7ac8adc41295dd1b1a781feeed82679fef821b10231e04da93126e",
     2: "8bdde440e1b32e1bcc2f8e17f83245da6a41ac8730963b6a504afe09a78f5977",
-    3: "d4705e02bed6b35d72243a363ae231c153d2a9e089d2e173cc64118e3fc5215c",
+    3: "917bbfd6a82cd76408324279adfa6c4302b4538ce3337a8bc06e6424db45a093",
+    5: "19c54dbcf70e5815b0fcc0b87a4f634da4bbd8fd9b16f320e0aadf049386ba1a",
 }
 APPEND_ARGUMENTS = "(text, text, integer, text[], text[], boolean[], text[])"
+# Version 3 also takes the session info a write creates: owner, title, metadata.
+APPEND_V3_ARGUMENTS = "(text, text, integer, text[], text[], boolean[], text[], text, text, text)"
 APPEND_V1 = f"turnstore_append_v1{APPEND_ARGUMENTS}"
 APPEND_V2 = f"turnstore_append_v2{APPEND_ARGUMENTS}"
-APPEND_NEWEST = f"turnstore_append_v{server_routines.VERSION}{APPEND_ARGUMENTS}"
+APPEND_V3 = f"turnstore_append_v3{APPEND_V3_ARGUMENTS}"
+
+
+def append_arguments(version: int) -> str:
+    return APPEND_V3_ARGUMENTS if version >= 3 else APPEND_ARGUMENTS
+
+
+APPEND_NEWEST = (
+    f"turnstore_append_v{server_routines.VERSION}{append_arguments(server_routines.VERSION)}"
+)
 
 
 @pytest.fixture
@@ -153,21 +165,6 @@ async def test_sessions_call_the_functions(pg_backend: Backend) -> None:
     assert [item["content"] for item in await session.get_items()][:1] == ["first"]
 
 
-async def test_a_database_at_0004_calls_version_2(
-    pg_backend: Backend, caplog: pytest.LogCaptureFixture
-) -> None:
-    # The release before the server keys: its version 2 still serves this code.
-    await migrate.upgrade(pg_backend.engine, "0004")
-    assert not await function_exists(pg_backend.engine, APPEND_NEWEST)
-    with caplog.at_level(logging.INFO, logger="turnstore"):
-        session = pg_backend.session(create_tables=False)
-        await session.add_items(turn("first"))
-    assert any("Using version 2" in r.getMessage() for r in caplog.records)
-    await replace_with_refusal(pg_backend.engine, APPEND_V2)
-    with pytest.raises(DBAPIError, match="the append function ran"):
-        await session.add_items(turn("second"))
-
-
 async def test_a_database_with_only_version_1_calls_it(
     pg_backend: Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -179,6 +176,30 @@ async def test_a_database_with_only_version_1_calls_it(
         await session.add_items(turn("first"))
     assert any("Using version 1" in r.getMessage() for r in caplog.records)
     await replace_with_refusal(pg_backend.engine, APPEND_V1)
+    with pytest.raises(DBAPIError, match="the append function ran"):
+        await session.add_items(turn("second"))
+
+
+async def test_a_database_before_the_info_table_calls_version_2(
+    pg_backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Migrated by the previous release (0004): no info table, no version 3. Sessions work
+    # through version 2; only the features that need the info table refuse.
+    await migrate.upgrade(pg_backend.engine, "0004")
+    assert not await function_exists(pg_backend.engine, APPEND_V3)
+    with caplog.at_level(logging.INFO, logger="turnstore"):
+        session = pg_backend.session(create_tables=False)
+        await session.add_items(turn("first"))
+        await session.store_run_usage(run_result())
+    assert any("Using version 2" in r.getMessage() for r in caplog.records)
+    assert (await session.get_session_usage() or {})["total_turns"] == 1
+    with pytest.raises(SchemaMissingError, match="turnstore_session_info"):
+        await session.get_info()
+    owned = pg_backend.session(session.session_id, create_tables=False, user_id="alice")
+    with pytest.raises(SchemaMissingError, match="migration 0005"):
+        await owned.add_items(turn("not stored"))
+    assert len(await session.get_items()) == 2
+    await replace_with_refusal(pg_backend.engine, APPEND_V2)
     with pytest.raises(DBAPIError, match="the append function ran"):
         await session.add_items(turn("second"))
 
@@ -216,16 +237,17 @@ async def test_custom_tables_get_functions_of_their_own(pg_backend: Backend) -> 
             "my_sessions", "my_messages", default=False, version=version
         )
         assert routines.append_name != f"turnstore_append_v{version}"
-        signature = f"{routines.append_name}{APPEND_ARGUMENTS}"
+        signature = f"{routines.append_name}{append_arguments(version)}"
         assert await function_exists(pg_backend.engine, signature)
     assert not await function_exists(pg_backend.engine, APPEND_V1)
     assert not await function_exists(pg_backend.engine, APPEND_V2)
+    assert not await function_exists(pg_backend.engine, APPEND_V3)
     assert (await session.get_session_usage() or {})["total_turns"] == 1
 
 
 @pytest.mark.parametrize("version", server_routines.VERSIONS)
 def test_released_function_definitions_are_frozen(version: int) -> None:
-    # Migrations 0003 and 0004 create the versions from routine_ddl: editing one would change
+    # Migrations 0003, 0004 and 0005 create the versions from routine_ddl: editing one would change
     # what an applied migration means. A change belongs in a new version and a new revision.
     routines = server_routines.routines_for(
         "agent_sessions", "agent_messages", default=True, version=version
@@ -307,12 +329,16 @@ async def test_the_functions_read_the_same_at_any_history_length(pg_backend: Bac
         await conn.execute(
             text(
                 f"SELECT * FROM {routines.append_name}(:session, 'main', 0, "
-                "CAST(:data AS text[]), ARRAY['user'], ARRAY[true], ARRAY[NULL::text])"
+                "CAST(:data AS text[]), ARRAY['user'], ARRAY[true], ARRAY[NULL::text], "
+                "NULL, NULL, NULL)"
             ),
             arguments,
         )
         await conn.execute(
-            text(f"SELECT {routines.usage_name}(:session, 'main', 0, 1, 10, 5, 15, NULL, NULL)"),
+            text(
+                f"SELECT {routines.usage_name}(:session, 'main', 0, 1, 10, 5, 15, NULL, NULL, "
+                "NULL, NULL, NULL)"
+            ),
             {"session": session.session_id},
         )
 

@@ -9,9 +9,9 @@ duplicates go: ``idx_agent_messages_session_id`` (the new primary key), ``idx_st
 (a prefix of two others) and ``idx_turn_usage_session_turn`` (the unique constraint's index).
 InnoDB needs its AUTO_INCREMENT column to lead a key, so there each ``id`` gets a unique key.
 
-Postgres gets version 3 of the server functions, whose upserts set ``EXCLUDED`` values rather
-than ``CURRENT_TIMESTAMP`` (Citus refuses functions in ``DO UPDATE SET``); versions 1 and 2 stay
-for processes of earlier releases.
+Postgres gets version 5 of the server functions (version 3 with upserts that set ``EXCLUDED``
+values rather than ``CURRENT_TIMESTAMP``: Citus refuses functions in ``DO UPDATE SET``);
+earlier versions stay for processes of earlier releases.
 
 SQLite keeps the Agents SDK's documented schema: the SDK's own class reads those files.
 
@@ -20,7 +20,7 @@ this revision in a maintenance window. On a Citus coordinator the downgrade firs
 tables back onto the coordinator (``undistribute_table``): their old keys cannot be distributed.
 
 Revision ID: 0008
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-06
 """
 
@@ -31,7 +31,7 @@ from alembic import op
 from turnstore.persistence import server_routines
 
 revision = "0008"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: tuple[str, ...] | None = None
 depends_on: tuple[str, ...] | None = None
 
@@ -43,9 +43,9 @@ _DUPLICATES = (
     ("idx_structure_branch", "message_structure", ["session_id", "branch_id"]),
     ("idx_turn_usage_session_turn", "turn_usage", ["session_id", "branch_id", "user_turn_number"]),
 )
-# Version 3 of the functions for the default tables; frozen once released, like 1 and 2.
+# Version 5 of the functions for the default tables; frozen once released, like the others.
 _ROUTINES = server_routines.routines_for(
-    "agent_sessions", "agent_messages", default=True, version=3
+    "agent_sessions", "agent_messages", default=True, version=5
 )
 _TABLES = {
     "sessions_table": "agent_sessions",
@@ -53,6 +53,7 @@ _TABLES = {
     "structure_table": "message_structure",
     "usage_table": "turn_usage",
     "generations_table": "session_clear_generations",
+    "info_table": "turnstore_session_info",
 }
 
 
@@ -65,7 +66,7 @@ def _on_mysql() -> bool:
 
 
 def upgrade() -> None:
-    """Re-key the three id tables by session on servers; version 3 of the functions."""
+    """Re-key the three id tables by session on servers; version 5 of the functions."""
     if _dialect() == "sqlite":
         return
     op.drop_constraint(_OLD_MESSAGE_KEY, "message_structure", type_="foreignkey")
@@ -95,7 +96,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Key the three tables by id alone again; drop version 3 of the functions."""
+    """Key the three tables by id alone again; drop version 5 of the functions."""
     if _dialect() == "sqlite":
         return
     if _dialect() == "postgresql":

@@ -10,7 +10,19 @@ from __future__ import annotations
 
 
 class TurnstoreError(Exception):
-    """Base class of all errors raised deliberately by turnstore."""
+    """Base class of all errors raised deliberately by turnstore.
+
+    Attributes:
+        fix: The command that fixes the problem, when there is one (for example
+            ``turnstore db adopt --url URL``); the command line prints it after the message.
+    """
+
+    fix: str | None = None
+
+    def __init__(self, *args: object, fix: str | None = None) -> None:
+        super().__init__(*args)
+        if fix is not None:
+            self.fix = fix
 
 
 class SessionClosedError(TurnstoreError, RuntimeError):
@@ -106,3 +118,11 @@ class DistributionError(MigrationError):
     No Citus extension, a worker node instead of the coordinator, or undistributed tables
     holding data where only ``turnstore db distribute`` may move it.
     """
+
+
+class ConfirmationRequiredError(TurnstoreError, RuntimeError):
+    """A destructive command was neither confirmed with ``--yes`` nor on a terminal."""
+
+
+class MissingExtraError(TurnstoreError, ImportError):
+    """A package turnstore needs for this is not installed; the message names the extra."""

@@ -27,14 +27,26 @@ from turnstore.errors import (
     ProtectedBranchError,
     SessionClosedError,
 )
+from turnstore.info import (
+    UNSET,
+    SessionSummary,
+    check_metadata,
+    check_title,
+    check_user_id,
+    summary_from_row,
+)
 from turnstore.persistence import engines
 from turnstore.persistence.models import DEFAULT_MESSAGES_TABLE, DEFAULT_SESSIONS_TABLE, tables_for
 from turnstore.persistence.repository import (
     MAIN_BRANCH,
+    NO_INFO,
     BranchPointer,
     ConversationRepository,
+    InfoDefaults,
     UserTurn,
 )
+from turnstore.persistence.store_queries import StoreQueries
+from turnstore.redaction import identifier, log_failure
 from turnstore.schema.distribution import distribute_store
 from turnstore.schema.migrate import bring_to_head
 from turnstore.sdk.items import (
@@ -48,6 +60,7 @@ from turnstore.sdk.items import (
     to_new_messages,
 )
 from turnstore.sdk.usage import usage_from_result
+from turnstore.sdk.wrapper_hooks import WrapperHooks
 
 _default_logger = logging.getLogger("turnstore")
 
@@ -111,7 +124,12 @@ def _check_branch_name(branch_name: object, argument: str = "branch_name") -> st
     return name
 
 
-class AdvancedSession:
+#: Picks the session that serves a call the Runner made with its run context (see
+#: ``session_for_context``).
+ContextRouter = Callable[[Any], "AdvancedSession | None"]
+
+
+class AdvancedSession(WrapperHooks):
     """A conversation session with branches, per-turn usage and structure queries.
 
     Give it an engine you own (``engine=``) or a database URL (``url=``, or
@@ -132,10 +150,22 @@ class AdvancedSession:
             default number of items ``get_items`` returns.
         sessions_table: Name of the sessions table.
         messages_table: Name of the messages table.
+        user_id: The session's owner, stored when the session gets its info (its first
+            write, unless ``set_info`` came first); an existing session's owner is not
+            changed (use :meth:`set_info`).
+        title: The session's title, stored likewise.
+        metadata: A JSON dict stored likewise; the store's listings filter on its keys.
+        session_for_context: Routes the Runner's calls by run context: called with the
+            ``RunContextWrapper`` the Runner passes to ``get_items``, ``add_items``,
+            ``pop_item`` and ``clear_session`` (``wrapper=``) and that ``store_run_usage``
+            finds on its result, it returns the session that serves the call (for example
+            the tenant's own, on the tenant's engine or schema), or ``None`` for this one.
+            Without it the run context is ignored.
 
     Raises:
-        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given, or a table
-            name is not a plain identifier.
+        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given, a table
+            name is not a plain identifier, or ``user_id``, ``title`` or ``metadata`` is not
+            acceptable (wrong type, too long, not JSON).
     """
 
     def __init__(
@@ -149,6 +179,10 @@ class AdvancedSession:
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        user_id: str | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
     ) -> None:
         if (engine is None) == (url is None):
             raise InvalidArgumentError("Pass exactly one of engine= or url=")
@@ -167,6 +201,8 @@ class AdvancedSession:
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
         )
 
     def _setup(
@@ -179,8 +215,17 @@ class AdvancedSession:
         session_settings: Any,
         sessions_table: str,
         messages_table: str,
+        info: InfoDefaults = NO_INFO,
+        session_for_context: ContextRouter | None,
     ) -> None:
+        if session_for_context is not None and not callable(session_for_context):
+            raise InvalidArgumentError(
+                "session_for_context must be a callable taking the run context; "
+                f"got {type(session_for_context).__name__}"
+            )
         self.session_id = _check_text(session_id, "session_id")
+        self._info_defaults = info
+        self._session_for_context = session_for_context
         self.session_settings = _coerce_settings(session_settings)
         self.sessions_table = sessions_table
         self.messages_table = messages_table
@@ -194,6 +239,37 @@ class AdvancedSession:
         self._pending_releases: set[asyncio.Task[None]] = set()
 
     @classmethod
+    def _on_shared_engine(
+        cls,
+        *,
+        session_id: str,
+        acquire: Callable[[], engines.EngineHandle],
+        create_tables: bool,
+        logger: logging.Logger | None,
+        session_settings: Any,
+        sessions_table: str,
+        messages_table: str,
+        user_id: str | None,
+        title: str | None,
+        metadata: Mapping[str, Any] | None,
+        session_for_context: ContextRouter | None = None,
+    ) -> AdvancedSession:
+        """A session on an engine handle someone else acquires (a store lending its engine)."""
+        session = cls.__new__(cls)
+        session._setup(
+            session_id=session_id,
+            acquire=acquire,
+            create_tables=create_tables,
+            logger=logger,
+            session_settings=session_settings,
+            sessions_table=sessions_table,
+            messages_table=messages_table,
+            info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
+        )
+        return session
+
+    @classmethod
     def from_url(
         cls,
         *,
@@ -204,6 +280,10 @@ class AdvancedSession:
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        user_id: str | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
     ) -> AdvancedSession:
         """A session on the database at ``url``, sharing the URL's engine with other sessions."""
         return AdvancedSession(
@@ -214,13 +294,45 @@ class AdvancedSession:
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            user_id=user_id,
+            title=title,
+            metadata=metadata,
+            session_for_context=session_for_context,
         )
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"branch={self._pointer.branch_id!r}"
         return f"{type(self).__name__}(session_id={self.session_id!r}, {state})"
 
+    @property
+    def current_branch_id(self) -> str:
+        """The branch that reads and writes without a ``branch_id`` use (read-only).
+
+        Changed by ``create_branch_*``, ``switch_to_branch``, ``delete_branch(force=True)``
+        and ``clear_session``. After another instance clears the session, it still names the
+        old branch until this session's next read or write finds the clear, and ``main``
+        from then on, as the SDK's class behaves.
+        """
+        return self._pointer.branch_id
+
     # -- plumbing ------------------------------------------------------------------------
+
+    def _routed(self, wrapper: Any) -> AdvancedSession:
+        """The session that serves a call made with run context ``wrapper``."""
+        if wrapper is None or self._session_for_context is None:
+            return self
+        target = self._session_for_context(wrapper)
+        if target is None:
+            return self
+        if not isinstance(target, AdvancedSession):
+            raise InvalidArgumentError(
+                "session_for_context must return a turnstore session or None; "
+                f"got {type(target).__name__}"
+            )
+        return target
+
+    def _log_context(self) -> dict[str, object]:
+        return {"session_id": self.session_id, "branch_id": self._pointer.branch_id}
 
     def _binding(self) -> _Binding:
         if self._closed:
@@ -230,13 +342,17 @@ class AdvancedSession:
         if binding is None:
             handle = self._acquire()
             binding = self._bindings[loop] = _Binding(
-                handle, ConversationRepository(handle, self._tables), asyncio.Lock()
+                handle,
+                ConversationRepository(handle, self._tables, self._info_defaults),
+                asyncio.Lock(),
             )
         return binding
 
     async def _store(self) -> ConversationRepository:
         store = self._binding().store
         store.check_identifier(self.session_id, "Session ids")
+        if self._info_defaults.user_id is not None:
+            store.check_identifier(self._info_defaults.user_id, "User ids")
         await store.prepare_schema(
             create=self._create_tables,
             migrate_default=bring_to_head,
@@ -266,14 +382,20 @@ class AdvancedSession:
 
     # -- the SDK Session protocol --------------------------------------------------------
 
-    async def get_items(self, limit: int | None = None, branch_id: str | None = None) -> list[Any]:
+    async def get_items(
+        self, limit: int | None = None, branch_id: str | None = None, *, wrapper: Any = None
+    ) -> list[Any]:
         """Items of the current (or given) branch, oldest first.
 
         Args:
             limit: At most this many of the newest items; defaults to
                 ``session_settings.limit`` (``None``: all).
             branch_id: Read this branch instead of the current one.
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
         """
+        target = self._routed(wrapper)
+        if target is not self:
+            return await target.get_items(limit, branch_id)
         limit = self._resolve_limit(limit)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
@@ -318,16 +440,24 @@ class AdvancedSession:
                 return
             after = page[-1][1]
 
-    async def add_items(self, items: list[Any]) -> None:
+    async def add_items(self, items: list[Any], *, wrapper: Any = None) -> None:
         """Append items to the current branch, in one transaction.
 
         A batch with a user message opens a new user turn; later batches without one (the
         Runner's tool calls and replies) belong to the current turn.
 
+        Args:
+            items: Responses input items.
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
+
         Raises:
             InvalidItemError: An item is not a dict or not JSON-serializable (nothing of the
                 batch is stored).
         """
+        target = self._routed(wrapper)
+        if target is not self:
+            await target.add_items(items)
+            return
         binding = self._binding()
         messages = to_new_messages(items)
         if not messages:
@@ -336,33 +466,91 @@ class AdvancedSession:
             try:
                 store = await self._store()
                 self._pointer = await store.append(self.session_id, self._pointer, messages)
-            except Exception:
-                self._logger.exception("Failed to add session items")
+            except Exception as exc:
+                log_failure(
+                    self._logger,
+                    "Failed to add session items",
+                    exc,
+                    kind="model_and_tool",
+                    context=self._log_context,
+                )
                 raise
 
-    async def pop_item(self) -> Any | None:
+    async def pop_item(self, *, wrapper: Any = None) -> Any | None:
         """Remove and return the newest item of the current branch (``None`` if empty).
 
         The message is deleted only if no other branch shares it; a turn's usage row goes with
         its last item.
-        """
-        async with self._ordered():
-            store = await self._store()
-            branch = await self._current_branch(store)
-            while True:
-                popped = await store.pop_latest(self.session_id, branch)
-                if popped is None:
-                    return None
-                item = None if popped.message_data is None else decode(popped.message_data)
-                if item is not None:
-                    return item
 
-    async def clear_session(self) -> None:
-        """Delete the whole session (every branch and its usage); branch names stay reserved."""
+        Args:
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
+        """
+        target = self._routed(wrapper)
+        if target is not self:
+            return await target.pop_item()
+        return await self._pop_item_with_validation(None)
+
+    async def clear_session(self, *, wrapper: Any = None) -> None:
+        """Delete the whole session (every branch and its usage); branch names stay reserved.
+
+        Args:
+            wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
+        """
+        target = self._routed(wrapper)
+        if target is not self:
+            await target.clear_session()
+            return
         async with self._ordered():
             store = await self._store()
             generation = await store.clear(self.session_id)
             self._pointer = BranchPointer(MAIN_BRANCH, generation)
+
+    # -- session info --------------------------------------------------------------------
+
+    async def set_info(
+        self,
+        *,
+        user_id: str | None = UNSET,
+        title: str | None = UNSET,
+        metadata: Mapping[str, Any] | None = UNSET,
+    ) -> None:
+        """Change the session's owner, title or metadata (``None`` clears one).
+
+        Only the keywords given change; ``metadata`` replaces the whole dict. A session
+        without info gets it (and so appears in the store's listings, with no items yet).
+        The last activity does not change: renaming a conversation does not reorder a
+        sidebar.
+
+        Raises:
+            InvalidArgumentError: A value has the wrong type, or ``metadata`` is not JSON
+                (nothing is stored).
+            SchemaMissingError: The database predates the session info table.
+        """
+        changes: dict[str, Any] = {}
+        if user_id is not UNSET:
+            changes["user_id"] = check_user_id(user_id)
+        if title is not UNSET:
+            changes["title"] = check_title(title)
+        if metadata is not UNSET:
+            changes["metadata"] = check_metadata(metadata)
+        async with self._ordered():
+            store = await self._store()
+            store.require_info_table()
+            if changes.get("user_id") is not None:
+                store.check_identifier(changes["user_id"], "User ids")
+            binding = self._binding()
+            await StoreQueries(binding.handle, self._tables).set_info(self.session_id, changes)
+
+    async def get_info(self) -> SessionSummary | None:
+        """The session's summary, as the store lists it; ``None`` if the store does not know it.
+
+        Raises:
+            SchemaMissingError: The database predates the session info table.
+        """
+        store = await self._store()
+        store.require_info_table()
+        row = await StoreQueries(self._binding().handle, self._tables).summary(self.session_id)
+        return None if row is None else summary_from_row(row)
 
     # -- usage ---------------------------------------------------------------------------
 
@@ -373,6 +561,11 @@ class AdvancedSession:
         figures. Failures are logged, never raised, so analytics cannot break a conversation.
         """
         try:
+            context = getattr(result, "context_wrapper", None)
+            target = self._routed(context)
+            if target is not self:
+                await target.store_run_usage(result)
+                return
             usage = usage_from_result(result)
             if usage is None:
                 return
@@ -380,9 +573,14 @@ class AdvancedSession:
                 store = await self._store()
                 turn = await store.record_usage(self.session_id, self._pointer, usage)
             if turn is None:
-                self._logger.debug("No current turn on branch %r; usage not stored", self._pointer)
-        except Exception:
-            self._logger.exception("Failed to store session usage")
+                self._logger.debug(
+                    "No current turn on branch %r; usage not stored",
+                    identifier(self._pointer.branch_id),
+                )
+        except Exception as exc:
+            log_failure(
+                self._logger, "Failed to store session usage", exc, context=self._log_context
+            )
 
     async def get_session_usage(self, branch_id: str | None = None) -> dict[str, int] | None:
         """Usage summed over all branches (or one): requests, tokens and turns; ``None`` if none."""
@@ -471,9 +669,9 @@ class AdvancedSession:
             self._pointer = BranchPointer(created.branch_id, created.generation)
         self._logger.debug(
             "Created branch %r from turn %s of %r (%s items)",
-            created.branch_id,
+            identifier(created.branch_id),
             turn_number,
-            created.source_branch_id,
+            identifier(created.source_branch_id),
             created.copied_messages,
         )
         return created.branch_id
@@ -505,7 +703,9 @@ class AdvancedSession:
                 raise BranchNotFoundError(f"Branch '{branch_id}' does not exist")
             previous = self._pointer.branch_id
             self._pointer = BranchPointer(branch_id, generation)
-        self._logger.info("Switched from branch %r to %r", previous, branch_id)
+        self._logger.info(
+            "Switched from branch %r to %r", identifier(previous), identifier(branch_id)
+        )
 
     async def delete_branch(self, branch_id: str, force: bool = False) -> None:
         """Delete a branch and its usage; messages another branch shares are kept.
@@ -535,7 +735,7 @@ class AdvancedSession:
                 self._pointer = BranchPointer(MAIN_BRANCH, self._pointer.generation)
         self._logger.info(
             "Deleted branch %r: %s message entries, %s usage entries, %s messages",
-            branch_id,
+            identifier(branch_id),
             deleted.structure_rows,
             deleted.usage_rows,
             deleted.messages,
@@ -658,6 +858,11 @@ class AdvancedSQLiteSession(AdvancedSession):
         session_settings: The SDK's ``SessionSettings`` (or a dict of it).
         sessions_table: Name of the sessions table.
         messages_table: Name of the messages table.
+        user_id: The session's owner (see :class:`AdvancedSession`).
+        title: The session's title.
+        metadata: The session's metadata, a JSON dict.
+        session_for_context: Routes the Runner's calls by run context (see
+            :class:`AdvancedSession`).
     """
 
     def __init__(
@@ -670,6 +875,10 @@ class AdvancedSQLiteSession(AdvancedSession):
         session_settings: Any = None,
         sessions_table: str = DEFAULT_SESSIONS_TABLE,
         messages_table: str = DEFAULT_MESSAGES_TABLE,
+        user_id: str | None = None,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        session_for_context: ContextRouter | None = None,
     ) -> None:
         url = engines.sqlite_url(db_path)
         self.db_path = db_path
@@ -681,7 +890,19 @@ class AdvancedSQLiteSession(AdvancedSession):
             session_settings=session_settings,
             sessions_table=sessions_table,
             messages_table=messages_table,
+            info=_info_defaults(user_id, title, metadata),
+            session_for_context=session_for_context,
         )
+
+    @property
+    def _current_branch_id(self) -> str:
+        """The current branch under the SDK class's name: the same as ``current_branch_id``."""
+        return self._pointer.branch_id
+
+
+def _info_defaults(user_id: object, title: object, metadata: object) -> InfoDefaults:
+    """Checked constructor keywords: what a session's first write stores as its info."""
+    return InfoDefaults(check_user_id(user_id), check_title(title), check_metadata(metadata))
 
 
 @dataclass(eq=False)

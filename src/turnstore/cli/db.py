@@ -1,123 +1,263 @@
 """The ``turnstore db`` commands: schema migrations as a deployment step.
 
-Exit codes: 0 success; 1 a migration failed; 2 bad usage or URL; 3 database unreachable;
-4 unknown revision; 5 database refused by ``adopt``. Failures print one line to stderr.
+JSON shapes (``--json``), stable: ``upgrade``/``downgrade``/``stamp`` print
+``{"before": [rev...], "after": [rev...], "head": rev, "changed": bool}``; ``current`` prints
+``{"revisions": [rev...], "head": rev, "at_head": bool}``; ``adopt`` prints
+``{"found": "empty"|"sdk"|"turnstore", "other_tables": [...], "after": [rev...],
+"head": rev}``; ``history`` prints a list of
+``{"revision", "down_revision", "description", "is_head"}``.
+
+Tables of other applications in the same database are left alone by every command (upgrade,
+adopt, downgrade); only tables that clash with turnstore's own names and columns stop them.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import sys
-from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Annotated
 
-from turnstore.errors import (
-    DatabaseUnavailableError,
-    ForeignDatabaseError,
-    InvalidArgumentError,
-    MigrationError,
-    TurnstoreError,
-    UnknownRevisionError,
-)
+import typer
+from sqlalchemy.engine import make_url
+
+from turnstore.cli import common
+from turnstore.errors import DatabaseUnavailableError, InvalidArgumentError
+from turnstore.persistence.dialects import profile_for
 from turnstore.schema import migrate
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-EXIT_UNKNOWN_REVISION = 4
-EXIT_REFUSED = 5
-
-# Most specific first: the first matching class decides the exit code.
-_EXIT_CODES: tuple[tuple[type[TurnstoreError], int], ...] = (
-    (InvalidArgumentError, EXIT_USAGE),
-    (DatabaseUnavailableError, EXIT_UNAVAILABLE),
-    (UnknownRevisionError, EXIT_UNKNOWN_REVISION),
-    (ForeignDatabaseError, EXIT_REFUSED),
-    (MigrationError, EXIT_FAILED),
+db = common.new_group(
+    name="db",
+    help=(
+        "Migrate the database schema (a deployment step). "
+        "Example: turnstore db upgrade --url postgresql+asyncpg://app@db/app"
+    ),
 )
 
 
-def add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``db`` and its subcommands on the top-level parser's subcommands."""
-    db = commands.add_parser("db", help="migrate the database schema (deployment step)")
-    actions = db.add_subparsers(dest="db_command", required=True)
-
-    def with_url(name: str, help_text: str) -> argparse.ArgumentParser:
-        parser = actions.add_parser(name, help=help_text)
-        parser.add_argument(
-            "--url",
-            default=os.environ.get(migrate.URL_VARIABLE),
-            help=f"SQLAlchemy async URL (default: ${migrate.URL_VARIABLE})",
-        )
-        return parser
-
-    upgrade = with_url("upgrade", "upgrade to a revision (default: head)")
-    upgrade.add_argument("--revision", default="head")
-    upgrade.add_argument(
-        "--sql", action="store_true", help="print the DDL instead of running it (no connection)"
-    )
-    upgrade.add_argument(
-        "--from", dest="from_revision", help="with --sql: the revision the database is at"
-    )
-    downgrade = with_url("downgrade", "downgrade to a revision (base drops every table)")
-    downgrade.add_argument("--revision", required=True)
-    with_url("current", "print the database's revision")
-    stamp = with_url("stamp", "record a revision without running migrations")
-    stamp.add_argument("--revision", default="head")
-    with_url("adopt", "bring an Agents SDK AdvancedSQLiteSession database onto turnstore")
-    actions.add_parser("history", help="list the migrations, oldest first")
+def register(app: typer.Typer) -> None:
+    """Add the ``db`` command group to ``app``."""
+    app.add_typer(db)
 
 
-def run_db(args: argparse.Namespace) -> int:
-    """Run a parsed ``db`` command; returns the exit code."""
+def _revisions(revisions: Sequence[str]) -> str:
+    head = migrate.head()
+    if not revisions:
+        return "<none>"
+    return ", ".join(f"{rev} (head)" if rev == head else rev for rev in revisions)
+
+
+def _move_data(move: migrate.Move) -> dict[str, object]:
+    return {
+        "before": list(move.before),
+        "after": list(move.after),
+        "head": migrate.head(),
+        "changed": move.changed,
+    }
+
+
+def _hidden(url: str) -> str:
     try:
-        _dispatch(args)
-    except TurnstoreError as exc:
-        print(f"turnstore db {args.db_command}: error: {_one_line(exc)}", file=sys.stderr)
-        return next(code for kind, code in _EXIT_CODES if isinstance(exc, kind))
-    return 0
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # a malformed URL is reported by the command itself
+        return url
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+def _require_existing_sqlite_file(url: str) -> None:
+    """Read-only commands never create files: a SQLite file that does not exist is an error.
+
+    SQLite creates a missing file on connect; a typo in a path must not leave an empty
+    database behind.
+    """
+    try:
+        parsed = make_url(url)
+        profile = profile_for(parsed.get_backend_name())
+    except Exception:
+        return  # the command reports the malformed or unsupported URL itself
+    missing = profile.missing_file(parsed)
+    if missing is not None:
+        raise DatabaseUnavailableError(
+            f"Cannot open {_hidden(url)}: the file {missing} does not exist "
+            "(read-only commands never create it)",
+            fix=f"turnstore db upgrade --url {_hidden(url)}",
+        )
 
 
-def _dispatch(args: argparse.Namespace) -> None:
-    command: str = args.db_command
-    if command == "history":
-        for info in migrate.history():
+RevisionOption = Annotated[
+    str,
+    typer.Option(
+        "--revision",
+        "-r",
+        help="Target revision id, or head (the newest). Example: --revision 0003",
+    ),
+]
+
+
+@db.command()
+def upgrade(
+    url: common.UrlOption = None,
+    revision: RevisionOption = "head",
+    sql: Annotated[
+        bool,
+        typer.Option(
+            "--sql",
+            help=(
+                "Print the DDL instead of running it; nothing connects, only the URL's dialect "
+                "matters. Example: --sql --url postgresql+asyncpg://x@y/z > upgrade.sql"
+            ),
+        ),
+    ] = False,
+    from_revision: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="With --sql: the revision the database is already at. Example: --from 0002",
+        ),
+    ] = None,
+    as_json: common.JsonOption = False,
+) -> None:
+    """Upgrade the database to a revision (default: head); safe to run concurrently.
+
+    A database with the Agents SDK's tables but no turnstore version is refused: adopt it
+    first (turnstore db adopt). Other applications' tables are left alone.
+    """
+    target = common.resolve_url(url)
+    if sql:
+        sys.stdout.write(migrate.upgrade_sql(target, revision, from_revision=from_revision))
+        return
+    if from_revision is not None:
+        raise InvalidArgumentError("--from only applies together with --sql")
+    move = asyncio.run(migrate.upgrade(target, revision))
+    text = (
+        f"upgraded {_hidden(target)} from {_revisions(move.before)} to {_revisions(move.after)}"
+        if move.changed
+        else f"{_hidden(target)} is already at {_revisions(move.after)}; nothing to do"
+    )
+    common.emit(_move_data(move), text, as_json=as_json)
+
+
+@db.command()
+def downgrade(
+    revision: Annotated[
+        str,
+        typer.Option(
+            "--revision",
+            "-r",
+            help=(
+                "Target revision id, or base (drops every turnstore table and its data). "
+                "Example: --revision 0003"
+            ),
+        ),
+    ],
+    url: common.UrlOption = None,
+    yes: common.YesOption = False,
+    as_json: common.JsonOption = False,
+) -> None:
+    """Downgrade the database to a revision; asks first when that drops tables or columns."""
+    target = common.resolve_url(url)
+    _require_existing_sqlite_file(target)
+    recorded = asyncio.run(migrate.current(target))
+    dropping = migrate.data_dropping_steps(recorded, revision)
+    if dropping:
+        steps = "migration " + ", ".join(step.revision for step in dropping)
+        common.confirm(
+            f"Downgrading {_hidden(target)} to {revision} undoes {steps}, dropping tables or "
+            "columns with their data. Go ahead?",
+            yes=yes,
+            refusal=(
+                f"downgrading to {revision} undoes {steps}, which drops tables or columns "
+                "with their data"
+            ),
+        )
+    move = asyncio.run(migrate.downgrade(target, revision))
+    text = (
+        f"downgraded {_hidden(target)} from {_revisions(move.before)} to {_revisions(move.after)}"
+        if move.changed
+        else f"{_hidden(target)} is already at {_revisions(move.after)}; nothing to do"
+    )
+    common.emit(_move_data(move), text, as_json=as_json)
+
+
+@db.command()
+def current(url: common.UrlOption = None, as_json: common.JsonOption = False) -> None:
+    """Print the database's revision (<none> if never migrated); changes nothing."""
+    target = common.resolve_url(url)
+    _require_existing_sqlite_file(target)
+    revisions = asyncio.run(migrate.current(target))
+    head = migrate.head()
+    data = {"revisions": list(revisions), "head": head, "at_head": revisions == (head,)}
+    common.emit(data, lambda: common.line(_revisions(revisions)), as_json=as_json)
+
+
+@db.command()
+def stamp(
+    url: common.UrlOption = None,
+    revision: RevisionOption = "head",
+    as_json: common.JsonOption = False,
+) -> None:
+    """Record a revision without running any migration (for schemas applied by hand)."""
+    target = common.resolve_url(url)
+    _require_existing_sqlite_file(target)
+    before = asyncio.run(migrate.current(target))
+    asyncio.run(migrate.stamp(target, revision))
+    after = asyncio.run(migrate.current(target))
+    move = migrate.Move(before=before, after=after)
+    common.emit(
+        _move_data(move), f"stamped {_hidden(target)} at {_revisions(after)}", as_json=as_json
+    )
+
+
+_FOUND = {
+    "empty": "an empty database",
+    "sdk": "an Agents SDK database",
+    "turnstore": "a turnstore database",
+}
+
+
+@db.command()
+def adopt(url: common.UrlOption = None, as_json: common.JsonOption = False) -> None:
+    """Bring an Agents SDK AdvancedSQLiteSession database under turnstore's migrations.
+
+    Only adds (tables, an index, branch reservations, the version record); no row changes.
+    Other applications' tables are left alone. Back the file up first.
+    """
+    target = common.resolve_url(url)
+    _require_existing_sqlite_file(target)
+    found = asyncio.run(migrate.adopt(target))
+    after = asyncio.run(migrate.current(target))
+    others = (
+        f"; left {len(found.other_tables)} other table(s) alone: " + ", ".join(found.other_tables)
+        if found.other_tables
+        else ""
+    )
+    data = {
+        "found": found.kind.value,
+        "other_tables": list(found.other_tables),
+        "after": list(after),
+        "head": migrate.head(),
+    }
+    text = f"adopted {_FOUND[found.kind.value]}; now at {_revisions(after)}{others}"
+    common.emit(data, text, as_json=as_json)
+
+
+@db.command()
+def history(as_json: common.JsonOption = False) -> None:
+    """List turnstore's migrations, oldest first (needs no database)."""
+    infos = migrate.history()
+    data = [
+        {
+            "revision": info.revision,
+            "down_revision": info.down_revision,
+            "description": info.description,
+            "is_head": info.is_head,
+        }
+        for info in infos
+    ]
+
+    def text() -> None:
+        for info in infos:
             marker = " (head)" if info.is_head else ""
             origin = info.down_revision or "<base>"
-            print(f"{origin} -> {info.revision}{marker}: {info.description}")
-        return
-    url: str | None = args.url
-    if not url:
-        raise InvalidArgumentError(f"No database URL: pass --url or set {migrate.URL_VARIABLE}")
-    if command == "upgrade" and args.sql:
-        sys.stdout.write(migrate.upgrade_sql(url, args.revision, from_revision=args.from_revision))
-        return
-    if args.from_revision if command == "upgrade" else False:
-        raise InvalidArgumentError("--from only applies together with --sql")
-    handlers: dict[str, Callable[[], None]] = {
-        "upgrade": lambda: asyncio.run(migrate.upgrade(url, args.revision)),
-        "downgrade": lambda: asyncio.run(migrate.downgrade(url, args.revision)),
-        "stamp": lambda: asyncio.run(migrate.stamp(url, args.revision)),
-        "current": lambda: _print_current(url),
-        "adopt": lambda: _adopt(url),
-    }
-    handlers[command]()
+            common.line(f"{origin} -> {info.revision}{marker}: {info.description}")
 
-
-def _print_current(url: str) -> None:
-    revisions = asyncio.run(migrate.current(url))
-    if not revisions:
-        print("<none>")
-    head = migrate.head()
-    for revision in revisions:
-        print(f"{revision} (head)" if revision == head else revision)
-
-
-def _adopt(url: str) -> None:
-    found = asyncio.run(migrate.adopt(url))
-    print(f"adopted a {found.kind.value} database; now at {migrate.head()}")
+    common.emit(data, text, as_json=as_json)

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from turnstore.cli import common
+from turnstore.errors import DatabaseUnavailableError, MissingExtraError
 from turnstore.session import AdvancedSQLiteSession
+
+DEMO_SESSION = "demo"
+DEFAULT_DB = Path("turnstore-demo.db")
 
 # (user input, tool call or None, final answer, input tokens, output tokens)
 _Script = tuple[str, tuple[str, dict[str, str]] | None, str, int, int]
@@ -36,6 +45,89 @@ def _fresh_file(db_path: Path) -> None:
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
 
 
+def register(app: typer.Typer) -> None:
+    """Add the ``demo`` command to ``app``."""
+    app.command(name="demo")(demo)
+
+
+def demo(
+    db: Annotated[
+        Path,
+        typer.Option(
+            "--db",
+            help=(
+                "SQLite file to write; a previous demo file is replaced, any other database "
+                "only with --yes. Example: --db /tmp/demo.db"
+            ),
+        ),
+    ] = DEFAULT_DB,
+    yes: common.YesOption = False,
+) -> None:
+    """Play a branching conversation with a scripted model on a local SQLite file.
+
+    The Agents SDK's real Runner with its ScriptedModel (no network, no API key) plays the
+    documented branch workflow, then the branches and the usage table are printed.
+    """
+    check_target(db, yes=yes)
+    asyncio.run(run_demo(db, common.line))
+    common.success(f"demo written to {db}")
+    for step in next_steps(db):
+        common.line(step)
+
+
+def next_steps(db_path: Path) -> list[str]:
+    """What to try after the demo, one printed line each (append new commands here)."""
+    url = f"sqlite+aiosqlite:///{db_path}"
+    return [
+        "Next:",
+        f"  turnstore db current --url {url}    # the file is under migrations",
+        "  README.md, 'Your first conversation': the same with your own agent",
+    ]
+
+
+def _demo_sessions(db_path: Path) -> set[str] | None:
+    """The session ids in an existing file, or ``None`` if it is not a session database."""
+    try:
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+            if "agent_sessions" not in tables:
+                return None if tables else set()
+            return {row[0] for row in conn.execute("SELECT session_id FROM agent_sessions")}
+    except sqlite3.DatabaseError:
+        return None
+
+
+def check_target(db_path: Path, *, yes: bool) -> None:
+    """Refuse a path the demo cannot or should not write.
+
+    Raises:
+        DatabaseUnavailableError: The folder does not exist.
+        ConfirmationRequiredError: The file holds something other than an earlier demo, and
+            neither ``--yes`` nor a person on a terminal said to replace it.
+    """
+    folder = db_path.expanduser().resolve().parent
+    if not folder.is_dir():
+        raise DatabaseUnavailableError(
+            f"Cannot write {db_path}: the folder {folder} does not exist",
+            fix=f"mkdir -p {folder}",
+        )
+    if not db_path.exists() or db_path.stat().st_size == 0:
+        return
+    sessions = _demo_sessions(db_path)
+    if sessions is not None and sessions <= {DEMO_SESSION}:
+        return  # an earlier demo: replaced without asking
+    what = (
+        "is not a conversation database"
+        if sessions is None
+        else f"holds {len(sessions)} conversation(s) other than the demo's"
+    )
+    common.confirm(
+        f"{db_path} {what}. Replace it with the demo?",
+        yes=yes,
+        refusal=f"{db_path} {what} and the demo would replace it (or pick another --db)",
+    )
+
+
 async def run_demo(db_path: Path, out: Callable[[str], None] = print) -> None:
     """Play the workflow on ``db_path`` (replacing it) and print branches and usage."""
     try:
@@ -43,7 +135,9 @@ async def run_demo(db_path: Path, out: Callable[[str], None] = print) -> None:
         from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
         from agents.usage import Usage
     except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise SystemExit("The demo needs the Agents SDK: pip install 'turnstore[agents]'") from exc
+        raise MissingExtraError(
+            "The demo needs the Agents SDK: pip install 'turnstore[agents]'"
+        ) from exc
 
     os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
     await asyncio.to_thread(_fresh_file, db_path)
@@ -81,7 +175,7 @@ async def run_demo(db_path: Path, out: Callable[[str], None] = print) -> None:
         out(f"  user: {step[0]}\n  assistant: {result.final_output}")
 
     async with AdvancedSQLiteSession(
-        session_id="demo", db_path=db_path, create_tables=True
+        session_id=DEMO_SESSION, db_path=db_path, create_tables=True
     ) as session:
         out(f"Conversation on main ({db_path}):")
         for step in MAIN_TURNS:

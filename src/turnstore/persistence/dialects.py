@@ -8,6 +8,7 @@ the dialect name.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -17,13 +18,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
+    BigInteger,
     Column,
+    Integer,
+    String,
     Table,
+    and_,
+    cast,
     event,
     func,
     insert,
+    literal,
     literal_column,
+    not_,
+    or_,
     select,
+    true,
+    tuple_,
 )
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -44,6 +55,19 @@ if TYPE_CHECKING:
     from turnstore.persistence.models import StoreTables
 
 from turnstore.persistence.types import _MYSQL_CHARSET
+
+#: A value a metadata filter may compare with.
+JSONScalar = str | int | float | bool | None
+
+
+def _containment_fragments(wanted: Mapping[str, JSONScalar]) -> tuple[str, list[str]]:
+    """JSON for "document contains these members" and, per key, "contains an array there".
+
+    Containment of a scalar member is equality, except that an array holding the scalar
+    contains it too; a document whose member is an array contains ``{key: []}``, which rules
+    those out.
+    """
+    return json.dumps(dict(wanted)), [json.dumps({key: []}) for key in wanted]
 
 
 @dataclass(frozen=True)
@@ -93,10 +117,35 @@ class DialectProfile:
     read_execution_options: ClassVar[Mapping[str, Any]] = {}
     max_identifier_length: ClassVar[int | None] = None
     session_scoped_keys: ClassVar[bool] = False
+    # The asyncio drivers turnstore supports, first the recommended one, each with the
+    # turnstore extra that installs it (None: a core dependency, or no extra ships it).
+    async_drivers: ClassVar[Mapping[str, str | None]] = {}
 
     def insert(self, table: Table) -> Insert:
         """Return the dialect's INSERT construct (with its upsert extensions) for ``table``."""
         raise NotImplementedError
+
+    def driver_hint(self, url: URL) -> str:
+        """What to install or write so that ``url``'s driver can be loaded.
+
+        Names the turnstore extra for a supported driver that is not installed, and the
+        recommended asyncio driver for a URL naming another (or no) driver.
+        """
+        driver = url.get_driver_name()
+        backend = url.get_backend_name()
+        if driver in self.async_drivers:
+            extra = self.async_drivers[driver]
+            install = f"pip install 'turnstore[{extra}]'" if extra else f"pip install {driver}"
+            return f"the {driver} driver is not installed: {install}"
+        recommended = next(iter(self.async_drivers), None)
+        if recommended is None:
+            return f"turnstore has no asyncio driver for {backend}"
+        extra = self.async_drivers[recommended]
+        install = f" (pip install 'turnstore[{extra}]')" if extra else ""
+        return (
+            f"turnstore needs an asyncio driver, not {driver}: "
+            f"use {backend}+{recommended}://...{install}"
+        )
 
     def upsert(
         self,
@@ -106,6 +155,7 @@ class DialectProfile:
         updates: Mapping[str, Any] | None = None,
         *,
         take_new_values: Sequence[str] = (),
+        take_later_values: Sequence[str] = (),
     ) -> Insert:
         """INSERT one row, or UPDATE the row that has the same ``conflict_columns``.
 
@@ -115,8 +165,22 @@ class DialectProfile:
             conflict_columns: Columns of the unique key that identifies an existing row.
             updates: Column assignments applied to an existing row (SQL expressions allowed).
             take_new_values: Columns of an existing row to overwrite with the new row's values.
+            take_later_values: Columns of an existing row to move forward to the new row's
+                value where that is greater (:meth:`later_of`).
+
+        Only the new row's values and the existing row's columns appear in the assignments:
+        Citus refuses functions that are not immutable there (``CURRENT_TIMESTAMP`` and the
+        like), so any time must come in through ``values``.
         """
         raise NotImplementedError
+
+    def later_of(self, new: ColumnElement[Any], stored: ColumnElement[Any]) -> ColumnElement[Any]:
+        """The greater of two values (``GREATEST``), as an expression Citus accepts anywhere.
+
+        Citus refuses functions that are not immutable inside ``CASE``, so "the later time"
+        is spelled with the dialect's own greatest-of function.
+        """
+        return func.greatest(new, stored)
 
     def insert_if_absent(self, table: Table, conflict_columns: Sequence[str]) -> Insert:
         """INSERT that silently skips rows whose ``conflict_columns`` already exist."""
@@ -206,9 +270,47 @@ class DialectProfile:
         """A way to run single statements on the driver itself, bypassing SQLAlchemy."""
         return None
 
+    def missing_file(self, url: URL) -> Path | None:
+        """The database file ``url`` names, if it is a file that does not exist yet.
+
+        Read-only commands check it so that they never create a database by connecting.
+        """
+        return None
+
     def unreachable_reason(self, url: URL) -> str | None:
         """Why connecting to ``url`` must fail, when that is knowable without connecting."""
         return None
+
+    def now_micros(self) -> ColumnElement[int]:
+        """The database clock's current time, in microseconds since the Unix epoch (UTC)."""
+        raise NotImplementedError
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """A stored ``TIMESTAMP_UTC`` value in microseconds since the Unix epoch."""
+        raise NotImplementedError
+
+    def keyset_before(
+        self, columns: Sequence[ColumnElement[Any]], values: Sequence[Any]
+    ) -> ColumnElement[bool]:
+        """``columns`` sort strictly before ``values`` (a keyset position), as an index range.
+
+        A row-value comparison, which SQLite and Postgres turn into one range of an index on
+        ``columns``.
+        """
+        return tuple_(*columns) < tuple_(
+            *(literal(v, c.type) for c, v in zip(columns, values, strict=True))
+        )
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """Each top-level key of ``wanted`` holds the equal JSON scalar in ``document``.
+
+        Equality is JSON's on every database: strings compare exactly (case and accents
+        count), numbers by value (``1`` equals ``1.0``), ``true`` is not ``1``, and ``None``
+        matches a stored ``null`` only, not a missing key.
+        """
+        raise NotImplementedError
 
 
 class _OnConflictProfile(DialectProfile):
@@ -230,11 +332,18 @@ class _OnConflictProfile(DialectProfile):
         updates: Mapping[str, Any] | None = None,
         *,
         take_new_values: Sequence[str] = (),
+        take_later_values: Sequence[str] = (),
     ) -> Insert:
         """INSERT ... ON CONFLICT DO UPDATE."""
         stmt = self.insert(table).values(**values)
         assignments = dict(updates or {})
         assignments.update({column: stmt.excluded[column] for column in take_new_values})
+        assignments.update(
+            {
+                column: self.later_of(stmt.excluded[column], table.c[column])
+                for column in take_later_values
+            }
+        )
         return stmt.on_conflict_do_update(index_elements=list(conflict_columns), set_=assignments)
 
     def insert_if_absent(self, table: Table, conflict_columns: Sequence[str]) -> Insert:
@@ -246,6 +355,7 @@ class SQLiteProfile(_OnConflictProfile):
     """SQLite: one writer at a time, WAL for concurrent readers, foreign keys switched on."""
 
     name = "sqlite"
+    async_drivers: ClassVar[Mapping[str, str | None]] = {"aiosqlite": None}
     serializes_writers_in_process = True
     lock_statement_may_read = True
     runs_prepared_statements_directly = True
@@ -320,6 +430,14 @@ class SQLiteProfile(_OnConflictProfile):
         """The database write lock also serializes DDL."""
         self.begin_write(conn)
 
+    def missing_file(self, url: URL) -> Path | None:
+        """The database file ``url`` names, if it does not exist (connecting would create it)."""
+        database = url.database
+        if database in (None, "", ":memory:") or database.startswith("file:"):
+            return None
+        path = Path(database).expanduser()
+        return None if path.exists() else path
+
     def unreachable_reason(self, url: URL) -> str | None:
         """A file in a missing directory cannot be created.
 
@@ -330,6 +448,47 @@ class SQLiteProfile(_OnConflictProfile):
             return None
         directory = Path(url.database).expanduser().resolve().parent
         return None if directory.is_dir() else f"directory {directory} does not exist"
+
+    def later_of(self, new: ColumnElement[Any], stored: ColumnElement[Any]) -> ColumnElement[Any]:
+        """SQLite's many-argument ``max()`` is its greatest-of function."""
+        return func.max(new, stored)
+
+    def now_micros(self) -> ColumnElement[int]:
+        """Whole seconds and the milliseconds SQLite's clock has, both read from ``'now'``.
+
+        ``'now'`` is one instant throughout a statement, so the two parts agree.
+        """
+        return self.epoch_micros(literal("now"))
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """Seconds from ``strftime('%s')`` plus milliseconds from ``'%f'`` (``SS.SSS``)."""
+        seconds = cast(func.strftime("%s", timestamp), Integer)
+        millis = cast(func.substr(func.strftime("%f", timestamp), 4), Integer)
+        return cast(seconds * 1_000_000 + millis * 1000, BigInteger)
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """One ``json_each`` lookup per key, comparing the member's JSON type and value."""
+        conditions = []
+        for key, value in wanted.items():
+            members = func.json_each(document).table_valued("key", "value", "type")
+            kind = members.c.type
+            if value is None:
+                same = kind == "null"
+            elif isinstance(value, bool):
+                same = kind == ("true" if value else "false")
+            elif isinstance(value, str):
+                same = and_(kind == "text", members.c.value == literal(value, String()))
+            else:
+                same = and_(kind.in_(("integer", "real")), members.c.value == literal(value))
+            conditions.append(
+                select(literal_column("1"))
+                .select_from(members)
+                .where(members.c.key == literal(key, String()), same)
+                .exists()
+            )
+        return and_(true(), *conditions)
 
 
 @cache
@@ -370,6 +529,7 @@ class PostgresProfile(_OnConflictProfile):
 
     name = "postgresql"
     session_scoped_keys = True
+    async_drivers: ClassVar[Mapping[str, str | None]] = {"asyncpg": "postgres"}
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
     # Any fixed 64-bit key; shared by every turnstore process touching the schema.
     schema_lock_key: ClassVar[int] = 0x7475726E73746F72  # "turnstor"
@@ -429,6 +589,30 @@ class PostgresProfile(_OnConflictProfile):
         """Direct asyncpg calls, where the engine's driver is asyncpg."""
         return AsyncpgCalls(engine) if engine.dialect.driver == "asyncpg" else None
 
+    def now_micros(self) -> ColumnElement[int]:
+        """``statement_timestamp()``: the time of the statement, not of the transaction's start.
+
+        Not ``clock_timestamp()``: Citus refuses volatile functions in an UPDATE of a
+        distributed table, and evaluates stable ones like this on the coordinator.
+        """
+        return self.epoch_micros(func.statement_timestamp())
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """``EXTRACT(EPOCH ...)`` is exact (numeric) for timestamps with time zone."""
+        return cast(func.extract("epoch", timestamp) * 1_000_000, BigInteger)
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """JSONB containment (``@>``), excluding array members (see ``_containment_fragments``)."""
+        members, arrays = _containment_fragments(wanted)
+        conditions = [document.op("@>")(cast(literal(members, String()), postgresql.JSONB))]
+        conditions += [
+            not_(document.op("@>")(cast(literal(fragment, String()), postgresql.JSONB)))
+            for fragment in arrays
+        ]
+        return and_(*conditions)
+
 
 def _replace_closed_connection(
     dbapi_connection: Any, _connection_record: Any, _connection_proxy: Any
@@ -455,6 +639,7 @@ class MySQLProfile(DialectProfile):
 
     name = "mysql"
     session_scoped_keys = True
+    async_drivers: ClassVar[Mapping[str, str | None]] = {"asyncmy": "mysql", "aiomysql": None}
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
     max_identifier_length: ClassVar[int | None] = 255  # IDENTIFIER is VARCHAR(255) here
     schema_lock_timeout_seconds: ClassVar[int] = 300
@@ -477,6 +662,7 @@ class MySQLProfile(DialectProfile):
         updates: Mapping[str, Any] | None = None,
         *,
         take_new_values: Sequence[str] = (),
+        take_later_values: Sequence[str] = (),
     ) -> Insert:
         """INSERT ... ON DUPLICATE KEY UPDATE (takes the row lock on conflict).
 
@@ -487,6 +673,12 @@ class MySQLProfile(DialectProfile):
         stmt = mysql.insert(table).values(**values)
         assignments = dict(updates or {})
         assignments.update({column: stmt.inserted[column] for column in take_new_values})
+        assignments.update(
+            {
+                column: self.later_of(stmt.inserted[column], table.c[column])
+                for column in take_later_values
+            }
+        )
         return stmt.on_duplicate_key_update(assignments)
 
     def insert_if_absent(self, table: Table, conflict_columns: Sequence[str]) -> Insert:
@@ -601,6 +793,43 @@ class MySQLProfile(DialectProfile):
             )
         info = conn.info
         info[self._LOCK_COUNT_KEY] = info.get(self._LOCK_COUNT_KEY, 0) + 1
+
+    def now_micros(self) -> ColumnElement[int]:
+        """Microseconds since the epoch of ``UTC_TIMESTAMP(6)``, whatever the session's zone."""
+        return self.epoch_micros(func.utc_timestamp(6))
+
+    def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
+        """``TIMESTAMPDIFF`` from the epoch: stored DATETIMEs are UTC wall times."""
+        return func.timestampdiff(
+            literal_column("MICROSECOND"), literal_column("'1970-01-01 00:00:00'"), timestamp
+        )
+
+    def keyset_before(
+        self, columns: Sequence[ColumnElement[Any]], values: Sequence[Any]
+    ) -> ColumnElement[bool]:
+        """The comparison spelt out as ``a < x OR (a = x AND b < y)``.
+
+        MariaDB and MySQL evaluate a row-value comparison row by row along the index instead
+        of seeking to it, so a deep page would cost as much as every page before it; the
+        spelt-out form becomes index ranges.
+        """
+        bound = [literal(v, c.type) for c, v in zip(columns, values, strict=True)]
+        alternatives = []
+        for position in range(len(columns)):
+            equal = [columns[i] == bound[i] for i in range(position)]
+            alternatives.append(and_(*equal, columns[position] < bound[position]))
+        return or_(*alternatives)
+
+    def metadata_matches(
+        self, document: ColumnElement[Any], wanted: Mapping[str, JSONScalar]
+    ) -> ColumnElement[bool]:
+        """``JSON_CONTAINS``, excluding array members (see ``_containment_fragments``)."""
+        members, arrays = _containment_fragments(wanted)
+        conditions = [func.json_contains(document, literal(members, String())) == 1]
+        conditions += [
+            func.json_contains(document, literal(fragment, String())) == 0 for fragment in arrays
+        ]
+        return and_(*conditions)
 
 
 def _configure_mysql_connection(dbapi_connection: Any, _connection_record: Any) -> None:

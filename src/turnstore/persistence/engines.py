@@ -72,6 +72,8 @@ class EngineHandle:
         ready_schemas: Table sets known to exist on this database.
         routines: Server functions known to exist, by table set (see
             :mod:`turnstore.persistence.server_routines`).
+        without_info: Table sets whose database predates the session info table (migration
+            0005): sessions work, the store's features refuse.
         driver_calls: Runs single statements on the driver itself, where the engine's
             driver allows it (``None`` elsewhere).
         schema_lock: Serializes schema preparation within the loop.
@@ -84,6 +86,7 @@ class EngineHandle:
     users: int = 0
     ready_schemas: set[Hashable] = field(default_factory=set)
     routines: dict[Hashable, ServerRoutines] = field(default_factory=dict)
+    without_info: set[Hashable] = field(default_factory=set)
     driver_calls: AsyncpgCalls | None = None
     schema_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -375,6 +378,12 @@ def acquire_for_engine(engine: AsyncEngine) -> EngineHandle:
         handle = handles[engine] = AsyncEngineHandle(
             engine, profile_for(engine.dialect.name), owned=False
         )
+    handle.users += 1
+    return handle
+
+
+def share(handle: EngineHandle) -> EngineHandle:
+    """Count one more user of a handle already held (a store lending its engine to a session)."""
     handle.users += 1
     return handle
 

@@ -4,9 +4,10 @@ The four documented tables of the SDK's ``AdvancedSQLiteSession`` (``agent_sessi
 ``agent_messages``, ``message_structure``, ``turn_usage``) with their documented columns, defaults,
 foreign keys, unique constraint and index names, so a database written by the SDK opens and
 continues; plus the two bookkeeping tables newer SDK versions add (``branch_reservations``,
-``session_clear_generations``) and one index of turnstore's own
-(``idx_structure_message_session``) that keeps branch and message deletion from scanning a
-whole session.
+``session_clear_generations``), one index of turnstore's own (``idx_structure_message_session``)
+that keeps branch and message deletion from scanning a whole session, and one table of
+turnstore's own, ``turnstore_session_info``: each session's owner, title, metadata and last
+activity, which the store lists and expires sessions by (see :mod:`turnstore.store`).
 
 Like the SDK, the two base tables may be renamed per session (``sessions_table`` /
 ``messages_table``); :func:`tables_for` builds the table set for such a pair. The declarative
@@ -29,6 +30,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     ForeignKey,
     ForeignKeyConstraint,
@@ -60,6 +62,7 @@ STRUCTURE_TABLE = "message_structure"
 USAGE_TABLE = "turn_usage"
 RESERVATIONS_TABLE = "branch_reservations"
 GENERATIONS_TABLE = "session_clear_generations"
+SESSION_INFO_TABLE = "turnstore_session_info"
 
 # Explicit names make constraints addressable by migrations on every dialect; the documented
 # index names are given explicitly below and are not affected.
@@ -72,7 +75,11 @@ NAMING_CONVENTION: dict[str, str] = {
 }
 
 _PLAIN_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_FIXED_TABLES = frozenset({STRUCTURE_TABLE, USAGE_TABLE, RESERVATIONS_TABLE, GENERATIONS_TABLE})
+_FIXED_TABLES = frozenset(
+    {STRUCTURE_TABLE, USAGE_TABLE, RESERVATIONS_TABLE, GENERATIONS_TABLE, SESSION_INFO_TABLE}
+)
+#: Longest ``title`` a session may carry, in characters (MySQL's TEXT holds 64 KiB of bytes).
+MAX_TITLE_LENGTH = 1000
 _NOW = text("CURRENT_TIMESTAMP")
 
 
@@ -86,6 +93,7 @@ class StoreTables:
     usage: Table
     reservations: Table
     generations: Table
+    info: Table
 
     @property
     def session_scoped_keys(self) -> bool:
@@ -122,6 +130,7 @@ class StoreTables:
             "structure_table": self.structure.name,
             "usage_table": self.usage.name,
             "generations_table": self.generations.name,
+            "info_table": self.info.name,
         }
 
     @property
@@ -293,7 +302,25 @@ def define_tables(
         Column("generation", Integer, nullable=False, server_default=text("0")),
         **TABLE_OPTIONS,
     )
-    return StoreTables(sessions, messages, structure, usage, reservations, generations)
+    # Not keyed to the sessions table: a session keeps its info across clear_session (which
+    # deletes the sessions row), and info may be set before the first item is written.
+    # Times are microseconds since the Unix epoch (UTC), stamped by the database's clock:
+    # exact in listing cursors and comparable the same way on every database.
+    info = Table(
+        SESSION_INFO_TABLE,
+        metadata,
+        Column("session_id", IDENTIFIER, primary_key=True),
+        Column("user_id", IDENTIFIER),
+        Column("title", Text),
+        Column("metadata", JSONDocument()),
+        Column("created_at_us", BigInteger, nullable=False),
+        Column("last_activity_us", BigInteger, nullable=False),
+        # Newest first is a backward scan of either index; session_id breaks ties.
+        Index("idx_session_info_activity", "last_activity_us", "session_id"),
+        Index("idx_session_info_user_activity", "user_id", "last_activity_us", "session_id"),
+        **TABLE_OPTIONS,
+    )
+    return StoreTables(sessions, messages, structure, usage, reservations, generations, info)
 
 
 def created_on(item: object, dialect_name: str) -> bool:

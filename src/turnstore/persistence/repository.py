@@ -32,6 +32,7 @@ from sqlalchemy import (
     select,
     type_coerce,
     union_all,
+    update,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import Executable, Select
@@ -44,7 +45,7 @@ from turnstore.errors import (
     SchemaMissingError,
     TurnNotFoundError,
 )
-from turnstore.persistence import server_routines
+from turnstore.persistence import rewrite, server_routines
 from turnstore.persistence.dialects import DialectProfile
 from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.engines import EngineHandle
@@ -78,6 +79,29 @@ class NewMessage:
     message_type: str
     tool_name: str | None
     is_user_message: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InfoDefaults:
+    """What a write stores as a session's info when the session has none yet.
+
+    Attributes:
+        user_id: The owner.
+        title: The title.
+        metadata: The metadata, a JSON-serializable dict (validated by the caller).
+    """
+
+    user_id: str | None = None
+    title: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def given(self) -> bool:
+        """Whether any value is set (such a session needs the info table)."""
+        return self.user_id is not None or self.title is not None or self.metadata is not None
+
+
+NO_INFO = InfoDefaults()
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +250,30 @@ class _Statements:
             tables.sessions, {"session_id": sid}, ["session_id"], take_new_values=["updated_at"]
         )
         self.touch_session = prepared(touch_session)
+        # The session's info: created by a write when missing (with the writer's defaults),
+        # its last activity moved forward, never back, by every write.
+        i = tables.info
+        now = profile.now_micros()
+        self.touch_info = prepared(
+            profile.upsert(
+                i,
+                {
+                    "session_id": sid,
+                    "user_id": bindparam("owner", type_=i.c.user_id.type),
+                    "title": bindparam("title", type_=i.c.title.type),
+                    "metadata": bindparam("metadata", type_=i.c["metadata"].type),
+                    "created_at_us": now,
+                    "last_activity_us": now,
+                },
+                ["session_id"],
+                take_later_values=["last_activity_us"],
+            )
+        )
+        self.bump_info = prepared(
+            update(i)
+            .where(i.c.session_id == sid)
+            .values(last_activity_us=profile.later_of(now, i.c.last_activity_us))
+        )
         self.lock_session = prepared(
             select(tables.sessions.c.session_id)
             .where(tables.sessions.c.session_id == sid)
@@ -424,12 +472,56 @@ def _statements(tables: StoreTables, profile: DialectProfile) -> _Statements:
 class ConversationRepository:
     """Reads and writes conversations in one store (an engine and a table set)."""
 
-    def __init__(self, handle: EngineHandle, tables: StoreTables) -> None:
+    def __init__(
+        self, handle: EngineHandle, tables: StoreTables, info: InfoDefaults = NO_INFO
+    ) -> None:
         self._handle = handle
         self._profile = handle.profile
         # Callers name the tables; the database's dialect decides their key layout.
         self._t = tables.with_keys(handle.profile.session_scoped_keys)
         self._q = _statements(self._t, handle.profile)
+        self._info = info
+        self._info_params = {
+            "owner": info.user_id,
+            "title": info.title,
+            "metadata": info.metadata,
+        }
+        self._info_arguments = (
+            info.user_id,
+            info.title,
+            server_routines.json_argument(info.metadata),
+        )
+
+    @property
+    def has_info_table(self) -> bool:
+        """Whether the database has the session info table (known once the schema is ready)."""
+        return self._t.metadata not in self._handle.without_info
+
+    def require_info_table(self) -> None:
+        """Refuse a store feature on a database that predates the session info table.
+
+        Raises:
+            SchemaMissingError: The table is missing.
+        """
+        if not self.has_info_table:
+            raise SchemaMissingError(
+                f"The database lacks turnstore's {self._t.info.name} table, which session "
+                "owners, titles, metadata and the store's listings need. Upgrade the schema "
+                "(turnstore db upgrade, or migration 0005), or open the session with "
+                "create_tables=True."
+            )
+
+    def _touch_info(self, conn: Connection, session_id: str) -> None:
+        """Inside a write: create the session's info if missing, move its activity forward."""
+        if self.has_info_table:
+            self._q.touch_info.execute(conn, {"sid": session_id, **self._info_params})
+        elif self._info.given:
+            self.require_info_table()
+
+    def _bump_info(self, conn: Connection, session_id: str) -> None:
+        """Inside a write: move an existing info row's activity forward (creating none)."""
+        if self.has_info_table:
+            self._q.bump_info.execute(conn, {"sid": session_id})
 
     # -- schema --------------------------------------------------------------------------
 
@@ -465,8 +557,14 @@ class ConversationRepository:
                 await handle.write(
                     lambda conn: self._create_missing(conn, migrate_default, distribute)
                 )
+                handle.without_info.discard(key)
             else:
                 missing = await handle.read(self._missing_tables)
+                # A schema from before migration 0005 serves sessions; only the features
+                # that need the info table refuse (require_info_table).
+                if missing == [self._t.info.name]:
+                    handle.without_info.add(key)
+                    missing = []
                 if missing:
                     raise SchemaMissingError(
                         f"The database lacks turnstore's tables ({', '.join(missing)}). Pass "
@@ -477,7 +575,11 @@ class ConversationRepository:
 
     async def _find_routines(self) -> None:
         """Use the newest server functions the database has for appends and usage, if any."""
-        versions = self._profile.server_routines(self._t)
+        released = self._profile.server_routines(self._t)
+        versions = released
+        if not self.has_info_table:
+            # Functions that keep the info table cannot run without it.
+            versions = tuple(routines for routines in versions if not routines.maintains_info)
         if not versions or self._handle.driver_calls is None:
             return
         presence = ", ".join(f"({routines.presence_query})" for routines in versions)
@@ -487,12 +589,12 @@ class ConversationRepository:
         found = [routines for routines, here in zip(versions, present, strict=True) if here]
         if found:
             self._handle.routines[self._t.metadata] = found[0]
-            if found[0] is not versions[0]:
+            if found[0] is not released[0]:
                 logger.info(
                     "Using version %s of turnstore's server functions; upgrading the database "
                     "(turnstore db upgrade) adds version %s.",
                     found[0].version,
-                    versions[0].version,
+                    released[0].version,
                 )
         else:
             newest = versions[0]
@@ -641,6 +743,10 @@ class ConversationRepository:
             pointer.generation,
             [(m.data, m.message_type, m.is_user_message, m.tool_name) for m in messages],
         )
+        if routines.maintains_info:
+            arguments += self._info_arguments
+        elif self._info.given:
+            self.require_info_table()
         rows = await calls.fetch(routines.append_call, arguments, writes=True)
         branch_id, generation = rows[0]
         return BranchPointer(branch_id, generation)
@@ -690,17 +796,36 @@ class ConversationRepository:
                 }
             )
         q.insert_structure.execute_many(conn, rows)
+        self._touch_info(conn, session_id)
         return BranchPointer(branch_id, generation)
 
-    async def pop_latest(self, session_id: str, branch_id: str) -> PoppedItem | None:
+    async def pop_latest(
+        self,
+        session_id: str,
+        branch_id: str,
+        check: Callable[[str | None], None] | None = None,
+    ) -> PoppedItem | None:
         """Remove the newest item of a branch; ``None`` when the branch is empty.
 
         The message row itself is deleted only when no other branch shares it, and the turn's
         usage row goes when its last item does.
-        """
-        return await self._handle.write(self._pop_latest, session_id, branch_id)
 
-    def _pop_latest(self, conn: Connection, session_id: str, branch_id: str) -> PoppedItem | None:
+        Args:
+            session_id: The session.
+            branch_id: The branch.
+            check: Called with the newest item's stored text (``None`` if its message is
+                gone) inside the transaction, before anything is deleted; whatever it raises
+                rolls the transaction back and propagates, leaving the item where it was.
+        """
+        return await self._handle.write(self._pop_latest, session_id, branch_id, check)
+
+    def _pop_latest(
+        self,
+        conn: Connection,
+        session_id: str,
+        branch_id: str,
+        check: Callable[[str | None], None] | None = None,
+    ) -> PoppedItem | None:
         s, m, u = self._t.structure, self._t.messages, self._t.usage
         if self._q.lock_session.scalar(conn, {"sid": session_id}) is None:
             return None
@@ -713,6 +838,8 @@ class ConversationRepository:
         ).first()
         if row is None:
             return None
+        if check is not None:
+            check(row.message_data)
         conn.execute(delete(s).where(s.c.session_id == session_id, s.c.id == row.id))
         conn.execute(
             delete(m).where(
@@ -735,7 +862,106 @@ class ConversationRepository:
                     ~exists().where(*in_turn),
                 )
             )
+        self._touch_info(conn, session_id)
         return PoppedItem(row.message_data)
+
+    # -- compaction ----------------------------------------------------------------------
+
+    async def branch_tail(self, session_id: str, branch_id: str, limit: int) -> rewrite.BranchTail:
+        """The newest ``limit`` items of a branch, for a later :meth:`replace_tail`."""
+        return await self._handle.read(rewrite.read_tail, self._t, session_id, branch_id, limit)
+
+    async def replace_tail(
+        self,
+        session_id: str,
+        tail: rewrite.BranchTail,
+        start: int,
+        messages: Sequence[NewMessage],
+        prunable: Callable[[str | None], bool] | None = None,
+    ) -> bool:
+        """Replace ``tail.rows[start:]`` with ``messages``, if the branch still ends with them.
+
+        One transaction: it refuses (returns ``False``, changing nothing) when the session was
+        cleared since the read or the branch no longer ends with exactly those rows (another
+        writer appended, popped or rewrote them). Other branches and all usage rows are left
+        alone; the new items are numbered as an append after the kept rows would be.
+
+        Args:
+            session_id: The session.
+            tail: What :meth:`branch_tail` read.
+            start: Index into ``tail.rows`` of the first row to replace.
+            messages: The replacement items.
+            prunable: Given a kept row's stored text, whether it may be deleted too: the
+                branch's oldest rows are deleted while it says yes (in batches of the tail's
+                size), as the SDK's encrypted sessions reclaim expired items.
+        """
+        if not tail.rows[start:]:
+            return False
+        return await self._handle.write(
+            self._replace_tail, session_id, tail, start, messages, prunable
+        )
+
+    def _replace_tail(
+        self,
+        conn: Connection,
+        session_id: str,
+        tail: rewrite.BranchTail,
+        start: int,
+        messages: Sequence[NewMessage],
+        prunable: Callable[[str | None], bool] | None,
+    ) -> bool:
+        q, t = self._q, self._t
+        if q.lock_session.scalar(conn, {"sid": session_id}) is None:
+            return False
+        generation = int(q.current_generation.scalar(conn, {"sid": session_id}) or 0)
+        expected = tail.rows[start:]
+        if generation != tail.generation or not rewrite.tail_unchanged(
+            conn, t, session_id, tail.branch_id, expected
+        ):
+            return False
+        if prunable is not None:
+            rewrite.prune_prefix(
+                conn,
+                t,
+                session_id,
+                tail.branch_id,
+                expected[0].sequence_number,
+                prunable,
+                max(len(tail.rows), 1),
+            )
+        rewrite.delete_rows(conn, t, session_id, expected)
+        rewrite.append_numbered(conn, t, self._profile, session_id, tail.branch_id, messages)
+        return True
+
+    async def replace_branch(
+        self, session_id: str, pointer: BranchPointer, messages: Sequence[NewMessage]
+    ) -> BranchPointer:
+        """Replace every item of a branch with ``messages``, in one transaction.
+
+        Other branches and all usage rows are left alone. If the session was cleared since
+        ``pointer.generation``, the branch is gone and ``main`` is written, as appends do.
+
+        Returns:
+            The branch written and the session's clear generation.
+        """
+        return await self._handle.write(self._replace_branch, session_id, pointer, messages)
+
+    def _replace_branch(
+        self,
+        conn: Connection,
+        session_id: str,
+        pointer: BranchPointer,
+        messages: Sequence[NewMessage],
+    ) -> BranchPointer:
+        q = self._q
+        q.touch_session.execute(conn, {"sid": session_id})
+        generation = int(q.current_generation.scalar(conn, {"sid": session_id}) or 0)
+        branch_id = pointer.branch_id
+        if generation != pointer.generation and branch_id != MAIN_BRANCH:
+            branch_id = MAIN_BRANCH
+        rewrite.delete_branch_rows(conn, self._t, session_id, branch_id)
+        rewrite.append_numbered(conn, self._t, self._profile, session_id, branch_id, messages)
+        return BranchPointer(branch_id, generation)
 
     async def clear(self, session_id: str) -> int:
         """Delete every row of a session, keep its branch names reserved, bump its generation.
@@ -767,6 +993,9 @@ class ConversationRepository:
                 {"generation": t.generations.c.generation + 1},
             )
         )
+        # The info (owner, title, metadata) is not history: it stays, and so does the
+        # session in the store's listings, empty and moved to the top.
+        self._bump_info(conn, session_id)
         return int(conn.scalar(select(self._q.generation), {"sid": session_id}) or 0)
 
     async def current_generation(self, session_id: str) -> int:
@@ -791,7 +1020,7 @@ class ConversationRepository:
         if one_call is None:
             return await self._handle.write(self._record_usage, session_id, pointer, usage)
         calls, routines = one_call
-        arguments = (
+        arguments: tuple[Any, ...] = (
             session_id,
             pointer.branch_id,
             pointer.generation,
@@ -802,6 +1031,8 @@ class ConversationRepository:
             server_routines.json_argument(usage.input_tokens_details),
             server_routines.json_argument(usage.output_tokens_details),
         )
+        if routines.maintains_info:
+            arguments += self._info_arguments
         rows = await calls.fetch(routines.usage_call, arguments, writes=True)
         turn = rows[0][0]
         return None if turn is None else int(turn)
@@ -835,6 +1066,7 @@ class ConversationRepository:
                 "output_tokens_details": usage.output_tokens_details,
             },
         )
+        self._touch_info(conn, session_id)
         return int(turn)
 
     async def session_usage(
@@ -950,6 +1182,7 @@ class ConversationRepository:
         copied = q.copy_branch.execute(
             conn, {**source_params, "new_branch": new_branch, "after": after}
         )
+        self._touch_info(conn, session_id)
         return CreatedBranch(new_branch, source_branch, generation, copied)
 
     def _reserve_branch_name(
@@ -1020,6 +1253,7 @@ class ConversationRepository:
             )
         ).rowcount
         conn.execute(delete(s).where(*in_branch))
+        self._touch_info(conn, session_id)
         return DeletedBranch(int(structure_rows), usage_rows, messages)
 
     async def list_branches(self, session_id: str) -> list[BranchSummary]:

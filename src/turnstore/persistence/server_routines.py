@@ -22,7 +22,7 @@ statistics; on a table it has not analyzed yet (a new database, or one autovacuu
 reached), Postgres may plan ``max()`` as an aggregate over every row of the branch, which made
 each append and usage write cost more as the history grew.
 
-Version 3 (migration 0008) is version 2 with upserts that set only the new row's values
+Version 5 (migration 0008) is version 3 with upserts that set only the new row's values
 (``SET updated_at = EXCLUDED.updated_at``) instead of calling ``CURRENT_TIMESTAMP``: Citus
 refuses non-immutable functions in ``DO UPDATE SET`` on distributed tables. It is the first
 version that runs on Citus (:data:`FIRST_DISTRIBUTABLE_VERSION`), where it is distributed by its
@@ -37,17 +37,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-VERSION = 3
-#: Every released version, newest first.
-VERSIONS = (3, 2, 1)
+VERSION = 5
+#: Every released version, newest first. (Version 4 is the usage release's.)
+VERSIONS = (5, 3, 2, 1)
 #: The oldest version whose bodies run on Citus's distributed tables.
-FIRST_DISTRIBUTABLE_VERSION = 3
+FIRST_DISTRIBUTABLE_VERSION = 5
 #: The argument the functions are distributed by on Citus (the session id).
 DISTRIBUTION_ARGUMENT = "p_session"
 
-# Argument types, in order; also the signature ``to_regprocedure`` looks up.
+# Argument types, in order; also the signature ``to_regprocedure`` looks up. Version 3 adds
+# the session info a write creates when the session has none: owner, title, metadata.
 _APPEND_ARGUMENTS = "text, text, integer, text[], text[], boolean[], text[]"
 _USAGE_ARGUMENTS = "text, text, integer, integer, integer, integer, integer, text, text"
+_INFO_ARGUMENTS = ", text, text, text"
+#: The first version that maintains ``turnstore_session_info``.
+INFO_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -65,27 +69,32 @@ class ServerRoutines:
     version: int
 
     @property
+    def maintains_info(self) -> bool:
+        """Whether the functions keep ``turnstore_session_info`` (and take its arguments)."""
+        return self.version >= INFO_VERSION
+
+    @property
     def append_call(self) -> str:
         """SQL calling the append function; one row ``(branch_id, generation)``.
 
-        The user-message flags travel as ``text[]`` (``t``/``f``): asyncpg has no
-        built-in codec for ``boolean[]`` and looks its type up on every new connection, a
-        catalog query that takes over a second on a Citus coordinator.
+        The user-message flags travel as ``text[]`` (``t``/``f``): asyncpg has no built-in
+        codec for ``boolean[]`` and looks its type up on every new connection, a catalog query
+        that takes over a second on a Citus coordinator.
         """
-        return f"SELECT * FROM {self.append_name}($1, $2, $3, $4, $5, $6::text[]::boolean[], $7)"
+        arguments = _placeholders(10 if self.maintains_info else 7)
+        flags = arguments.replace("$6,", "$6::text[]::boolean[],", 1)
+        return f"SELECT * FROM {self.append_name}({flags})"
 
     @property
     def usage_call(self) -> str:
         """SQL calling the usage function; one value, the turn written or NULL."""
-        return f"SELECT {self.usage_name}($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        return f"SELECT {self.usage_name}({_placeholders(12 if self.maintains_info else 9)})"
 
     @property
     def signatures(self) -> tuple[str, str]:
         """``name(argument types)`` of both functions, as ``regprocedure`` reads them."""
-        return (
-            f"{self.append_name}({_APPEND_ARGUMENTS})",
-            f"{self.usage_name}({_USAGE_ARGUMENTS})",
-        )
+        append, usage = _signatures(self.version)
+        return f"{self.append_name}({append})", f"{self.usage_name}({usage})"
 
     @property
     def distributable(self) -> bool:
@@ -95,10 +104,21 @@ class ServerRoutines:
     @property
     def presence_query(self) -> str:
         """SQL returning whether both functions exist with the expected signatures."""
+        append, usage = _signatures(self.version)
         return (
-            f"SELECT to_regprocedure('{self.append_name}({_APPEND_ARGUMENTS})') IS NOT NULL "
-            f"AND to_regprocedure('{self.usage_name}({_USAGE_ARGUMENTS})') IS NOT NULL"
+            f"SELECT to_regprocedure('{self.append_name}({append})') IS NOT NULL "
+            f"AND to_regprocedure('{self.usage_name}({usage})') IS NOT NULL"
         )
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join(f"${number}" for number in range(1, count + 1))
+
+
+def _signatures(version: int) -> tuple[str, str]:
+    """The argument types of a version's append and usage functions."""
+    extra = _INFO_ARGUMENTS if version >= INFO_VERSION else ""
+    return _APPEND_ARGUMENTS + extra, _USAGE_ARGUMENTS + extra
 
 
 def routines_for(
@@ -139,17 +159,26 @@ def routine_ddl(
     structure_table: str,
     usage_table: str,
     generations_table: str,
+    info_table: str = "turnstore_session_info",
 ) -> list[str]:
-    """``CREATE OR REPLACE FUNCTION`` statements for the functions, in their version."""
-    build = {1: _version_1_ddl, 2: _version_2_ddl, 3: _version_3_ddl}[routines.version]
-    return build(
-        routines,
-        sessions_table=sessions_table,
-        messages_table=messages_table,
-        structure_table=structure_table,
-        usage_table=usage_table,
-        generations_table=generations_table,
-    )
+    """``CREATE OR REPLACE FUNCTION`` statements for the functions, in their version.
+
+    ``info_table`` is used from version 3 on (earlier versions predate it).
+    """
+    tables = {
+        "sessions_table": sessions_table,
+        "messages_table": messages_table,
+        "structure_table": structure_table,
+        "usage_table": usage_table,
+        "generations_table": generations_table,
+    }
+    if routines.version == 1:
+        return _version_1_ddl(routines, **tables)
+    if routines.version == 2:
+        return _version_2_ddl(routines, **tables)
+    if routines.version == 3:
+        return _version_3_ddl(routines, **tables, info_table=info_table)
+    return _version_5_ddl(routines, **tables, info_table=info_table)
 
 
 def _version_1_ddl(
@@ -364,19 +393,141 @@ def _version_3_ddl(
     structure_table: str,
     usage_table: str,
     generations_table: str,
+    info_table: str,
 ) -> list[str]:
-    """Version 3, as migration 0008 creates it: version 2 with immutable upsert assignments.
+    """Version 3, as migration 0005 creates it: version 2 that also keeps the session info.
 
-    Built from version 2's (frozen) text, so the two differ only where shown; the frozen-digest
+    Both functions take the session's owner, title and metadata (JSON text) last, used only
+    when the session has no info row yet, and move its last activity forward (never back:
+    a writer that waited for the lock may hold an earlier clock reading than the one before
+    it) in the same call.
+    """
+    latest_turn = f"""(SELECT m.user_turn_number FROM {structure_table} AS m
+            WHERE m.session_id = p_session AND m.branch_id = v_branch
+                AND m.user_turn_number IS NOT NULL
+            ORDER BY m.user_turn_number DESC LIMIT 1)"""
+    generation = f"""coalesce((SELECT g.generation FROM {generations_table} AS g
+            WHERE g.session_id = p_session), 0)"""
+    touch_info = f"""v_now := CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000 AS bigint);
+    INSERT INTO {info_table} AS i (session_id, user_id, title, metadata, created_at_us,
+            last_activity_us)
+        VALUES (p_session, p_owner, p_title, p_metadata::jsonb, v_now, v_now)
+        ON CONFLICT (session_id) DO UPDATE
+            SET last_activity_us = greatest(i.last_activity_us, EXCLUDED.last_activity_us);"""
+    append = f"""
+CREATE OR REPLACE FUNCTION {routines.append_name}(
+    p_session text, p_branch text, p_generation integer,
+    p_data text[], p_types text[], p_user boolean[], p_tools text[],
+    p_owner text, p_title text, p_metadata text)
+RETURNS TABLE (written_branch text, current_generation integer)
+LANGUAGE plpgsql VOLATILE SET enable_sort = off AS $turnstore$
+DECLARE
+    v_branch text := p_branch;
+    v_generation integer;
+    v_sequence integer;
+    v_turn integer;
+    v_message bigint;
+    v_now bigint;
+BEGIN
+    -- Creating or touching the session row takes its lock: writers of one session queue
+    -- here, and every statement below reads what the previous holder committed.
+    INSERT INTO {sessions_table} AS s (session_id) VALUES (p_session)
+        ON CONFLICT (session_id) DO UPDATE SET updated_at = CURRENT_TIMESTAMP;
+    SELECT {generation},
+        coalesce((SELECT m.sequence_number FROM {structure_table} AS m
+            WHERE m.session_id = p_session ORDER BY m.sequence_number DESC LIMIT 1), 0)
+        INTO v_generation, v_sequence;
+    -- Cleared since the caller looked: its branch is gone and the messages go to main.
+    IF v_generation <> p_generation AND v_branch <> 'main' THEN
+        v_branch := 'main';
+    END IF;
+    v_turn := coalesce({latest_turn}, 0);
+    FOR i IN 1 .. coalesce(array_length(p_data, 1), 0) LOOP
+        INSERT INTO {messages_table} (session_id, message_data)
+            VALUES (p_session, p_data[i]) RETURNING id INTO v_message;
+        v_sequence := v_sequence + 1;
+        IF p_user[i] THEN
+            v_turn := v_turn + 1;
+        END IF;
+        INSERT INTO {structure_table} (session_id, message_id, branch_id, message_type,
+                sequence_number, user_turn_number, branch_turn_number, tool_name)
+            VALUES (p_session, v_message, v_branch, p_types[i], v_sequence, v_turn, v_turn,
+                p_tools[i]);
+    END LOOP;
+    {touch_info}
+    written_branch := v_branch;
+    current_generation := v_generation;
+    RETURN NEXT;
+END
+$turnstore$"""
+    usage = f"""
+CREATE OR REPLACE FUNCTION {routines.usage_name}(
+    p_session text, p_branch text, p_generation integer, p_requests integer,
+    p_input_tokens integer, p_output_tokens integer, p_total_tokens integer,
+    p_input_details text, p_output_details text,
+    p_owner text, p_title text, p_metadata text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SET enable_sort = off AS $turnstore$
+DECLARE
+    v_branch text := p_branch;
+    v_turn integer;
+    v_generation integer;
+    v_now bigint;
+BEGIN
+    PERFORM 1 FROM {sessions_table} AS s WHERE s.session_id = p_session FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT {latest_turn},
+        {generation}
+        INTO v_turn, v_generation;
+    -- No turn yet, or cleared since the caller looked: the usage belongs to nothing stored.
+    IF v_turn IS NULL OR v_generation <> p_generation THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO {usage_table} AS u (session_id, branch_id, user_turn_number, requests,
+            input_tokens, output_tokens, total_tokens, input_tokens_details,
+            output_tokens_details)
+        VALUES (p_session, v_branch, v_turn, p_requests, p_input_tokens, p_output_tokens,
+            p_total_tokens, p_input_details::jsonb, p_output_details::jsonb)
+        ON CONFLICT (session_id, branch_id, user_turn_number) DO UPDATE SET
+            requests = EXCLUDED.requests,
+            input_tokens = EXCLUDED.input_tokens,
+            output_tokens = EXCLUDED.output_tokens,
+            total_tokens = EXCLUDED.total_tokens,
+            input_tokens_details = EXCLUDED.input_tokens_details,
+            output_tokens_details = EXCLUDED.output_tokens_details,
+            created_at = CURRENT_TIMESTAMP;
+    {touch_info}
+    RETURN v_turn;
+END
+$turnstore$"""
+    return [append.strip(), usage.strip()]
+
+
+def _version_5_ddl(
+    routines: ServerRoutines,
+    *,
+    sessions_table: str,
+    messages_table: str,
+    structure_table: str,
+    usage_table: str,
+    generations_table: str,
+    info_table: str,
+) -> list[str]:
+    """Version 5, as migration 0008 creates it: version 3 with immutable upsert assignments.
+
+    Built from version 3's (frozen) text, so the two differ only where shown; the frozen-digest
     test pins the result like every released version.
     """
-    statements = _version_2_ddl(
+    statements = _version_3_ddl(
         routines,
         sessions_table=sessions_table,
         messages_table=messages_table,
         structure_table=structure_table,
         usage_table=usage_table,
         generations_table=generations_table,
+        info_table=info_table,
     )
     changes = (
         (
@@ -390,16 +541,18 @@ def _version_3_ddl(
     )
     changed = []
     for statement, (before, after) in zip(statements, changes, strict=True):
-        assert statement.count(before) == 1, "version 2 is frozen; version 3 edits it as shown"
+        if statement.count(before) != 1:
+            raise RuntimeError("version 3 is frozen; version 5 changes it only as shown")
         changed.append(statement.replace(before, after))
     return changed
 
 
 def drop_ddl(routines: ServerRoutines) -> list[str]:
     """``DROP FUNCTION`` statements for both functions."""
+    append, usage = _signatures(routines.version)
     return [
-        f"DROP FUNCTION IF EXISTS {routines.append_name}({_APPEND_ARGUMENTS})",
-        f"DROP FUNCTION IF EXISTS {routines.usage_name}({_USAGE_ARGUMENTS})",
+        f"DROP FUNCTION IF EXISTS {routines.append_name}({append})",
+        f"DROP FUNCTION IF EXISTS {routines.usage_name}({usage})",
     ]
 
 

@@ -34,10 +34,10 @@ class Inspection:
     Attributes:
         kind: The verdict.
         store_tables: turnstore/SDK tables present.
-        other_tables: Tables that belong to neither.
+        other_tables: Tables that belong to neither (other applications'; left alone).
         incompatible: Whether a store table lacks columns turnstore needs, or history would
             be invisible to turnstore.
-        reason: Why the database is foreign (empty otherwise).
+        reason: Why turnstore cannot use the database (empty otherwise).
     """
 
     kind: DatabaseKind
@@ -73,23 +73,22 @@ def inspect_database(connection: Connection, version_table: str) -> Inspection:
                 "(a plain SQLiteSession database, not an AdvancedSQLiteSession one)"
             )
 
+    # Tables of other applications do not change the verdict: turnstore shares a database
+    # with them (its version table has a name of its own for that) and never touches them.
     if version_table in present and not problems:
         kind = DatabaseKind.TURNSTORE
-    elif problems or others:
+    elif problems:
         kind = DatabaseKind.FOREIGN
     elif store:
         kind = DatabaseKind.SDK
     else:
         kind = DatabaseKind.EMPTY
-    reasons = list(problems)
-    if others and kind is DatabaseKind.FOREIGN:
-        reasons.append(f"it holds tables that are not turnstore's: {', '.join(others)}")
     return Inspection(
         kind=kind,
         store_tables=store,
         other_tables=others,
         incompatible=bool(problems),
-        reason="; ".join(reasons),
+        reason="; ".join(problems),
         problems=tuple(problems),
     )
 

@@ -13,6 +13,7 @@ first, then in a source checkout's top-level ``migrations/`` folder.
 
 from __future__ import annotations
 
+import inspect
 import io
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,6 +37,7 @@ from turnstore.errors import (
     ForeignDatabaseError,
     InvalidArgumentError,
     MigrationError,
+    MissingExtraError,
     UnknownRevisionError,
 )
 from turnstore.persistence.dialects import DialectProfile, profile_for
@@ -49,6 +51,24 @@ SERVER_KEYS_REVISION = "0008"
 
 Target = str | URL | AsyncEngine
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Move:
+    """What :func:`upgrade` or :func:`downgrade` did.
+
+    Attributes:
+        before: The revisions recorded before (empty: none).
+        after: The revisions recorded after.
+    """
+
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+
+    @property
+    def changed(self) -> bool:
+        """Whether any migration ran."""
+        return self.before != self.after
 
 
 @dataclass(frozen=True)
@@ -200,10 +220,13 @@ async def _engine(target: Target) -> AsyncIterator[tuple[AsyncEngine, DialectPro
     profile = _profile(url)
     try:
         engine = create_async_engine(url, **profile.engine_options(url))
-    except (ImportError, InvalidRequestError, ArgumentError) as exc:
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"Cannot use {url.render_as_string(hide_password=True)!r}: {profile.driver_hint(url)}"
+        ) from exc
+    except (InvalidRequestError, ArgumentError) as exc:
         raise InvalidArgumentError(
-            f"Cannot use {url.render_as_string(hide_password=True)!r}: {_one_line(exc)}; use an "
-            "async driver such as sqlite+aiosqlite or postgresql+asyncpg"
+            f"Cannot use {url.render_as_string(hide_password=True)!r}: {profile.driver_hint(url)}"
         ) from exc
     profile.prepare_engine(engine.sync_engine)
     try:
@@ -282,8 +305,11 @@ def _alembic(
 # -- public API ----------------------------------------------------------------------------
 
 
-async def upgrade(target: Target, revision: str = "head", *, require_citus: bool = False) -> None:
+async def upgrade(target: Target, revision: str = "head", *, require_citus: bool = False) -> Move:
     """Upgrade the database to ``revision`` (serialized against concurrent upgrades).
+
+    Tables of other applications in the same database are left alone. A database holding the
+    Agents SDK's tables without turnstore's version record is refused: :func:`adopt` it first.
 
     On a Citus coordinator (a database with the ``citus`` extension), an upgrade to head
     also distributes every turnstore table by ``session_id``, makes the version table a
@@ -297,15 +323,20 @@ async def upgrade(target: Target, revision: str = "head", *, require_citus: bool
         require_citus: Refuse unless the database is a Citus coordinator (so a deployment
             meant for a cluster never creates single-server tables by mistake).
 
+    Returns:
+        The revisions before and after.
+
     Raises:
         InvalidArgumentError: The URL is malformed or names an unsupported driver.
         DatabaseUnavailableError: The database cannot be reached.
         UnknownRevisionError: ``revision``, or the database's recorded revision, is unknown.
         DistributionError: ``require_citus`` on a database without Citus; a Citus worker;
             undistributed tables with rows on a coordinator.
-        MigrationError: Alembic refused the upgrade.
+        ForeignDatabaseError: The database holds SDK tables not yet adopted, or store tables
+            turnstore cannot use; nothing was changed.
+        MigrationError: A migration failed.
     """
-    await _move(target, revision, command.upgrade, require_citus=require_citus)
+    return await _move(target, revision, command.upgrade, "upgrade", require_citus=require_citus)
 
 
 async def distribute(target: Target) -> distribution.DistributionReport:
@@ -336,35 +367,108 @@ async def distribute(target: Target) -> distribution.DistributionReport:
     return await _run(target, work)
 
 
-async def downgrade(target: Target, revision: str) -> None:
+async def downgrade(target: Target, revision: str) -> Move:
     """Downgrade the database to ``revision`` (``base`` drops every turnstore table).
+
+    Returns:
+        The revisions before and after.
 
     Raises:
         InvalidArgumentError: The URL is malformed or names an unsupported driver.
         DatabaseUnavailableError: The database cannot be reached.
         UnknownRevisionError: ``revision``, or the database's recorded revision, is unknown.
-        MigrationError: Alembic refused the downgrade.
+        MigrationError: A migration failed.
     """
-    await _move(target, revision, command.downgrade)
+    return await _move(target, revision, command.downgrade, "downgrade")
 
 
 async def _move(
     target: Target,
     revision: str,
     move: Callable[[Config, str], None],
+    verb: str,
     *,
     require_citus: bool = False,
-) -> None:
+) -> Move:
     """Run Alembic's upgrade or downgrade to ``revision`` after checking both revisions."""
     _check_revision_exists(revision)
 
-    def work(connection: Connection) -> None:
+    def work(connection: Connection) -> Move:
         if require_citus:
             distribution.require_coordinator(connection)
-        _check_recorded_known(connection)
-        _alembic(lambda config: move(config, revision), connection)
+        before = _check_recorded_known(connection)
+        if verb == "upgrade" and not before:
+            _refuse_unversioned_store(connection)
+        try:
+            _alembic(lambda config: move(config, revision), connection)
+        except DBAPIError as exc:
+            at = ", ".join(before) or "base"
+            raise MigrationError(
+                f"{verb.capitalize()} to {revision} failed: {_one_line(exc.orig or exc)} "
+                f"(the database was at {at}; it is left as the failed step left it)"
+            ) from exc
+        return Move(before=before, after=_recorded(connection))
 
-    await _run(target, work)
+    return await _run(target, work)
+
+
+def _refuse_unversioned_store(connection: Connection) -> None:
+    """Stop an upgrade of a database whose store tables were not made by migrations."""
+    found = adoption.inspect_database(connection, VERSION_TABLE)
+    if found.incompatible:
+        raise ForeignDatabaseError(f"Cannot upgrade this database: {found.reason}")
+    if found.store_tables:
+        raise ForeignDatabaseError(
+            "The database holds Agents SDK session tables "
+            f"({', '.join(found.store_tables)}) but no turnstore version record, so "
+            "migrations cannot run on it; adopt it first (it only adds, see README, Migrations)",
+            fix=f"turnstore db adopt --url {_where(connection)}",
+        )
+
+
+def _where(connection: Connection) -> str:
+    return connection.engine.url.render_as_string(hide_password=True)
+
+
+def data_dropping_steps(recorded: Sequence[str], revision: str) -> list[MigrationInfo]:
+    """The migrations a downgrade from ``recorded`` to ``revision`` undoes that drop data.
+
+    A step drops data when its ``downgrade()`` drops a table or a column (read from the
+    script's source, so new migrations are covered without bookkeeping).
+
+    Args:
+        recorded: The database's revisions (:func:`current`).
+        revision: The downgrade's target.
+
+    Raises:
+        UnknownRevisionError: ``revision`` is unknown.
+    """
+    _check_revision_exists(revision)
+    if not recorded:
+        return []
+    scripts = _scripts()
+    lower = None if revision == "base" else revision
+    steps: list[MigrationInfo] = []
+    for upper in recorded:
+        try:
+            walked = list(scripts.iterate_revisions(upper, lower or "base"))
+        except CommandError:
+            # ``revision`` is not below ``upper`` (a no-op or an upgrade): nothing is undone.
+            continue
+        for script in walked:
+            if script.revision == lower:
+                continue
+            body = inspect.getsource(script.module.downgrade)
+            if any(word in body for word in ("drop_table", "drop_column", "DROP TABLE")):
+                steps.append(
+                    MigrationInfo(
+                        revision=script.revision,
+                        down_revision=_single(script.down_revision),
+                        description=(script.doc or "").strip(),
+                        is_head=False,
+                    )
+                )
+    return steps
 
 
 async def stamp(target: Target, revision: str = "head") -> None:
@@ -424,20 +528,22 @@ async def adopt(target: Target) -> adoption.Inspection:
 
     An SDK database gets its missing tables and indexes and a backfilled
     ``branch_reservations`` table, then is stamped at head; no row is changed or removed.
+    Tables of other applications are left alone, as :func:`upgrade` leaves them.
 
     Returns:
         What the database looked like before.
 
     Raises:
-        ForeignDatabaseError: The database holds other tables, or store tables whose columns
-            differ from the SDK's; it is left untouched.
+        ForeignDatabaseError: The database holds store tables whose columns differ from the
+            SDK's, or items without structure rows (a plain ``SQLiteSession`` file); it is
+            left untouched.
         DatabaseUnavailableError: The database cannot be reached.
         UnknownRevisionError: The database is at a revision turnstore does not know.
     """
 
     def work(connection: Connection) -> adoption.Inspection:
         found = adoption.inspect_database(connection, VERSION_TABLE)
-        if found.kind is adoption.DatabaseKind.FOREIGN:
+        if found.incompatible:
             raise ForeignDatabaseError(
                 f"Refusing to adopt: {found.reason}. Point --url at an empty database, a "
                 "turnstore database, or one written by the Agents SDK's AdvancedSQLiteSession"

@@ -17,6 +17,7 @@ from typing import Any
 from turnstore.errors import InvalidItemError
 from turnstore.persistence import jsoncodec
 from turnstore.persistence.repository import NewMessage, ToolCountRule
+from turnstore.redaction import model_data
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,11 @@ def decode(data: str) -> Any | None:
     try:
         return jsoncodec.loads(data)
     except (TypeError, ValueError):
-        logger.warning("Skipping a stored item that is not valid JSON")
+        # The start of the text helps find the row; it is content, so only where allowed.
+        logger.warning(
+            "Skipping a stored item that is not valid JSON: %r",
+            model_data(data[:80] if isinstance(data, str) else type(data).__name__),
+        )
         return None
 
 

@@ -1,0 +1,237 @@
+"""Store-wide queries: session summaries, listings by last activity, counts, session info.
+
+Every listing reads ``turnstore_session_info`` along one of its two indexes, newest first:
+``(last_activity_us, session_id)`` for the whole store and ``(user_id, last_activity_us,
+session_id)`` for one owner. A page continues from the previous page's last position (keyset
+pagination), so it costs the same at the first page as at the ten-thousandth, whatever the size
+of the store. The per-session figures of a summary (items and user turns on main, branches,
+tokens, the first user message) are correlated subqueries, run only for the rows of the page,
+each on an index of that session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, and_, distinct, func, literal, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
+
+from turnstore.persistence.dialects import JSONScalar
+from turnstore.persistence.engines import EngineHandle
+from turnstore.persistence.models import StoreTables
+
+MAIN_BRANCH = "main"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    """One session's info and figures, as stored (the face shapes it for callers).
+
+    Attributes:
+        first_user_message: The stored item text of the first user message on main.
+    """
+
+    session_id: str
+    user_id: str | None
+    title: str | None
+    metadata: Any
+    created_at_us: int
+    last_activity_us: int
+    items: int
+    user_turns: int
+    branches: int
+    total_tokens: int
+    first_user_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which sessions a listing, count or erasure is about (every condition must hold).
+
+    Attributes:
+        user_id: Owned by this user (``None``: any owner, or none).
+        metadata: Top-level metadata keys equal to these JSON scalars.
+        active_after_us: Last activity at or after this time (µs since the epoch).
+        active_before_us: Last activity strictly before this time.
+    """
+
+    user_id: str | None = None
+    metadata: Mapping[str, JSONScalar] | None = None
+    active_after_us: int | None = None
+    active_before_us: int | None = None
+
+
+#: A keyset position: (last activity in µs, session id) of the last row of a page.
+Position = tuple[int, str]
+
+
+class StoreQueries:
+    """Reads and info updates across the sessions of one store (an engine and a table set)."""
+
+    def __init__(self, handle: EngineHandle, tables: StoreTables) -> None:
+        self._handle = handle
+        self._profile = handle.profile
+        self._t = tables
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _summaries(self) -> Select[Any]:
+        i, s, m, u = self._t.info, self._t.structure, self._t.messages, self._t.usage
+        main = literal(MAIN_BRANCH, s.c.branch_id.type)
+        on_main = and_(s.c.session_id == i.c.session_id, s.c.branch_id == main)
+        items = select(func.count()).where(on_main).scalar_subquery()
+        # The newest entry of the turn index: turns are numbered 1, 2... per user message.
+        turns = (
+            select(s.c.user_turn_number)
+            .where(on_main, s.c.user_turn_number.is_not(None))
+            .order_by(s.c.user_turn_number.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        branches = (
+            select(func.count(distinct(s.c.branch_id)))
+            .where(s.c.session_id == i.c.session_id)
+            .scalar_subquery()
+        )
+        tokens = (
+            select(func.sum(u.c.total_tokens))
+            .where(u.c.session_id == i.c.session_id)
+            .scalar_subquery()
+        )
+        first_user = (
+            select(m.c.message_data)
+            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
+            .where(on_main, s.c.user_turn_number >= 1, s.c.message_type == "user")
+            .order_by(s.c.user_turn_number, s.c.sequence_number)
+            .limit(1)
+            .scalar_subquery()
+        )
+        return select(
+            i.c.session_id,
+            i.c.user_id,
+            i.c.title,
+            i.c["metadata"],
+            i.c.created_at_us,
+            i.c.last_activity_us,
+            items,
+            turns,
+            branches,
+            tokens,
+            first_user,
+        )
+
+    def _conditions(self, selection: Selection) -> list[ColumnElement[bool]]:
+        i = self._t.info
+        found: list[ColumnElement[bool]] = []
+        if selection.user_id is not None:
+            found.append(i.c.user_id == selection.user_id)
+        if selection.active_after_us is not None:
+            found.append(i.c.last_activity_us >= selection.active_after_us)
+        if selection.active_before_us is not None:
+            found.append(i.c.last_activity_us < selection.active_before_us)
+        if selection.metadata:
+            found.append(self._profile.metadata_matches(i.c["metadata"], selection.metadata))
+        return found
+
+    async def summary(self, session_id: str) -> SessionRow | None:
+        """One session's row, or ``None`` if the store does not know the session."""
+        stmt = self._summaries().where(self._t.info.c.session_id == session_id)
+        rows = await self._handle.read(_rows, stmt)
+        return _session_row(rows[0]) if rows else None
+
+    async def page(
+        self, selection: Selection, after: Position | None, limit: int
+    ) -> list[SessionRow]:
+        """Up to ``limit`` rows, newest activity first (ties: greater session id first).
+
+        Args:
+            selection: Which sessions.
+            after: Continue after this position (the last row of the previous page).
+            limit: Most rows to return.
+        """
+        i = self._t.info
+        conditions = self._conditions(selection)
+        if after is not None:
+            conditions.append(
+                self._profile.keyset_before([i.c.last_activity_us, i.c.session_id], after)
+            )
+        stmt = (
+            self._summaries()
+            .where(*conditions)
+            .order_by(i.c.last_activity_us.desc(), i.c.session_id.desc())
+            .limit(limit)
+        )
+        return [_session_row(row) for row in await self._handle.read(_rows, stmt)]
+
+    async def count(self, selection: Selection) -> int:
+        """How many sessions match, counted by the database along the activity indexes."""
+        stmt = select(func.count()).select_from(self._t.info).where(*self._conditions(selection))
+        return int(await self._handle.read(_scalar, stmt) or 0)
+
+    async def now_micros(self) -> int:
+        """The database clock, in microseconds since the epoch (what activity is stamped with)."""
+        return int(await self._handle.read(_scalar, select(self._profile.now_micros())))
+
+    # -- writing -------------------------------------------------------------------------
+
+    async def set_info(self, session_id: str, changes: Mapping[str, Any]) -> None:
+        """Set some of ``user_id``, ``title``, ``metadata``; create the info row if missing.
+
+        A new row's activity is now; an existing row's activity is left as it is (info is
+        not conversation activity, so renaming a conversation does not reorder a sidebar).
+        """
+        if not changes:
+            return
+        i = self._t.info
+        now = self._profile.now_micros()
+        stmt = self._profile.upsert(
+            i,
+            {"session_id": session_id, **changes, "created_at_us": now, "last_activity_us": now},
+            ["session_id"],
+            take_new_values=list(changes),
+        )
+        await self._handle.write(_execute, stmt)
+
+
+def _session_row(row: Sequence[Any]) -> SessionRow:
+    (
+        session_id,
+        user_id,
+        title,
+        metadata,
+        created,
+        activity,
+        items,
+        turns,
+        branches,
+        tokens,
+        first_user,
+    ) = row
+    return SessionRow(
+        session_id,
+        user_id,
+        title,
+        metadata,
+        int(created),
+        int(activity),
+        int(items or 0),
+        int(turns or 0),
+        int(branches or 0),
+        int(tokens or 0),
+        first_user,
+    )
+
+
+def _rows(conn: Connection, stmt: Select[Any]) -> list[Any]:
+    return list(conn.execute(stmt).all())
+
+
+def _scalar(conn: Connection, stmt: Select[Any]) -> Any:
+    return conn.execute(stmt).scalar()
+
+
+def _execute(conn: Connection, stmt: Any) -> None:
+    conn.execute(stmt)
