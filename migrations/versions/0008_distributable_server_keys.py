@@ -146,3 +146,11 @@ def _undistribute() -> None:
             bind.exec_driver_sql(
                 f"SELECT undistribute_table('{table}', cascade_via_foreign_keys => true)"
             )
+    # Distributing dropped the earlier versions (they cannot run on distributed tables);
+    # the revisions that created them are below this one.
+    for version in (1, 2, 3):
+        routines = server_routines.routines_for(
+            "agent_sessions", "agent_messages", default=True, version=version
+        )
+        for statement in server_routines.routine_ddl(routines, **_TABLES):
+            op.execute(statement)

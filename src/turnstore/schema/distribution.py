@@ -180,7 +180,7 @@ def _table_holds_rows(connection: Connection, name: str) -> bool:
 
 
 def _distribute_functions(connection: Connection, tables: StoreTables) -> tuple[str, ...]:
-    """Distribute the server functions that exist and run on Citus, by their session argument.
+    """Distribute the server functions that run on Citus by their session argument; drop the rest.
 
     A delegated call runs in a worker's own connection, whose ``search_path`` is not the
     caller's; the functions name their tables unqualified, so each is pinned to the schema it
@@ -189,6 +189,11 @@ def _distribute_functions(connection: Connection, tables: StoreTables) -> tuple[
     distributed = []
     for routines in profile_for(connection.dialect.name).server_routines(tables):
         if not routines.distributable:
+            # Their upserts call CURRENT_TIMESTAMP, which Citus refuses on distributed
+            # tables; Citus 13.2's coordinator even crashes on such a call. Without them,
+            # processes of older releases fail cleanly instead ("function does not exist").
+            for statement in server_routines.drop_ddl(routines):
+                connection.exec_driver_sql(statement)
             continue
         for signature in routines.signatures:
             if not citus.function_exists(connection, signature):
