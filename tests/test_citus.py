@@ -60,7 +60,8 @@ async def distribution(engine: AsyncEngine) -> dict[str, tuple[str, str | None, 
             "FROM pg_dist_partition AS p JOIN pg_class AS c ON c.oid = p.logicalrelid "
             "WHERE c.relnamespace = current_schema()::regnamespace"
         )
-        return {str(r[0]): (str(r[1]), r[2], int(r[3])) for r in rows.all()}
+        found: list[Any] = list(rows.all())
+        return {str(r[0]): (str(r[1]), r[2], int(r[3])) for r in found}
 
 
 async def distributed_functions(engine: AsyncEngine) -> dict[str, int]:
@@ -73,7 +74,8 @@ async def distributed_functions(engine: AsyncEngine) -> dict[str, int]:
             "AND p.pronamespace = current_schema()::regnamespace "
             "AND o.distribution_argument_index IS NOT NULL"
         )
-        return {str(r[0]): int(r[1]) for r in rows.all()}
+        found: list[Any] = list(rows.all())
+        return {str(r[0]): int(r[1]) for r in found}
 
 
 async def assert_store_distributed(engine: AsyncEngine) -> None:
