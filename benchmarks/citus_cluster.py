@@ -86,11 +86,13 @@ async def play_turn(session: AdvancedSession, turn: int) -> None:
 
 
 def percentile(values: list[float], fraction: float) -> float:
+    """The value below which ``fraction`` of ``values`` lie."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 async def turn_cycle(url: str, cycles: int, warmup: int) -> dict[str, float]:
+    """Median and 95th-percentile time of one turn, one session playing alone."""
     session = AdvancedSession.from_url(session_id="cycle", url=url, create_tables=True)
     for turn in range(1, warmup + 1):
         await play_turn(session, turn)
@@ -104,6 +106,7 @@ async def turn_cycle(url: str, cycles: int, warmup: int) -> dict[str, float]:
 
 
 async def throughput(url: str, sessions: int, turns: int) -> dict[str, float]:
+    """Turns per second with ``sessions`` conversations playing at once."""
     opened = [
         AdvancedSession.from_url(session_id=f"load-{n}", url=url, create_tables=True)
         for n in range(sessions)
@@ -126,7 +129,7 @@ async def pushdown(engine: AsyncEngine) -> dict[str, float]:
     shares = {}
     async with engine.connect() as conn:
         for name, table in (("appends", "agent_messages"), ("usage_writes", "turn_usage")):
-            row = (
+            row: Any = (
                 await conn.exec_driver_sql(
                     f"SELECT count(*) FILTER (WHERE id >= {WORKER_IDS_FROM}), count(*) FROM {table}"
                 )
@@ -164,6 +167,7 @@ async def fill_sessions(engine: AsyncEngine, count: int) -> None:
 
 
 async def median_ms(read: Callable[[], Awaitable[object]], reps: int) -> float:
+    """Median time of ``read`` after one warm-up call."""
     await read()
     times = []
     for _ in range(reps):
@@ -174,6 +178,7 @@ async def median_ms(read: Callable[[], Awaitable[object]], reps: int) -> float:
 
 
 async def listing(url: str, engine: AsyncEngine, count: int, reps: int) -> dict[str, float]:
+    """Store listing pages (first, deep, one user's) at ``count`` sessions."""
     await fill_sessions(engine, count)
     store = Store(url=url)
     queries = await store._queries()
@@ -192,6 +197,7 @@ async def listing(url: str, engine: AsyncEngine, count: int, reps: int) -> dict[
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement, in a store of its own."""
     results: dict[str, Any] = {}
     async with private_store(args.url) as url:
         results["turn_cycle"] = await turn_cycle(url, args.cycles, args.warmup)
@@ -208,6 +214,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run and print the figures; the process exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--url", default=DEFAULT_URL, help="the coordinator's database URL")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
