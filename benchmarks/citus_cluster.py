@@ -12,7 +12,8 @@ Prints, as a table and as one JSON line:
 - **turn cycle**: one session, one turn after another: read the newest 20 items, append a
   turn's four items, store its usage (the SDK Runner's calls); median and 95th percentile.
 - **throughput**: ``--sessions`` conversations at once, each playing ``--turns`` turns as fast
-  as it can; turns per second.
+  as it can; turns per second, and the CPU per turn of the coordinator's and the workers'
+  backends (read from /proc, so the nodes must run on this machine).
 - **pushdown**: the share of appends and usage writes the coordinator delegated whole to the
   worker holding the session. Each node draws ids from its own range (the coordinator's from 1,
   worker *g*'s from *g*·2^48), so the ids of the rows the functions inserted say where they
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -117,11 +119,81 @@ async def throughput(url: str, sessions: int, turns: int) -> dict[str, float]:
         for turn in range(1, turns + 1):
             await play_turn(session, turn)
 
+    nodes = await node_urls(url)
+    done = asyncio.Event()
+    watching = asyncio.create_task(watch_nodes(nodes, done))
     started = time.perf_counter()
     await asyncio.gather(*(converse(s) for s in opened))
     elapsed = time.perf_counter() - started
+    done.set()
+    ticks = await watching
     await asyncio.gather(*(s.aclose() for s in opened))
-    return {"turns_per_s": sessions * turns / elapsed, "seconds": elapsed}
+    per_turn = 1000 / os.sysconf("SC_CLK_TCK") / (sessions * turns)
+    return {
+        "turns_per_s": sessions * turns / elapsed,
+        "seconds": elapsed,
+        "coordinator_cpu_ms_per_turn": ticks[0] * per_turn,
+        "workers_cpu_ms_per_turn": sum(ticks[1:]) * per_turn,
+    }
+
+
+async def node_urls(url: str) -> list[str]:
+    """The coordinator's URL, then each worker's (same database), from the node catalog."""
+    engine = create_async_engine(url, poolclass=NullPool)
+    try:
+        async with engine.connect() as conn:
+            found = await conn.exec_driver_sql(
+                "SELECT nodename, nodeport FROM pg_dist_node "
+                "WHERE noderole = 'primary' AND groupid <> 0 ORDER BY groupid"
+            )
+            workers: list[Any] = list(found.all())
+    finally:
+        await engine.dispose()
+    base = make_url(url)
+    return [url] + [
+        base.set(host=host, port=port).render_as_string(hide_password=False)
+        for host, port in workers
+    ]
+
+
+async def watch_nodes(urls: list[str], done: asyncio.Event) -> list[int]:
+    """CPU ticks each node's client backends for this database used until ``done``.
+
+    Reads each backend's own counters (/proc/PID/stat, so the nodes must run on this machine)
+    several times a second and keeps the last reading per backend; other work on the machine
+    is not counted. Backends that exit between readings lose their last fraction of a second.
+    """
+    engines = [create_async_engine(u, poolclass=NullPool) for u in urls]
+    used: list[dict[int, int]] = [{} for _ in urls]
+    try:
+        connections = [await engine.connect() for engine in engines]
+        while not done.is_set():
+            for conn, seen in zip(connections, used, strict=True):
+                found = await conn.exec_driver_sql(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                )
+                for (pid,) in found.all():
+                    ticks = process_ticks(pid)
+                    if ticks is not None:
+                        seen[pid] = ticks
+            await asyncio.sleep(0.1)
+        for conn in connections:
+            await conn.close()
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    return [sum(seen.values()) for seen in used]
+
+
+def process_ticks(pid: int) -> int | None:
+    """User and system CPU ticks of a process so far; ``None`` once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])  # utime, stime
 
 
 async def pushdown(engine: AsyncEngine) -> dict[str, float]:
@@ -235,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         results["listing"],
     )
     print(f"turn cycle           median {cycle['median_ms']:.2f} ms, p95 {cycle['p95_ms']:.2f} ms")
-    print(f"throughput           {load['turns_per_s']:.0f} turns/s ({load['sessions']} sessions)")
+    print(
+        f"throughput           {load['turns_per_s']:.0f} turns/s ({load['sessions']} sessions); "
+        f"CPU per turn: coordinator {load['coordinator_cpu_ms_per_turn']:.2f} ms, "
+        f"workers {load['workers_cpu_ms_per_turn']:.2f} ms"
+    )
     print(
         f"pushdown             appends {shares['appends_on_workers']:.1%}, "
         f"usage writes {shares['usage_writes_on_workers']:.1%} run on a worker"

@@ -1,10 +1,18 @@
 """Backends for the test suite: every test that takes ``backend`` runs on each database.
 
-A backend's URL comes from an environment variable first (``TURNSTORE_TEST_POSTGRES_URL``,
-``TURNSTORE_TEST_MYSQL_URL``, ``TURNSTORE_TEST_CITUS_URL``), then from a testcontainers
-container when a Docker engine answers; otherwise its tests are skipped with the reason.
-Backends named in ``TURNSTORE_REQUIRE_BACKENDS`` (all of them when ``CI`` is set) must be
-available: a skip becomes a failure.
+A server backend's URL comes from, in order:
+
+1. an environment variable (``TURNSTORE_TEST_POSTGRES_URL``, ``TURNSTORE_TEST_MYSQL_URL``,
+   ``TURNSTORE_TEST_CITUS_URL``);
+2. a server on its default local port with its default administrator
+   (``postgres@127.0.0.1:5432``, ``root@127.0.0.1:3306`` without password; not for Citus):
+   the run creates a database of its own there (``turnstore_test_<random>``) and drops it at
+   the end, never touching any other;
+3. a testcontainers container, when a Docker engine answers;
+
+otherwise its tests are skipped, and the end of the run says so in one line per backend (and
+which backends were tested). Backends named in ``TURNSTORE_REQUIRE_BACKENDS`` (all of them
+when ``CI`` is set) must be available: a skip becomes a failure.
 
 ``citus`` is a Citus coordinator (distributed Postgres): each test gets a schema of its own
 there, and the tables turnstore creates in it are distributed by ``session_id``, as on any
@@ -14,9 +22,12 @@ Citus too).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
+import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,30 +97,172 @@ def unavailable(backend: str, reason: str) -> None:
     pytest.skip(f"{backend} backend unavailable: {reason}")
 
 
-def _docker_answers(variable: str) -> str | None:
-    """``None`` if a Docker engine answers, else why not (``variable`` was not set either)."""
-    try:
-        import docker
+# Backends that at least one test ran on, and why the others were skipped (for the summary).
+TESTED: set[str] = set()
+UNAVAILABLE: dict[str, str] = {}
 
-        docker.from_env(timeout=3).ping()
-    except Exception as exc:
-        return f"no {variable} set and no Docker engine for testcontainers ({exc})"
+DEFAULT_SERVERS = {
+    "postgres": "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres",
+    "mysql": "mysql+asyncmy://root@127.0.0.1:3306/",
+}
+
+
+def _in_thread(work: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a coroutine function to completion on a loop of its own, in a thread.
+
+    Session fixtures are first requested from inside a test's running event loop, where
+    ``asyncio.run`` cannot be called.
+    """
+    outcome: dict[str, Any] = {}
+
+    async def main() -> Any:
+        return await work()
+
+    def run() -> None:
+        try:
+            outcome["value"] = asyncio.run(main())
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="turnstore-test-setup")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _docker_answers() -> str | None:
+    """``None`` if a Docker engine answers ``GET /_ping``, else why not.
+
+    Probed with a plain socket closed by ``with``: the Docker client library leaves its
+    socket open (a ``ResourceWarning``, an error under ``filterwarnings = error``) when the
+    engine is absent.
+    """
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    request = b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n"
+    try:
+        if host.startswith("unix://"):
+            path = host.removeprefix("unix://")
+            if not os.path.exists(path):
+                return f"no Docker engine ({path} does not exist)"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(3)
+                sock.connect(path)
+                sock.sendall(request)
+                answer = sock.recv(64)
+        elif host.startswith("tcp://"):
+            address, _, port = host.removeprefix("tcp://").partition(":")
+            with socket.create_connection((address, int(port or 2375)), timeout=3) as sock:
+                sock.sendall(request)
+                answer = sock.recv(64)
+        else:
+            return f"DOCKER_HOST={host} is not a unix:// or tcp:// address"
+    except OSError as exc:
+        return f"no Docker engine at {host} ({exc})"
+    if b" 200 " not in answer:
+        return f"the Docker engine at {host} answered {answer[:40]!r}"
     return None
+
+
+# Give up on a server that does not answer within 3 s (each driver spells it its own way).
+_CONNECT_TIMEOUT: dict[str, dict[str, Any]] = {
+    "postgres": {"timeout": 3},
+    "mysql": {"connect_timeout": 3},
+}
+# How each server drops a database that sessions may still be connected to.
+_DROP_DATABASE = {
+    "postgres": "DROP DATABASE IF EXISTS {name} WITH (FORCE)",
+    "mysql": "DROP DATABASE IF EXISTS {name}",
+}
+
+
+def _throwaway_database(backend: str) -> Iterator[str] | str:
+    """A database of the run's own on the default local server, or why there is none."""
+    admin_url = DEFAULT_SERVERS[backend]
+    name = f"turnstore_test_{uuid.uuid4().hex[:10]}"
+
+    async def execute(statement: str) -> None:
+        engine = create_async_engine(
+            admin_url, isolation_level="AUTOCOMMIT", connect_args=_CONNECT_TIMEOUT[backend]
+        )
+        try:
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql(statement)
+        finally:
+            await engine.dispose()
+
+    try:
+        _in_thread(lambda: execute(f"CREATE DATABASE {name}"))
+    except Exception as exc:
+        where = make_url(admin_url).render_as_string(hide_password=True)
+        cause = getattr(exc, "orig", None) or exc  # the driver's error, without SQLAlchemy's
+        return f"nothing usable at {where} ({type(cause).__name__}: {' '.join(str(cause).split())})"
+
+    def database() -> Iterator[str]:
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            _in_thread(lambda: execute(_DROP_DATABASE[backend].format(name=name)))
+
+    return database()
 
 
 def _server_url(
     backend: str, variable: str, container: Callable[[], AbstractContextManager[str]]
 ) -> Iterator[str]:
-    """The URL in ``variable``, else that of a ``container`` if Docker answers, else unavailable."""
+    """The URL in ``variable``, else a database of the run's own on the local default server,
+    else that of a ``container`` if Docker answers, else unavailable."""
     url = os.environ.get(variable)
     if url:
+        TESTED.add(backend)
         yield url
         return
-    reason = _docker_answers(variable)
-    if reason is not None:
+    # A database of its own on a Citus coordinator would need the extension and the workers
+    # registered in it: Citus comes from its variable or a container only.
+    local = (
+        _throwaway_database(backend)
+        if backend in DEFAULT_SERVERS
+        else "no default local server is probed for it"
+    )
+    if not isinstance(local, str):
+        TESTED.add(backend)
+        yield from local
+        return
+    docker = _docker_answers()
+    if docker is not None:
+        reason = f"no {variable}; {local}; {docker}"
+        UNAVAILABLE[backend] = reason
         unavailable(backend, reason)
     with container() as container_url:
+        TESTED.add(backend)
         yield container_url
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line per skipped backend with the reason, then the backends that were tested.
+
+    Replaces pytest's list of every skipped test (hundreds of lines when a server is missing).
+    """
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = getattr(report, "longrepr", None)
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    write = terminalreporter.write_line
+    for backend, reason in sorted(UNAVAILABLE.items()):
+        count = sum(n for text, n in reasons.items() if text.startswith(f"{backend} backend"))
+        write(f"{backend}: NOT TESTED ({count} test(s) skipped): {reason}")
+    for text, n in sorted(reasons.items()):
+        if not any(text.startswith(f"{backend} backend") for backend in UNAVAILABLE):
+            write(f"skipped {n} test(s): {text}")
+    if not TESTED and not UNAVAILABLE:
+        return  # no test asked for a backend
+    tested = ", ".join(name for name in ALL_BACKENDS if name in TESTED) or "none"
+    missing = [name for name in ALL_BACKENDS if name not in TESTED]
+    tail = f"; not tested: {', '.join(missing)}" if missing else ""
+    write(f"backends tested: {tested}{tail}")
 
 
 # The container factories import testcontainers only once a Docker engine has answered: runs
@@ -269,6 +422,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     """Each supported database in turn, empty at the start of the test."""
     name: str = request.param
     if name == "sqlite":
+        TESTED.add("sqlite")
         url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
         engine = create_async_engine(url)
         try:

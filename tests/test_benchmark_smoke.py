@@ -154,3 +154,24 @@ async def test_server_floor_script_reports_rate_latency_and_cpu(postgres_url: st
         "cpus",
     }
     assert all(is_positive_number(value) for value in figures.values()), figures
+
+
+async def test_cold_start_script_reports_first_and_warm_calls(backend: Backend) -> None:
+    args = ["--quick", "--backend", backend.name]
+    if backend.name != "sqlite":
+        args += ["--url", backend.url]
+    code, stdout, stderr = await run_script(SCRIPT.with_name("cold_start.py"), *args, within=180)
+    assert code == 0, stderr
+    lines = [line for line in stdout.splitlines() if line.startswith("COLD_JSON ")]
+    assert len(lines) == 1, stdout
+    report = json.loads(lines[0].removeprefix("COLD_JSON "))
+    assert set(report) == {backend.name}
+    assert set(report[backend.name]) == {"create_tables", "no_create_tables"}
+    for case, figures in report[backend.name].items():
+        for name in ("import_ms", "driver_import_ms", "first_ms", "warm_ms", "process_ms"):
+            assert is_positive_number(figures[name]), (case, name)
+        assert figures["first_minus_warm_ms"] == pytest.approx(
+            figures["first_ms"] - figures["warm_ms"], abs=0.02
+        )
+        # Nothing in the measured program involves SDK objects, so the SDK stays unimported.
+        assert figures["sdk_imported"] is False, case

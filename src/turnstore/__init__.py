@@ -21,7 +21,7 @@ from turnstore.errors import (
 from turnstore.info import SessionSummary
 from turnstore.persistence.engines import dispose_engines
 from turnstore.session import AdvancedSession, AdvancedSQLiteSession, SessionSettings
-from turnstore.store import SessionPage, Store
+from turnstore.store import Removed, SessionPage, Store
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidItemError",
     "ProtectedBranchError",
+    "Removed",
     "SchemaMissingError",
     "SessionClosedError",
     "SessionPage",

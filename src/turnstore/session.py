@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -47,8 +48,8 @@ from turnstore.persistence.repository import (
 )
 from turnstore.persistence.store_queries import StoreQueries
 from turnstore.redaction import identifier, log_failure
+from turnstore.schema.check import at_head, bring_to_head_when_needed
 from turnstore.schema.distribution import distribute_store
-from turnstore.schema.migrate import bring_to_head
 from turnstore.sdk.items import (
     TOOL_COUNT_RULE,
     content_preview,
@@ -76,8 +77,23 @@ class SessionSettings:
     limit: int | None = None
 
 
+def _sdk_loaded() -> bool:
+    """Whether the Agents SDK was imported by the application (turnstore never imports it)."""
+    return "agents" in sys.modules
+
+
 def _coerce_settings(value: Any) -> Any:
-    """The SDK's ``SessionSettings`` when the SDK is installed (the Runner calls its methods)."""
+    """The SDK's ``SessionSettings`` once the SDK is in use (the Runner calls its methods).
+
+    Importing the SDK takes seconds; a program that never imports it gets turnstore's own
+    :class:`SessionSettings` instead.
+    """
+    if not _sdk_loaded():
+        if value is None:
+            return SessionSettings()
+        if isinstance(value, Mapping):
+            return SessionSettings(**value)
+        return value
     try:
         from agents.memory.session_settings import (
             SessionSettings as SDKSessionSettings,
@@ -162,10 +178,15 @@ class AdvancedSession(WrapperHooks):
             the tenant's own, on the tenant's engine or schema), or ``None`` for this one.
             Without it the run context is ignored.
 
+        engine_kwargs: With ``url``: keyword arguments for the engine turnstore creates (as
+            for ``create_async_engine``; pool size, ``connect_args``...), over turnstore's own.
+            Sessions share an engine only when they pass the same ones.
+
     Raises:
-        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given, a table
-            name is not a plain identifier, or ``user_id``, ``title`` or ``metadata`` is not
-            acceptable (wrong type, too long, not JSON).
+        InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given,
+            ``engine_kwargs`` came with ``engine``, a table name is not a plain identifier,
+            or ``user_id``, ``title`` or ``metadata`` is not acceptable (wrong type, too long,
+            not JSON).
     """
 
     def __init__(
@@ -183,16 +204,22 @@ class AdvancedSession(WrapperHooks):
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         session_for_context: ContextRouter | None = None,
+        engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if (engine is None) == (url is None):
             raise InvalidArgumentError("Pass exactly one of engine= or url=")
+        if engine_kwargs is not None and engine is not None:
+            raise InvalidArgumentError(
+                "engine_kwargs= applies to the engine turnstore creates for url=; configure "
+                "your own engine= yourself"
+            )
         acquire: Callable[[], engines.EngineHandle]
         if engine is not None:
             acquire = lambda: engines.acquire_for_engine(engine)  # noqa: E731
         else:
             target = url
             assert target is not None
-            acquire = lambda: engines.acquire_for_url(target)  # noqa: E731
+            acquire = lambda: engines.acquire_for_url(target, engine_kwargs)  # noqa: E731
         self._setup(
             session_id=session_id,
             acquire=acquire,
@@ -226,7 +253,8 @@ class AdvancedSession(WrapperHooks):
         self.session_id = _check_text(session_id, "session_id")
         self._info_defaults = info
         self._session_for_context = session_for_context
-        self.session_settings = _coerce_settings(session_settings)
+        self._session_settings = _coerce_settings(session_settings)
+        self._settings_from_sdk = _sdk_loaded()
         self.sessions_table = sessions_table
         self.messages_table = messages_table
         self._tables = tables_for(sessions_table, messages_table)
@@ -284,8 +312,13 @@ class AdvancedSession(WrapperHooks):
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         session_for_context: ContextRouter | None = None,
+        engine_kwargs: Mapping[str, Any] | None = None,
     ) -> AdvancedSession:
-        """A session on the database at ``url``, sharing the URL's engine with other sessions."""
+        """A session on the database at ``url``, sharing the URL's engine with other sessions.
+
+        ``engine_kwargs`` are passed to the engine turnstore creates (as the SDK's
+        ``SQLAlchemySession.from_url`` does); see the class's arguments.
+        """
         return AdvancedSession(
             session_id=session_id,
             url=url,
@@ -298,7 +331,21 @@ class AdvancedSession(WrapperHooks):
             title=title,
             metadata=metadata,
             session_for_context=session_for_context,
+            engine_kwargs=engine_kwargs,
         )
+
+    @property
+    def session_settings(self) -> Any:
+        """The session's settings: the SDK's ``SessionSettings`` once the SDK is imported."""
+        if not self._settings_from_sdk and _sdk_loaded():
+            self._session_settings = _coerce_settings(self._session_settings)
+            self._settings_from_sdk = True
+        return self._session_settings
+
+    @session_settings.setter
+    def session_settings(self, value: Any) -> None:
+        self._session_settings = _coerce_settings(value)
+        self._settings_from_sdk = _sdk_loaded()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"branch={self._pointer.branch_id!r}"
@@ -355,9 +402,13 @@ class AdvancedSession(WrapperHooks):
             store.check_identifier(self._info_defaults.user_id, "User ids")
         await store.prepare_schema(
             create=self._create_tables,
-            migrate_default=bring_to_head,
+            migrate_default=bring_to_head_when_needed,
+            default_is_current=at_head,
             distribute=distribute_store,
         )
+        if self._info_defaults.given and not store.has_info_table:
+            # Writes of this session need the table; reads do not.
+            await store.look_for_info_table()
         return store
 
     def _ordered(self) -> asyncio.Lock:
@@ -535,7 +586,7 @@ class AdvancedSession(WrapperHooks):
             changes["metadata"] = check_metadata(metadata)
         async with self._ordered():
             store = await self._store()
-            store.require_info_table()
+            await store.ensure_info_table()
             if changes.get("user_id") is not None:
                 store.check_identifier(changes["user_id"], "User ids")
             binding = self._binding()
@@ -548,7 +599,7 @@ class AdvancedSession(WrapperHooks):
             SchemaMissingError: The database predates the session info table.
         """
         store = await self._store()
-        store.require_info_table()
+        await store.ensure_info_table()
         row = await StoreQueries(self._binding().handle, self._tables).summary(self.session_id)
         return None if row is None else summary_from_row(row)
 

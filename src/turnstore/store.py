@@ -36,6 +36,7 @@ from turnstore.info import (
     to_micros,
 )
 from turnstore.persistence import engines
+from turnstore.persistence.erasure import Criteria, Eraser, Removed
 from turnstore.persistence.models import (
     DEFAULT_MESSAGES_TABLE,
     DEFAULT_SESSIONS_TABLE,
@@ -43,9 +44,9 @@ from turnstore.persistence.models import (
     tables_for,
 )
 from turnstore.persistence.repository import ConversationRepository
-from turnstore.persistence.store_queries import Selection, StoreQueries
+from turnstore.persistence.store_queries import Selection, StoreQueries, track_untracked
+from turnstore.schema.check import at_head, bring_to_head_when_needed
 from turnstore.schema.distribution import distribute_store
-from turnstore.schema.migrate import bring_to_head
 from turnstore.session import AdvancedSession, ContextRouter
 from turnstore.store_cursors import CursorCodec
 
@@ -53,6 +54,13 @@ _default_logger = logging.getLogger("turnstore")
 
 #: Most sessions one listing page may hold.
 MAX_PAGE_SIZE = 1000
+#: Most sessions one erasure batch (one transaction) may remove.
+MAX_BATCH_SIZE = 10_000
+#: Sessions an erasure batch removes by default: a short transaction on every database.
+DEFAULT_BATCH_SIZE = 100
+
+#: Called after each batch of an erasure with the totals so far (may return an awaitable).
+Progress = Callable[[Removed], object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +149,12 @@ class Store:
         handle = self._handle()
         repository = ConversationRepository(handle, self._tables)
         await repository.prepare_schema(
-            create=self._create_tables, migrate_default=bring_to_head, distribute=distribute_store
+            create=self._create_tables,
+            migrate_default=bring_to_head_when_needed,
+            default_is_current=at_head,
+            distribute=distribute_store,
         )
-        repository.require_info_table()
+        await repository.ensure_info_table()
         return StoreQueries(handle, self._tables)
 
     def _check_id(self, value: str, what: str) -> None:
@@ -204,6 +215,253 @@ class Store:
         row = await queries.summary(session_id)
         return None if row is None else summary_from_row(row)
 
+    async def list_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        active_after: datetime | None = None,
+        active_before: datetime | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> SessionPage:
+        """A page of sessions, newest activity first (ties: greater session id first).
+
+        Args:
+            user_id: Only this user's sessions (``None``: every session).
+            metadata: Only sessions whose metadata has these top-level keys with equal JSON
+                scalar values (strings exactly, numbers by value, ``True`` is not ``1``).
+                Checked row by row along the activity index: combine it with ``user_id``
+                on large stores.
+            active_after: Only sessions last active at or after this time (naive: UTC).
+            active_before: Only sessions last active before this time.
+            limit: Most sessions on the page, 1 to ``MAX_PAGE_SIZE``.
+            cursor: The previous page's ``next_cursor``, with the same filter.
+
+        Raises:
+            InvalidArgumentError: A bad filter or limit, or a cursor that is not a cursor of
+                this listing (altered, made up, or from a listing with another filter).
+            SchemaMissingError: The database predates the session info table.
+        """
+        limit = _check_count(limit, "limit", MAX_PAGE_SIZE)
+        selection = _selection(user_id, metadata, active_after, active_before)
+        after = None if cursor is None else self._cursors.decode(cursor, selection)
+        queries = await self._queries()
+        if selection.user_id is not None:
+            self._check_id(selection.user_id, "User ids")
+        rows = await queries.page(selection, after, limit + 1)
+        next_cursor = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            last = rows[-1]
+            next_cursor = self._cursors.encode((last.last_activity_us, last.session_id), selection)
+        return SessionPage([summary_from_row(row) for row in rows], next_cursor)
+
+    async def iter_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        active_after: datetime | None = None,
+        active_before: datetime | None = None,
+        page_size: int = 100,
+    ) -> AsyncIterator[SessionSummary]:
+        """Every matching session, page by page (see :meth:`list_sessions` for filters).
+
+        Raises:
+            InvalidArgumentError: A bad filter or page size.
+        """
+        cursor: str | None = None
+        while True:
+            page = await self.list_sessions(
+                user_id=user_id,
+                metadata=metadata,
+                active_after=active_after,
+                active_before=active_before,
+                limit=page_size,
+                cursor=cursor,
+            )
+            for summary in page.sessions:
+                yield summary
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def count_sessions(
+        self,
+        *,
+        user_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        active_after: datetime | None = None,
+        active_before: datetime | None = None,
+    ) -> int:
+        """How many sessions match the filters of :meth:`list_sessions` (counted by the database).
+
+        Raises:
+            InvalidArgumentError: A bad filter.
+        """
+        selection = _selection(user_id, metadata, active_after, active_before)
+        queries = await self._queries()
+        if selection.user_id is not None:
+            self._check_id(selection.user_id, "User ids")
+        return await queries.count(selection)
+
+    async def track_sessions(self, *, batch_size: int = 1000) -> int:
+        """Give sessions written without turnstore their info, and catch up their activity.
+
+        The SDK's own class (or a turnstore release before the info table) writes sessions
+        without the info the store lists and expires them by. Migration 0005 and
+        ``turnstore db adopt`` record every session they find, and turnstore's own writes
+        record theirs; run this where other writers keep writing the database, before a
+        listing or a prune that must see their sessions. It also moves forward the last
+        activity of sessions those writers touched. Batched, restartable.
+
+        Returns:
+            How many sessions got info or had their activity moved forward.
+
+        Raises:
+            InvalidArgumentError: A bad ``batch_size``.
+        """
+        batch_size = _check_count(batch_size, "batch_size", MAX_BATCH_SIZE)
+        await self._queries()
+        handle = self._handle()
+        total, after = 0, None
+        while True:
+            changed, after = await handle.write(
+                track_untracked, self._tables, handle.profile, after, batch_size
+            )
+            total += changed
+            if after is None:
+                return total
+
+    # -- erasing -------------------------------------------------------------------------
+
+    async def delete_session(self, session_id: str) -> Removed:
+        """Remove everything of one session in one transaction.
+
+        Items, structure, usage, branch reservations, clear generations and info all go.
+        Session objects still open on it keep working: their next write starts a new
+        conversation under the same id.
+
+        Returns:
+            What was removed (``sessions`` is 0 if the session did not exist).
+
+        Raises:
+            InvalidArgumentError: ``session_id`` is not a str.
+        """
+        if not isinstance(session_id, str):
+            raise InvalidArgumentError(f"session_id must be a str; got {type(session_id).__name__}")
+        await self._queries()
+        self._check_id(session_id, "Session ids")
+        return await Eraser(self._handle(), self._tables).delete_session(session_id)
+
+    async def erase_user(
+        self,
+        user_id: str,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> Removed:
+        """Remove every session of a user, in batches of short transactions.
+
+        Sessions the user creates while this runs may be left; run it once the user can no
+        longer write (or run it again). Stopped midway, it leaves no session half removed,
+        and running it again finishes the job.
+
+        Args:
+            user_id: The owner whose sessions go.
+            batch_size: Sessions per transaction, 1 to ``MAX_BATCH_SIZE``.
+            dry_run: Only count what would be removed.
+            progress: Called after each batch with the totals so far.
+
+        Returns:
+            What was removed (or would be).
+
+        Raises:
+            InvalidArgumentError: A bad argument.
+        """
+        owner = check_user_id(user_id)
+        if owner is None:
+            raise InvalidArgumentError("user_id must be a str; to remove by age use prune()")
+        return await self._remove(
+            Criteria(user_id=owner), batch_size, dry_run, _check_progress(progress)
+        )
+
+    async def prune(
+        self,
+        *,
+        inactive_for: timedelta | None = None,
+        before: datetime | None = None,
+        user_id: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> Removed:
+        """Remove sessions whose last activity is older than a cut-off, oldest first.
+
+        The cut-off is fixed when the call starts, by the database's clock. Each batch is
+        its own short transaction, so writers of other sessions keep working; each session
+        goes whole or not at all (one written while a batch picks it is kept, its new turn
+        included); stopped midway and run again, it finishes the job.
+
+        Args:
+            inactive_for: Remove sessions untouched for this long (give this or ``before``).
+            before: Remove sessions last active before this time (naive: UTC).
+            user_id: Only this user's sessions.
+            batch_size: Sessions per transaction, 1 to ``MAX_BATCH_SIZE``.
+            dry_run: Only count what would be removed.
+            progress: Called after each batch with the totals so far.
+
+        Returns:
+            What was removed (or would be).
+
+        Raises:
+            InvalidArgumentError: Neither or both of ``inactive_for`` and ``before``, or a bad
+                argument.
+        """
+        if (inactive_for is None) == (before is None):
+            raise InvalidArgumentError("Pass exactly one of inactive_for= or before=")
+        if inactive_for is not None and (
+            not isinstance(inactive_for, timedelta) or inactive_for < timedelta(0)
+        ):
+            raise InvalidArgumentError(
+                f"inactive_for must be a timedelta of zero or more; got {inactive_for!r}"
+            )
+        cutoff = None if before is None else to_micros(before, "before")
+        owner = check_user_id(user_id)
+        batch_size = _check_count(batch_size, "batch_size", MAX_BATCH_SIZE)
+        checked_progress = _check_progress(progress)
+        if inactive_for is not None:
+            queries = await self._queries()
+            cutoff = await queries.now_micros() - inactive_for // timedelta(microseconds=1)
+        return await self._remove(
+            Criteria(user_id=owner, inactive_before_us=cutoff),
+            batch_size,
+            dry_run,
+            checked_progress,
+        )
+
+    async def _remove(
+        self, criteria: Criteria, batch_size: int, dry_run: bool, progress: Progress | None
+    ) -> Removed:
+        batch_size = _check_count(batch_size, "batch_size", MAX_BATCH_SIZE)
+        await self._queries()
+        if criteria.user_id is not None:
+            self._check_id(criteria.user_id, "User ids")
+        eraser = Eraser(self._handle(), self._tables)
+        if dry_run:
+            total = await eraser.would_remove(criteria)
+            await _report(progress, total)
+            return total
+        total = Removed()
+        while True:
+            removed, picked = await eraser.remove_batch(criteria, batch_size)
+            if not picked:
+                return total
+            total += removed
+            await _report(progress, total)
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def aclose(self) -> None:
@@ -229,6 +487,14 @@ class Store:
         await self.aclose()
 
 
+async def _report(progress: Progress | None, totals: Removed) -> None:
+    if progress is None:
+        return
+    outcome = progress(totals)
+    if isinstance(outcome, Awaitable):
+        await outcome
+
+
 def _selection(
     user_id: object,
     metadata: object,
@@ -245,7 +511,21 @@ def _selection(
     )
 
 
-__all__ = ["MAX_PAGE_SIZE", "SessionPage", "SessionSummary", "Store"]
+def _check_count(value: object, argument: str, most: int) -> int:
+    # bool is an int subclass; True as a page size is always a mistake.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{argument} must be an int; got {type(value).__name__}")
+    if not 1 <= value <= most:
+        raise InvalidArgumentError(f"{argument} must be between 1 and {most}; got {value}")
+    return value
 
-# Silence "imported but unused" until the listing and erasure methods use them.
-_ = (AsyncIterator, Awaitable, Callable, datetime, timedelta)
+
+def _check_progress(progress: object) -> Progress | None:
+    if progress is not None and not callable(progress):
+        raise InvalidArgumentError(
+            f"progress must be a callable or None; got {type(progress).__name__}"
+        )
+    return progress
+
+
+__all__ = ["MAX_BATCH_SIZE", "MAX_PAGE_SIZE", "Removed", "SessionPage", "SessionSummary", "Store"]

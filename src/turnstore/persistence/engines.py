@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +33,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from turnstore.errors import InvalidArgumentError, connection_lost
+from turnstore.errors import InvalidArgumentError, MissingExtraError, connection_lost
 from turnstore.persistence.batching import GroupRunner, Job, Outcome
 from turnstore.persistence.dialects import DialectProfile, profile_for
 from turnstore.persistence.driver_calls import AsyncpgCalls
@@ -325,7 +325,9 @@ def _url_key(url: URL) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def _new_handle(url: URL, profile: DialectProfile, *, private: bool) -> EngineHandle:
+def _new_handle(
+    url: URL, profile: DialectProfile, *, private: bool, engine_kwargs: Mapping[str, Any]
+) -> EngineHandle:
     # Thread-run engines are cheap to reopen and hold file handles; server pools are
     # expensive to rebuild, so they live until dispose_engines().
     threaded = profile.threaded_engine(url)
@@ -334,26 +336,35 @@ def _new_handle(url: URL, profile: DialectProfile, *, private: bool) -> EngineHa
         "private": private,
         "dispose_when_unused": private or threaded is not None,
     }
-    if threaded is not None:
-        return ThreadedEngineHandle(
-            create_engine(threaded.url, **threaded.engine_options),
-            profile,
-            separate_reader=threaded.separate_reader,
-            **options,
-        )
-    return AsyncEngineHandle(
-        create_async_engine(url, **profile.engine_options(url)), profile, **options
-    )
+    try:
+        if threaded is not None:
+            return ThreadedEngineHandle(
+                create_engine(threaded.url, **{**threaded.engine_options, **engine_kwargs}),
+                profile,
+                separate_reader=threaded.separate_reader,
+                **options,
+            )
+        engine = create_async_engine(url, **{**profile.engine_options(url), **engine_kwargs})
+    except ImportError as exc:
+        where = url.render_as_string(hide_password=True)
+        raise MissingExtraError(f"Cannot use {where!r}: {profile.driver_hint(url)}") from exc
+    return AsyncEngineHandle(engine, profile, **options)
 
 
-def acquire_for_url(url: str | URL) -> EngineHandle:
+def acquire_for_url(url: str | URL, engine_kwargs: Mapping[str, Any] | None = None) -> EngineHandle:
     """Return the shared handle for ``url`` in the running loop, creating its engine if needed.
 
     A URL whose profile asks for a private engine (SQLite's ``:memory:``) gets one of its own:
     every in-memory database is its own database, as with the SDK's class.
 
+    Args:
+        url: The database URL.
+        engine_kwargs: Keyword arguments for the engine, over turnstore's own; sessions share
+            an engine only when they pass the same ones.
+
     Raises:
         InvalidArgumentError: The URL cannot be parsed.
+        MissingExtraError: The URL's driver is not installed.
     """
     try:
         parsed = make_url(url)
@@ -362,10 +373,13 @@ def acquire_for_url(url: str | URL) -> EngineHandle:
     profile = profile_for(parsed.get_backend_name())
     private = profile.private_engine(parsed)
     handles = _loop_handles()
+    kwargs = dict(engine_kwargs or {})
     key: Hashable = object() if private else _url_key(parsed)
+    if kwargs and not private:
+        key = (key, repr(sorted(kwargs.items())))
     handle = handles.get(key)
     if handle is None:
-        handle = handles[key] = _new_handle(parsed, profile, private=private)
+        handle = handles[key] = _new_handle(parsed, profile, private=private, engine_kwargs=kwargs)
     handle.users += 1
     return handle
 
@@ -432,5 +446,7 @@ async def dispose_engines(url: str | URL | None = None) -> None:
         await asyncio.gather(*pending)
     wanted = None if url is None else _url_key(make_url(url))
     for key, handle in list(_loop_handles().items()):
-        if handle.owned and not handle.private and wanted in (None, key):
+        # Engines made with engine_kwargs are keyed (url, kwargs).
+        url_key = key[0] if isinstance(key, tuple) else key
+        if handle.owned and not handle.private and wanted in (None, url_key):
             await handle.dispose()

@@ -511,6 +511,24 @@ class ConversationRepository:
                 "create_tables=True."
             )
 
+    async def ensure_info_table(self) -> None:
+        """Refuse unless the info table exists, looking again if it was missing before.
+
+        Raises:
+            SchemaMissingError: The table is still missing.
+        """
+        await self.look_for_info_table()
+        self.require_info_table()
+
+    async def look_for_info_table(self) -> None:
+        """Look again for an info table that was missing: a migration may have added it."""
+        key, name = self._t.metadata, self._t.info.name
+        if key in self._handle.without_info:
+            present = await self._handle.read(lambda conn: inspect(conn).has_table(name))
+            if present:
+                self._handle.without_info.discard(key)
+                await self._find_routines()
+
     def _touch_info(self, conn: Connection, session_id: str) -> None:
         """Inside a write: create the session's info if missing, move its activity forward."""
         if self.has_info_table:
@@ -530,6 +548,7 @@ class ConversationRepository:
         *,
         create: bool,
         migrate_default: Callable[[Connection], object] | None = None,
+        default_is_current: Callable[[Connection], bool] | None = None,
         distribute: Callable[[Connection, StoreTables], object] | None = None,
     ) -> None:
         """Create missing tables and indexes, or check that they exist (once per engine).
@@ -539,6 +558,9 @@ class ConversationRepository:
             migrate_default: Brings the default table set to the newest migration inside the
                 given transaction. The caller supplies it so that queries do not depend on
                 schema management; without it the default set is created like any other.
+            default_is_current: A cheap read-only check that the default table set is at the
+                newest migration; when it says so, nothing is locked or created. It keeps the
+                first call of a short-lived process fast.
             distribute: Distributes a table set that was created without the migrations, in
                 the same transaction, where the database is distributed (Citus); supplied by
                 the caller like ``migrate_default``.
@@ -554,9 +576,16 @@ class ConversationRepository:
                 return
             if create:
                 self._check_schema_names()
-                await handle.write(
-                    lambda conn: self._create_missing(conn, migrate_default, distribute)
+                current = (
+                    self._t.is_default
+                    and migrate_default is not None
+                    and default_is_current is not None
+                    and await handle.read(default_is_current)
                 )
+                if not current:
+                    await handle.write(
+                        lambda conn: self._create_missing(conn, migrate_default, distribute)
+                    )
                 handle.without_info.discard(key)
             else:
                 missing = await handle.read(self._missing_tables)
@@ -635,6 +664,7 @@ class ConversationRepository:
         migrate_default: Callable[[Connection], object] | None,
         distribute: Callable[[Connection, StoreTables], object] | None,
     ) -> None:
+        self._profile.prepare_ddl(conn)
         self._profile.lock_schema(conn)
         if self._t.is_default and migrate_default is not None:
             # The migrations own the default table set: create through them (and stamp), so a

@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, distinct, func, literal, select
+from sqlalchemy import Select, and_, distinct, func, literal, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from turnstore.persistence.dialects import JSONScalar
+from turnstore.persistence.dialects import DialectProfile, JSONScalar
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
 
@@ -194,6 +194,51 @@ class StoreQueries:
             take_new_values=list(changes),
         )
         await self._handle.write(_execute, stmt)
+
+
+def track_untracked(
+    conn: Connection, tables: StoreTables, profile: DialectProfile, after: str | None, limit: int
+) -> tuple[int, str | None]:
+    """Give sessions written without turnstore their info; move stale activity forward.
+
+    The SDK's own class (and turnstore before the info table) writes ``agent_sessions`` but
+    not ``turnstore_session_info``. For up to ``limit`` sessions in session id order after
+    ``after``, this creates the missing info rows (times from ``created_at``/``updated_at``)
+    and moves forward the activity of rows older than ``updated_at``. Runs inside the
+    caller's write transaction.
+
+    Returns:
+        How many info rows were created or moved, and the last session id looked at
+        (``None`` when there were no more sessions).
+    """
+    t, i = tables.sessions, tables.info
+    scope = select(t.c.session_id).order_by(t.c.session_id).limit(limit)
+    if after is not None:
+        scope = scope.where(t.c.session_id > after)
+    ids = list(conn.execute(scope).scalars())
+    if not ids:
+        return 0, None
+    now = profile.now_micros()
+    created = func.coalesce(profile.epoch_micros(t.c.created_at), now)
+    updated = func.coalesce(profile.epoch_micros(t.c.updated_at), created)
+    missing = (
+        select(t.c.session_id, created, updated)
+        .where(t.c.session_id.in_(ids))
+        .where(~select(i.c.session_id).where(i.c.session_id == t.c.session_id).exists())
+    )
+    # A turnstore write may create the row meanwhile: skip rows that exist by then.
+    added = conn.execute(
+        profile.insert_if_absent(i, ["session_id"]).from_select(
+            ["session_id", "created_at_us", "last_activity_us"], missing
+        )
+    ).rowcount
+    newer = select(updated).where(t.c.session_id == i.c.session_id).scalar_subquery()
+    moved = conn.execute(
+        update(i)
+        .where(i.c.session_id.in_(ids), i.c.last_activity_us < newer)
+        .values(last_activity_us=newer)
+    ).rowcount
+    return max(added, 0) + max(moved, 0), ids[-1]
 
 
 def _session_row(row: Sequence[Any]) -> SessionRow:

@@ -3,7 +3,9 @@
 A database written by the SDK's ``AdvancedSQLiteSession`` already has turnstore's tables (the
 models reproduce the SDK's layout); depending on the SDK version it lacks the two bookkeeping
 tables, and it always lacks turnstore's ``idx_structure_message_session`` index. Completing it only
-adds: no existing table is rebuilt and no row is changed or removed.
+adds: no existing table is rebuilt and no row is changed or removed. Every session gets a row
+in turnstore's own ``turnstore_session_info`` (its times taken from ``agent_sessions``), so the
+store lists the adopted sessions.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sqlalchemy.engine import Connection
 
 from turnstore.persistence.dialects import profile_for
 from turnstore.persistence.models import DEFAULT_TABLES, STRUCTURE_TABLE
+from turnstore.persistence.store_queries import track_untracked
 
 
 class DatabaseKind(enum.Enum):
@@ -119,7 +122,21 @@ def complete_schema(connection: Connection) -> list[str]:
     backfilled = _reserve_used_branches(connection)
     if backfilled:
         done.append(f"reserved {backfilled} branch name(s) already in use")
+    tracked = _track_sessions(connection)
+    if tracked:
+        done.append(f"recorded the info of {tracked} session(s) for the store's listings")
     return done
+
+
+def _track_sessions(connection: Connection) -> int:
+    """Give every session an info row (as migration 0005 does for the sessions it finds)."""
+    profile = profile_for(connection.dialect.name)
+    total, after = 0, None
+    while True:
+        changed, after = track_untracked(connection, DEFAULT_TABLES, profile, after, 10_000)
+        total += changed
+        if after is None:
+            return total
 
 
 def _reserve_used_branches(connection: Connection) -> int:

@@ -19,8 +19,6 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import TypeVar
 
 from alembic import command
@@ -42,9 +40,28 @@ from turnstore.errors import (
 )
 from turnstore.persistence.dialects import DialectProfile, profile_for
 from turnstore.schema import adoption, distribution
+from turnstore.schema.check import VERSION_TABLE, script_location
 
-# Not Alembic's default name, so an application's own migrations can share the database.
-VERSION_TABLE = "turnstore_alembic_version"
+__all__ = [
+    "URL_VARIABLE",
+    "VERSION_TABLE",
+    "MigrationInfo",
+    "Move",
+    "adopt",
+    "alembic_config",
+    "bring_to_head",
+    "current",
+    "data_dropping_steps",
+    "distribute",
+    "downgrade",
+    "head",
+    "history",
+    "script_location",
+    "stamp",
+    "upgrade",
+    "upgrade_sql",
+]
+
 URL_VARIABLE = "TURNSTORE_DATABASE_URL"
 # The revision that gives server tables session-scoped keys (see persistence.models).
 SERVER_KEYS_REVISION = "0008"
@@ -89,23 +106,6 @@ class MigrationInfo:
 
 
 # -- scripts -------------------------------------------------------------------------------
-
-
-def script_location() -> Path:
-    """The folder holding ``env.py`` and ``versions/``: the installed copy, else the checkout's.
-
-    Raises:
-        MigrationError: Neither copy exists (a broken installation).
-    """
-    packaged = resources.files("turnstore") / "migrations"
-    candidates = [Path(str(packaged)), Path(__file__).resolve().parents[3] / "migrations"]
-    for candidate in candidates:
-        if (candidate / "env.py").is_file():
-            return candidate
-    raise MigrationError(
-        "turnstore's migration scripts are missing (looked in "
-        f"{', '.join(str(c) for c in candidates)}); reinstall the turnstore package"
-    )
 
 
 def alembic_config(

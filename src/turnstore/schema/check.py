@@ -1,0 +1,110 @@
+"""The cheap schema check a fresh process runs before its first operation.
+
+``create_tables=True`` must cost a short-lived process (a CLI, a serverless handler, a test)
+next to nothing on a database that is already up to date. So before taking the schema lock
+and asking Alembic, a session reads the one row of turnstore's version table and compares it
+with the newest revision, found by reading the migration scripts' ``revision`` and
+``down_revision`` lines (without importing Alembic, which costs a few hundred milliseconds).
+Only a database that is not at head goes on to :func:`turnstore.schema.migrate.bring_to_head`.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import column, select, table
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import Select
+
+from turnstore.errors import MigrationError
+
+# Not Alembic's default name, so an application's own migrations can share the database.
+VERSION_TABLE = "turnstore_alembic_version"
+
+_VERSION_QUERY: Select[tuple[Any]] = select(column("version_num")).select_from(table(VERSION_TABLE))
+
+
+def script_location() -> Path:
+    """The folder holding ``env.py`` and ``versions/``: the installed copy, else the checkout's.
+
+    Raises:
+        MigrationError: Neither copy exists (a broken installation).
+    """
+    packaged = resources.files("turnstore") / "migrations"
+    candidates = [Path(str(packaged)), Path(__file__).resolve().parents[3] / "migrations"]
+    for candidate in candidates:
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise MigrationError(
+        "turnstore's migration scripts are missing (looked in "
+        f"{', '.join(str(c) for c in candidates)}); reinstall the turnstore package"
+    )
+
+
+def _assigned(tree: ast.Module, name: str) -> object:
+    for node in tree.body:
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        if any(isinstance(target, ast.Name) and target.id == name for target in targets):
+            return ast.literal_eval(value)
+    return None
+
+
+@cache
+def head_revision() -> str | None:
+    """The newest revision, from the scripts' source; ``None`` if that is not one revision.
+
+    ``None`` (several heads, or a script this reading does not understand) sends callers to
+    Alembic, which answers exactly.
+    """
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in sorted((script_location() / "versions").glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            revision, down = _assigned(tree, "revision"), _assigned(tree, "down_revision")
+        except (SyntaxError, ValueError, OSError):
+            return None
+        if not isinstance(revision, str):
+            continue
+        revisions.add(revision)
+        if isinstance(down, str):
+            parents.add(down)
+        elif isinstance(down, tuple | list):
+            parents.update(str(parent) for parent in down)
+    heads = revisions - parents
+    return next(iter(heads)) if len(heads) == 1 else None
+
+
+def at_head(connection: Connection) -> bool:
+    """Whether the database records exactly the newest revision (one cheap query).
+
+    A database without the version table (never migrated) is simply not at head.
+    """
+    head = head_revision()
+    if head is None:
+        return False
+    try:
+        recorded = connection.execute(_VERSION_QUERY).scalars().all()
+    except DBAPIError:
+        return False
+    return list(recorded) == [head]
+
+
+def bring_to_head_when_needed(connection: Connection) -> None:
+    """Migrate to head inside ``connection``'s transaction, importing Alembic only now.
+
+    The faces hand this to the repository for ``create_tables=True``; a database that
+    :func:`at_head` found current never gets here, so most processes never import Alembic.
+    """
+    from turnstore.schema.migrate import bring_to_head
+
+    bring_to_head(connection)

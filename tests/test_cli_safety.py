@@ -1,0 +1,236 @@
+"""The CLI at its edges: one-line errors with the fixing command, refusals without --yes,
+no files created by read-only commands, missing extras named, one success line.
+
+Each edge runs through Typer's ``CliRunner`` and once as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.migration_helpers import child_env, run_cli
+from tests.test_adopt import build_sdk_database, row_counts
+from turnstore.cli import common
+from turnstore.cli.main import app
+from turnstore.schema import migrate
+
+NO_URL = {common.URL_VARIABLE: None}
+
+
+def invoke(*args: str, **kwargs: Any) -> Any:
+    kwargs.setdefault("env", NO_URL)
+    return CliRunner().invoke(app, list(args), **kwargs)
+
+
+def current(url: str) -> tuple[str, ...]:
+    return asyncio.run(migrate.current(url))
+
+
+def url_of(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def one_error_line(stderr: str, fragment: str) -> None:
+    assert stderr.count("\n") == 1, stderr
+    assert fragment in stderr, stderr
+
+
+def test_upgrade_of_an_sdk_file_points_at_adopt(tmp_path: Path) -> None:
+    # Sync tests: the CLI runs its own event loop, as it does in a shell.
+    sqlite_path = tmp_path / "conversations.db"
+    asyncio.run(build_sdk_database(sqlite_path))
+    before = row_counts(sqlite_path)
+    url = url_of(sqlite_path)
+    result = invoke("db", "upgrade", "--url", url)
+    assert result.exit_code == common.ExitCode.REFUSED
+    assert result.stdout == ""
+    one_error_line(result.stderr, f"run `turnstore db adopt --url {url}`")
+    shell = run_cli(["db", "upgrade", "--url", url])
+    assert shell.returncode == 5
+    assert shell.stderr == result.stderr
+    assert row_counts(sqlite_path) == before
+    assert current(url) == ()
+    # The fix works: adopt, then upgrade has nothing left to do.
+    assert run_cli(["db", "adopt", "--url", url]).returncode == 0
+    again = invoke("db", "upgrade", "--url", url)
+    assert again.exit_code == 0
+    assert again.stdout.endswith("; nothing to do\n")
+
+
+def test_failing_downgrade_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.db"
+    url = url_of(path)
+    assert invoke("db", "upgrade", "--url", url).exit_code == 0
+    with sqlite3.connect(path) as conn:
+        # Someone dropped a table by hand: the initial migration's downgrade cannot drop it.
+        conn.execute("DROP TABLE branch_reservations")
+    result = invoke("db", "downgrade", "--revision", "base", "--yes", "--url", url)
+    assert result.exit_code == common.ExitCode.FAILED
+    assert result.stdout == ""
+    one_error_line(result.stderr, "Downgrade to base failed")
+    assert "branch_reservations" in result.stderr
+    shell = run_cli(["db", "downgrade", "--revision", "base", "--yes", "--url", url])
+    assert shell.returncode == 1
+    one_error_line(shell.stderr, "Downgrade to base failed")
+    assert "Traceback" not in shell.stderr
+
+
+def test_downgrade_that_drops_data_needs_yes(tmp_path: Path) -> None:
+    path = tmp_path / "data.db"
+    url = url_of(path)
+    assert invoke("db", "upgrade", "--url", url).exit_code == 0
+    refused = invoke("db", "downgrade", "--revision", "base", "--url", url)
+    assert refused.exit_code == common.ExitCode.NOT_CONFIRMED
+    one_error_line(refused.stderr, "pass --yes")
+    assert "0001" in refused.stderr
+    shell = run_cli(["db", "downgrade", "--revision", "base", "--url", url])
+    assert shell.returncode == 6
+    assert shell.stderr == refused.stderr
+    assert current(url) == (migrate.head(),)
+    # A step that drops no table or column (0004 adds functions on Postgres only) needs none.
+    previous = migrate.history()[-2].revision
+    assert migrate.data_dropping_steps((migrate.head(),), previous) == []
+    stepped = invoke("db", "downgrade", "--revision", previous, "--url", url)
+    assert stepped.exit_code == 0, stepped.stderr
+    assert stepped.stdout.count("\n") == 1
+    # A person on a terminal is asked; "n" changes nothing, "y" goes ahead.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "stdin_is_terminal", lambda: True)
+        patch.setattr(common, "is_terminal", lambda stream: True)
+        declined = invoke("db", "downgrade", "--revision", "base", "--url", url, input="n\n")
+        assert declined.exit_code == common.ExitCode.NOT_CONFIRMED
+        assert current(url) == (previous,)
+        accepted = invoke("db", "downgrade", "--revision", "base", "--url", url, input="y\n")
+        assert accepted.exit_code == 0, accepted.stderr
+    assert current(url) == ()
+    with_yes = invoke("db", "upgrade", "--url", url)
+    assert with_yes.exit_code == 0
+    assert invoke("db", "downgrade", "-r", "base", "-y", "--url", url).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["current"], ["stamp"], ["adopt"], ["downgrade", "--revision", "base", "--yes"]],
+    ids=lambda command: command[0],
+)
+def test_commands_that_only_read_or_adopt_never_create_a_file(
+    tmp_path: Path, command: list[str]
+) -> None:
+    path = tmp_path / "typo.db"
+    result = invoke("db", *command, "--url", url_of(path))
+    assert result.exit_code == common.ExitCode.UNAVAILABLE
+    one_error_line(result.stderr, "does not exist")
+    assert not path.exists()
+    shell = run_cli(["db", *command, "--url", url_of(path)])
+    assert shell.returncode == 3
+    assert not path.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "asyncmy", None)  # importing it now raises ImportError
+    result = invoke("db", "current", "--url", "mysql+asyncmy://u@127.0.0.1:1/db")
+    assert result.exit_code == common.ExitCode.USAGE
+    one_error_line(result.stderr, "pip install 'turnstore[mysql]'")
+    code = (
+        "import sys; sys.modules['asyncpg'] = None\n"
+        "from turnstore.cli.main import main\n"
+        "sys.exit(main(['db', 'current', '--url', 'postgresql+asyncpg://u@127.0.0.1:1/db']))\n"
+    )
+    shell = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=False
+    )
+    assert shell.returncode == 2
+    one_error_line(shell.stderr, "pip install 'turnstore[postgres]'")
+    sync = invoke("db", "current", "--url", "postgresql+psycopg2://u@127.0.0.1:1/db")
+    assert sync.exit_code == common.ExitCode.USAGE
+    assert "postgresql+asyncpg://" in sync.stderr
+
+
+async def test_missing_driver_from_a_session_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from turnstore import AdvancedSession
+    from turnstore.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "asyncmy", None)
+    session = AdvancedSession.from_url(session_id="s", url="mysql+asyncmy://u@127.0.0.1:1/db")
+    with pytest.raises(MissingExtraError, match=r"pip install 'turnstore\[mysql\]'"):
+        await session.get_items()
+
+
+def test_every_db_command_ends_with_one_success_line(tmp_path: Path) -> None:
+    path = tmp_path / "ok.db"
+    url = url_of(path)
+    lines = {
+        "upgrade": invoke("db", "upgrade", "--url", url).stdout,
+        "stamp": invoke("db", "stamp", "--url", url, "--revision", "head").stdout,
+        "current": invoke("db", "current", "--url", url).stdout,
+        "adopt": invoke("db", "adopt", "--url", url).stdout,
+        "downgrade": invoke("db", "downgrade", "-r", "base", "-y", "--url", url).stdout,
+    }
+    for command, out in lines.items():
+        assert out.count("\n") == 1, (command, out)
+    assert lines["upgrade"].startswith(f"upgraded {url} from <none> to {migrate.head()} (head)")
+    assert lines["stamp"] == f"stamped {url} at {migrate.head()} (head)\n"
+    assert lines["adopt"] == f"adopted a turnstore database; now at {migrate.head()} (head)\n"
+    shell = run_cli(["db", "upgrade", "--url", url])
+    assert shell.stdout == f"upgraded {url} from <none> to {migrate.head()} (head)\n"
+
+
+def test_adopting_an_empty_database_reads_well(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    result = invoke("db", "adopt", "--url", url_of(path))
+    assert result.stdout == f"adopted an empty database; now at {migrate.head()} (head)\n"
+
+
+def demo_args(path: Path, *more: str) -> list[str]:
+    return ["demo", "--db", str(path), *more]
+
+
+def test_demo_refuses_to_replace_someone_elses_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
+    path = tmp_path / "conversations.db"
+
+    asyncio.run(build_sdk_database(path))
+    before = row_counts(path)
+    result = invoke(*demo_args(path))
+    assert result.exit_code == common.ExitCode.NOT_CONFIRMED
+    assert result.stdout == ""
+    one_error_line(result.stderr, "holds 2 conversation(s) other than the demo's")
+    shell = run_cli(demo_args(path))
+    assert shell.returncode == 6
+    assert row_counts(path) == before
+    # Not a database at all: refused too.
+    other = tmp_path / "notes.db"
+    other.write_text("my notes\n")
+    refused = invoke(*demo_args(other))
+    assert refused.exit_code == common.ExitCode.NOT_CONFIRMED
+    assert other.read_text() == "my notes\n"
+    # With --yes it is replaced, and an earlier demo is replaced without asking.
+    assert invoke(*demo_args(path, "--yes")).exit_code == 0
+    again = invoke(*demo_args(path))
+    assert again.exit_code == 0, again.stderr
+    assert f"demo written to {path}" in again.stdout
+
+
+def test_demo_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "nodir" / "x.db"
+    result = invoke(*demo_args(path))
+    assert result.exit_code == common.ExitCode.UNAVAILABLE
+    one_error_line(result.stderr, f"run `mkdir -p {path.parent}`")
+    shell = run_cli(demo_args(path))
+    assert shell.returncode == 3
+    one_error_line(shell.stderr, "does not exist")
+    assert not path.parent.exists()
