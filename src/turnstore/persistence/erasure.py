@@ -120,23 +120,49 @@ class Eraser:
         )
         if not picked:
             return Removed(), 0
-        conn.execute(
-            select(t.sessions.c.session_id)
-            .where(t.sessions.c.session_id.in_(picked))
-            .order_by(t.sessions.c.session_id)
-            .with_for_update()
-        ).all()
-        # Under the locks: a session written since it was picked no longer matches.
-        confirmed = list(
+        if self._handle.distributed:
+            # Citus locks rows of one shard per statement only: one session at a time, in
+            # the same order as below.
+            confirmed = [
+                session_id
+                for session_id in sorted(picked)
+                if self._lock_one(conn, session_id, conditions)
+            ]
+        else:
             conn.execute(
-                select(i.c.session_id)
-                .where(i.c.session_id.in_(picked), *conditions)
-                .order_by(i.c.session_id)
+                select(t.sessions.c.session_id)
+                .where(t.sessions.c.session_id.in_(picked))
+                .order_by(t.sessions.c.session_id)
                 .with_for_update()
-            ).scalars()
-        )
+            ).all()
+            # Under the locks: a session written since it was picked no longer matches.
+            confirmed = list(
+                conn.execute(
+                    select(i.c.session_id)
+                    .where(i.c.session_id.in_(picked), *conditions)
+                    .order_by(i.c.session_id)
+                    .with_for_update()
+                ).scalars()
+            )
         removed = self._delete(conn, confirmed) if confirmed else Removed()
         return Removed(len(confirmed), removed.items, removed.usage_rows), len(picked)
+
+    def _lock_one(
+        self, conn: Connection, session_id: str, conditions: Sequence[ColumnElement[bool]]
+    ) -> bool:
+        """Lock one picked session's rows; whether it still matches under the lock."""
+        t, i = self._t, self._t.info
+        conn.execute(
+            select(t.sessions.c.session_id)
+            .where(t.sessions.c.session_id == session_id)
+            .with_for_update()
+        ).all()
+        still = conn.execute(
+            select(i.c.session_id)
+            .where(i.c.session_id == session_id, *conditions)
+            .with_for_update()
+        ).first()
+        return still is not None
 
     def _delete(self, conn: Connection, session_ids: Sequence[str]) -> Removed:
         """Delete every row of the sessions, children first (no cascade is relied on)."""

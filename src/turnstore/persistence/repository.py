@@ -600,6 +600,9 @@ class ConversationRepository:
                         "create_tables=True to create them, or run the migrations first."
                     )
             await self._find_routines()
+            handle.distributed = await handle.read(
+                lambda conn: self._profile.cluster_node(conn) is not None
+            )
             handle.ready_schemas.add(key)
 
     async def _find_routines(self) -> None:
