@@ -12,7 +12,9 @@ Agents SDK got imported (it must not: nothing here involves SDK objects)::
     python benchmarks/cold_start.py --quick               # one process per case (smoke test)
 
 The figure that matters is ``first - warm``: how much more a fresh process's first
-operation costs than the same operation once warm. The last line is ``COLD_JSON {...}``.
+operation costs than the same operation once warm. The case ``sqlalchemy_floor`` measures the
+same for plain SQLAlchemy running ``SELECT 1`` on the same URL: opening the process's first
+connection, which no library on SQLAlchemy avoids. The last line is ``COLD_JSON {...}``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ DEFAULT_URLS = {
     "citus": "postgresql+asyncpg://postgres@127.0.0.1:9700/turnstore",
 }
 JSON_PREFIX = "COLD_JSON "
+CASES = ("create_tables", "no_create_tables", "sqlalchemy_floor")
 FIGURES = (
     "import_ms",
     "driver_import_ms",
@@ -100,6 +103,39 @@ print(json.dumps(figures))
 """
 
 
+# The floor: plain SQLAlchemy on the same URL, no turnstore. Its first ``SELECT 1`` opens the
+# process's first connection (dialect initialization included); turnstore cannot be cheaper.
+FLOOR_CHILD = """
+import time
+started = time.perf_counter()
+import asyncio, json, sys
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+make_url(sys.argv[1]).get_dialect().import_dbapi()
+imported = time.perf_counter()
+
+
+async def main() -> dict:
+    engine = create_async_engine(sys.argv[1])
+    t0 = time.perf_counter()
+    async with engine.connect() as conn:
+        await conn.exec_driver_sql("SELECT 1")
+    t1 = time.perf_counter()
+    async with engine.connect() as conn:
+        await conn.exec_driver_sql("SELECT 1")
+    t2 = time.perf_counter()
+    await engine.dispose()
+    return {"first_ms": (t1 - t0) * 1e3, "warm_ms": (t2 - t1) * 1e3}
+
+
+figures = asyncio.run(main())
+figures["import_ms"] = (imported - started) * 1e3
+figures["driver_import_ms"] = 0.0
+figures["sdk_imported"] = "agents" in sys.modules
+print(json.dumps(figures))
+"""
+
+
 @asynccontextmanager
 async def database_at_head(backend: str, server_url: str | None) -> AsyncIterator[str]:
     """A fresh database migrated to head: a temporary file, or a database made on the server."""
@@ -135,15 +171,17 @@ async def database_at_head(backend: str, server_url: str | None) -> AsyncIterato
         await admin.dispose()
 
 
-def run_child(url: str, create_tables: bool) -> dict[str, Any]:
-    """One fresh process; its figures plus the wall time the parent saw."""
+def run_child(url: str, case: str) -> dict[str, Any]:
+    """One fresh process for ``case``; its figures plus the wall time the parent saw."""
     env = dict(os.environ)
     source = [str(_CHECKOUT_SOURCE), env.get("PYTHONPATH")]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, source))
     session_id = f"cold-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
+    program = FLOOR_CHILD if case == "sqlalchemy_floor" else CHILD
+    create_tables = "1" if case == "create_tables" else "0"
     result = subprocess.run(  # noqa: S603 - our own interpreter and script
-        [sys.executable, "-c", CHILD, url, session_id, "1" if create_tables else "0"],
+        [sys.executable, "-c", program, url, session_id, create_tables],
         capture_output=True,
         text=True,
         env=env,
@@ -160,25 +198,27 @@ def run_child(url: str, create_tables: bool) -> dict[str, Any]:
 
 
 async def measure(backend: str, server_url: str | None, runs: int) -> dict[str, dict[str, Any]]:
-    """Medians over ``runs`` fresh processes, with and without ``create_tables``."""
-    results: dict[str, dict[str, Any]] = {}
+    """Medians over ``runs`` fresh processes per case (see :data:`CASES`)."""
+    samples: dict[str, list[dict[str, Any]]] = {case: [] for case in CASES}
     async with database_at_head(backend, server_url) as url:
-        run_child(url, create_tables=True)  # warms the OS file cache and bytecode, not turnstore
-        for create_tables in (True, False):
-            samples = [await asyncio.to_thread(run_child, url, create_tables) for _ in range(runs)]
-            case = "create_tables" if create_tables else "no_create_tables"
-            medians: dict[str, Any] = {
-                figure: round(statistics.median(s[figure] for s in samples), 2)
-                for figure in FIGURES
-            }
-            medians["sdk_imported"] = any(s["sdk_imported"] for s in samples)
-            results[case] = medians
-            print(
-                f"{backend:<9}{case:<18}"
-                + "".join(f"{figure}={medians[figure]:>9.1f}  " for figure in FIGURES)
-                + f"sdk_imported={medians['sdk_imported']}",
-                flush=True,
-            )
+        run_child(url, "create_tables")  # warms the OS file cache and bytecode, not turnstore
+        for _ in range(runs):
+            # Cases interleaved, so a busy spell of the shared machine hits all of them.
+            for case in CASES:
+                samples[case].append(await asyncio.to_thread(run_child, url, case))
+    results: dict[str, dict[str, Any]] = {}
+    for case, measured in samples.items():
+        medians: dict[str, Any] = {
+            figure: round(statistics.median(s[figure] for s in measured), 2) for figure in FIGURES
+        }
+        medians["sdk_imported"] = any(s["sdk_imported"] for s in measured)
+        results[case] = medians
+        print(
+            f"{backend:<9}{case:<18}"
+            + "".join(f"{figure}={medians[figure]:>9.1f}  " for figure in FIGURES)
+            + f"sdk_imported={medians['sdk_imported']}",
+            flush=True,
+        )
     return results
 
 

@@ -141,6 +141,8 @@ def _check_name(name: object, message: str) -> None:
 def _check_turn(turn: object) -> None:
     if isinstance(turn, bool) or not isinstance(turn, int):
         raise InvalidArgumentError("turn_number must be an int")
+    if turn < 0:  # the SDK's class raises ValueError too ("Turn -1 does not contain ...")
+        raise InvalidArgumentError("turn_number must be at least 0")
 
 
 @dataclass

@@ -105,10 +105,16 @@ async def test_failed_branch_creation_changes_nothing(backend: Backend) -> None:
     assert await session.create_branch_from_turn(2, "never") == "never"
 
 
-@pytest.mark.parametrize("turn_number", [0, -1])
-async def test_missing_turns_are_value_errors(backend: Backend, turn_number: int) -> None:
+@pytest.mark.parametrize(
+    ("turn_number", "error"), [(0, TurnNotFoundError), (-1, InvalidArgumentError)]
+)
+async def test_missing_turns_are_value_errors(
+    backend: Backend, turn_number: int, error: type[Exception]
+) -> None:
+    # Turn 0 is a number no turn has; a negative one is not a turn number at all. Both are
+    # ValueErrors, as the SDK's class raises.
     session = await three_turns(backend)
-    with pytest.raises(TurnNotFoundError) as raised:
+    with pytest.raises(error) as raised:
         await session.create_branch_from_turn(turn_number)
     assert isinstance(raised.value, ValueError)
 

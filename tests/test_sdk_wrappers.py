@@ -25,7 +25,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from tests.conftest import Backend
 from tests.fake_compaction import compacting, summary
 from tests.helpers import run_result, turn, user
-from turnstore import AdvancedSession, AdvancedSQLiteSession
+from turnstore import AdvancedSession, AdvancedSQLiteSession, Store
 from turnstore.sdk.encrypted import EncryptedSession
 from turnstore.sdk.wrapper_hooks import SDK_VERSIONS_CHECKED
 
@@ -127,9 +127,17 @@ async def test_manual_compaction_replaces_the_current_branch_atomically(backend:
     session = await branched(backend)
     await session.add_items(turn("alt 3"))
     kept = await snapshot_of_store(session)
+    info = await session.get_info()
     compaction, responses = compacting(session)
 
     await compaction.run_compaction({"force": True})
+
+    # The store lists the session as just written; its main branch is as it was.
+    after = await session.get_info()
+    assert info is not None
+    assert after is not None
+    assert after.last_activity > info.last_activity
+    assert (after.items, after.branches) == (info.items, info.branches)
 
     assert responses.calls[0]["input"] == [*turn("main 1"), *turn("main 2"), *turn("alt 3")]
     assert await session.get_items() == [user("main 1"), user("main 2"), user("alt 3"), summary(1)]
@@ -427,3 +435,33 @@ async def test_the_drop_in_under_the_wrappers(sqlite_path: Path) -> None:
     assert await foreign.pop_item() == user("theirs")
     assert await encrypted.pop_item() == user("mine")
     await session.aclose()
+
+
+async def test_a_store_routes_each_tenant_to_its_own_store(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """One store per tenant; the front session comes from a store as well."""
+    acme = Store(engine=backend.engine, create_tables=True)
+    globex = Store(url=f"sqlite+aiosqlite:///{tmp_path / 'globex.db'}", create_tables=True)
+    stores = {"acme": acme, "globex": globex}
+    sessions: dict[str, AdvancedSession] = {}
+
+    def tenant_session(wrapper: Any) -> AdvancedSession:
+        name = wrapper.context.name
+        if name not in sessions:
+            sessions[name] = stores[name].session("conversation", user_id=name)
+        return sessions[name]
+
+    front = acme.session("front", session_for_context=tenant_session)
+    agent = Agent(name="a", model=replies(2))
+
+    await Runner.run(agent, "hello from globex", session=front, context=Tenant("globex"))
+
+    info = await globex.get_session_info("conversation")
+    assert info is not None
+    assert (info.user_id, info.user_turns) == ("globex", 1)
+    assert await acme.get_session_info("conversation") is None
+    for session in [front, *sessions.values()]:
+        await session.aclose()
+    await acme.aclose()
+    await globex.aclose()

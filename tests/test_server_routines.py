@@ -14,26 +14,28 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, ProgrammingError
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from tests.conftest import Backend, _postgres_backend
 from tests.helpers import function_call, function_output, run_result, turn, user
 from tests.read_counters import grow_to, keep_postgres_from_analyzing, reads_by
-from turnstore import AdvancedSession, SchemaMissingError
+from turnstore import AdvancedSession, SchemaMissingError, StorageError
 from turnstore.persistence import server_routines
 from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.models import DEFAULT_TABLES
 from turnstore.schema import migrate
 
-# sha256 of each released version of the functions, as migrations 0003, 0004, 0005 and 0008
+# sha256 of each released version of the functions, as migrations 0003, 0004, 0005, 0007 and
+# 0008
 # create them.
 FROZEN_DIGESTS = {
     1: "059f84324a7ac8adc41295dd1b1a781feeed82679fef821b10231e04da93126e",
     2: "8bdde440e1b32e1bcc2f8e17f83245da6a41ac8730963b6a504afe09a78f5977",
     3: "917bbfd6a82cd76408324279adfa6c4302b4538ce3337a8bc06e6424db45a093",
-    5: "19c54dbcf70e5815b0fcc0b87a4f634da4bbd8fd9b16f320e0aadf049386ba1a",
+    4: "0d780843948adeecea5eb75111ac563ff8d80ad3eda2dbcca9b9a5f88243f3d9",
+    5: "803aa841d14a067e9361d5b377fe9ab26f60ded8e003583aa3da87c1271b19eb",
 }
 APPEND_ARGUMENTS = "(text, text, integer, text[], text[], boolean[], text[])"
 # Version 3 also takes the session info a write creates: owner, title, metadata.
@@ -41,6 +43,8 @@ APPEND_V3_ARGUMENTS = "(text, text, integer, text[], text[], boolean[], text[], 
 APPEND_V1 = f"turnstore_append_v1{APPEND_ARGUMENTS}"
 APPEND_V2 = f"turnstore_append_v2{APPEND_ARGUMENTS}"
 APPEND_V3 = f"turnstore_append_v3{APPEND_V3_ARGUMENTS}"
+# Version 4 appends as version 3 does (only its usage function takes more).
+APPEND_V4 = f"turnstore_append_v4{APPEND_V3_ARGUMENTS}"
 
 
 def append_arguments(version: int) -> str:
@@ -169,8 +173,10 @@ async def test_sessions_call_the_functions(pg_backend: Backend) -> None:
     await session.add_items(turn("first"))
     # The next append must go through the newest version.
     await replace_with_refusal(pg_backend.engine, APPEND_NEWEST)
-    with pytest.raises(DBAPIError, match="the append function ran"):
+    # Database errors come out as StorageError; the database's own error stays attached.
+    with pytest.raises(StorageError, match=r"add_items failed .* \[P0001\]") as raised:
         await session.add_items(turn("second"))
+    assert "the append function ran" in str(raised.value.original)
     assert [item["content"] for item in await session.get_items()][:1] == ["first"]
 
 
@@ -185,8 +191,40 @@ async def test_a_database_with_only_version_1_calls_it(
         await session.add_items(turn("first"))
     assert any("Using version 1" in r.getMessage() for r in caplog.records)
     await replace_with_refusal(pg_backend.engine, APPEND_V1)
-    with pytest.raises(DBAPIError, match="the append function ran"):
+    # Database errors come out as StorageError; the database's own error stays attached.
+    with pytest.raises(StorageError, match=r"add_items failed .* \[P0001\]") as raised:
         await session.add_items(turn("second"))
+    assert "the append function ran" in str(raised.value.original)
+
+
+async def test_a_database_before_the_turn_models_table_calls_version_3(
+    pg_backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Migrated to 0005 (the store) but not 0007: no model table, no version 4. Usage is stored
+    # through version 3 without models; the SDK's usage reads are unchanged.
+    await migrate.upgrade(pg_backend.engine, "0005")
+    assert not await function_exists(pg_backend.engine, APPEND_V4)
+    with caplog.at_level(logging.INFO, logger="turnstore"):
+        session = pg_backend.session(create_tables=False)
+        await session.add_items(turn("first"))
+        await session.store_run_usage(run_result(), model="gpt-4o")
+        await session.create_branch_from_turn(1, "side")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("Using version 3" in message for message in messages)
+    assert any("turnstore_turn_models" in message for message in messages)
+    assert (await session.get_session_usage() or {})["total_turns"] == 1
+    assert await session.get_turn_models(branch_id="main") == {}
+    await migrate.upgrade(pg_backend.engine)
+    # A process started after the upgrade (an engine of its own) records them.
+    engine = pg_backend.new_engine()
+    try:
+        fresh = AdvancedSession(session_id=session.session_id, engine=engine)
+        await fresh.store_run_usage(run_result(), model="gpt-4o")
+        models = await fresh.get_turn_models(branch_id="main")
+        assert [m["model"] for m in models[1]] == ["gpt-4o"]
+        await fresh.aclose()
+    finally:
+        await engine.dispose()
 
 
 async def test_a_database_before_the_info_table_calls_version_2(
@@ -209,8 +247,10 @@ async def test_a_database_before_the_info_table_calls_version_2(
         await owned.add_items(turn("not stored"))
     assert len(await session.get_items()) == 2
     await replace_with_refusal(pg_backend.engine, APPEND_V2)
-    with pytest.raises(DBAPIError, match="the append function ran"):
+    # Database errors come out as StorageError; the database's own error stays attached.
+    with pytest.raises(StorageError, match=r"add_items failed .* \[P0001\]") as raised:
         await session.add_items(turn("second"))
+    assert "the append function ran" in str(raised.value.original)
 
 
 async def test_database_without_the_functions_warns_and_works(
@@ -272,8 +312,9 @@ async def test_custom_tables_get_functions_of_their_own(pg_backend: Backend) -> 
 
 @pytest.mark.parametrize("version", server_routines.VERSIONS)
 def test_released_function_definitions_are_frozen(version: int) -> None:
-    # Migrations 0003, 0004 and 0005 create the versions from routine_ddl: editing one would change
-    # what an applied migration means. A change belongs in a new version and a new revision.
+    # Migrations 0003, 0004, 0005 and 0007 create the versions from routine_ddl: editing one
+    # would change what an applied migration means. A change belongs in a new version and a
+    # new revision.
     routines = server_routines.routines_for(
         "agent_sessions", "agent_messages", default=True, version=version
     )
@@ -365,7 +406,8 @@ async def test_the_functions_read_the_same_at_any_history_length(pg_backend: Bac
         await conn.execute(
             text(
                 f"SELECT {routines.usage_name}(:session, 'main', 0, 1, 10, 5, 15, NULL, NULL, "
-                "NULL, NULL, NULL)"
+                "NULL, NULL, NULL, ARRAY['gpt-4o'], ARRAY[1], ARRAY[10], ARRAY[0], ARRAY[5], "
+                "ARRAY[0], ARRAY[15])"
             ),
             {"session": session.session_id},
         )

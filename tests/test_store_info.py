@@ -175,6 +175,11 @@ async def test_long_previews_are_cut(backend: Backend) -> None:
         ({"metadata": {"x": float("nan")}}, "JSON cannot hold"),
         ({"metadata": {"big": 2**70}}, "beyond 64 bits"),
         ({"metadata": {"blob": "x" * 70_000}}, "at most 65536"),
+        ({"user_id": "ali\x00ce"}, "NUL character"),
+        ({"title": "lone \ud800"}, "unpaired surrogate"),
+        ({"metadata": {"k": "nul \x00"}}, "NUL character"),
+        ({"metadata": {"k\x00": 1}}, "a key of metadata"),
+        ({"metadata": {"k": ["\udfff"]}}, "unpaired surrogate"),
     ],
 )
 async def test_bad_info_is_refused_before_anything_is_stored(

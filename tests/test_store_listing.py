@@ -300,6 +300,8 @@ async def test_forged_and_foreign_cursors_are_refused(backend: Backend) -> None:
         ({"metadata": {1: "x"}}, "keys must be str"),
         ({"metadata": {"x": float("inf")}}, "JSON cannot hold"),
         ({"metadata": {"x": object()}}, "not JSON"),
+        ({"user_id": "a\x00"}, "NUL character"),
+        ({"metadata": {"k": "\x00"}}, "NUL character"),
         ({"active_after": "2026-01-01"}, "active_after must be a datetime"),
         ({"active_before": 1767225600}, "active_before must be a datetime"),
     ],

@@ -9,7 +9,7 @@ duplicates go: ``idx_agent_messages_session_id`` (the new primary key), ``idx_st
 (a prefix of two others) and ``idx_turn_usage_session_turn`` (the unique constraint's index).
 InnoDB needs its AUTO_INCREMENT column to lead a key, so there each ``id`` gets a unique key.
 
-Postgres gets version 5 of the server functions (version 3 with upserts that set ``EXCLUDED``
+Postgres gets version 5 of the server functions (version 4 with upserts that set ``EXCLUDED``
 values rather than ``CURRENT_TIMESTAMP``: Citus refuses functions in ``DO UPDATE SET``);
 earlier versions stay for processes of earlier releases.
 
@@ -20,7 +20,7 @@ this revision in a maintenance window. On a Citus coordinator the downgrade firs
 tables back onto the coordinator (``undistribute_table``): their old keys cannot be distributed.
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0007
 Create Date: 2026-12-06
 """
 
@@ -31,7 +31,7 @@ from alembic import op
 from turnstore.persistence import server_routines
 
 revision = "0008"
-down_revision: str | None = "0005"
+down_revision: str | None = "0007"
 branch_labels: tuple[str, ...] | None = None
 depends_on: tuple[str, ...] | None = None
 
@@ -54,6 +54,7 @@ _TABLES = {
     "usage_table": "turn_usage",
     "generations_table": "session_clear_generations",
     "info_table": "turnstore_session_info",
+    "turn_models_table": "turnstore_turn_models",
 }
 
 
@@ -148,7 +149,7 @@ def _undistribute() -> None:
             )
     # Distributing dropped the earlier versions (they cannot run on distributed tables);
     # the revisions that created them are below this one.
-    for version in (1, 2, 3):
+    for version in (1, 2, 3, 4):
         routines = server_routines.routines_for(
             "agent_sessions", "agent_messages", default=True, version=version
         )

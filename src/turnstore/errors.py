@@ -45,6 +45,10 @@ class ContentNotFoundError(TurnstoreError, ValueError):
     """No user turn contains the searched text."""
 
 
+class SessionNotFoundError(TurnstoreError, LookupError):
+    """No session with that id has anything stored (command-line lookups of a session)."""
+
+
 class BranchNotFoundError(TurnstoreError, ValueError):
     """The requested branch does not exist in the session."""
 
@@ -55,6 +59,29 @@ class BranchNameTakenError(TurnstoreError, ValueError):
 
 class ProtectedBranchError(TurnstoreError, ValueError):
     """The branch may not be deleted (``main``, or the current branch without ``force``)."""
+
+
+class SessionExistsError(TurnstoreError, ValueError):
+    """An import or copy met a session the target already has, and was told to fail."""
+
+
+class ExportFileError(TurnstoreError, ValueError):
+    """An export file is truncated, corrupt, of an unknown version or inconsistent.
+
+    The message names the line (1-based). Nothing of the session the line belongs to was
+    written; sessions before it were.
+
+    Attributes:
+        line: The line the problem was found on.
+    """
+
+    def __init__(self, line: int, problem: str) -> None:
+        super().__init__(f"line {line}: {problem}")
+        self.line = line
+
+
+class CopyMismatchError(TurnstoreError, RuntimeError):
+    """A verified copy found sessions whose reads answer differently on the target."""
 
 
 class SchemaMissingError(TurnstoreError, ValueError):
@@ -90,6 +117,56 @@ def connection_lost(*, outcome_unknown: bool) -> ConnectionLostError:
         "The database connection was lost during the operation, which was rolled back; "
         "retry it (the next call opens a fresh connection)."
     )
+
+
+class TableSetConflictError(InvalidArgumentError):
+    """The database already holds another table set's structure tables.
+
+    ``message_structure``, ``turn_usage`` and the bookkeeping tables have fixed names (the SDK's
+    class uses the same fixed names whatever ``sessions_table``/``messages_table`` are, and
+    files stay compatible with it both ways), so one file or schema holds one
+    ``sessions_table``/``messages_table`` pair. Give each pair its own file, schema or database.
+    """
+
+
+class StorageError(TurnstoreError, RuntimeError):
+    """The database failed an operation for a reason other than the arguments given.
+
+    The message names the operation, the session id and the database error's class (and its
+    SQLSTATE or error code where the driver gives one), but not the database's own message or
+    the statement's parameters, which may quote conversation content. Where the user opted in
+    to model data in logs (``OPENAI_AGENTS_DONT_LOG_MODEL_DATA=0``), the message adds the
+    database's message and the error is chained to the original as ``__cause__``.
+
+    Attributes:
+        operation: The session method that failed (``"add_items"``...).
+        session_id: The session it ran for.
+        error_class: The class name of the database's error (``"IntegrityError"``...).
+        code: The SQLSTATE, server error number or SQLite error name, if known.
+        original: The SQLAlchemy exception; its text may hold content and parameters.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        session_id: str,
+        error_class: str,
+        code: str | None,
+        original: BaseException,
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.session_id = session_id
+        self.error_class = error_class
+        self.code = code
+        self.original = original
+
+
+class ReadOnlyDatabaseError(StorageError):
+    """A write reached a database that is read-only (SQLite ``?mode=ro`` or a read-only file,
+    a Postgres standby, a MySQL server in read-only mode). Reads keep working."""  # noqa: D205, D209
 
 
 class SchemaLockTimeoutError(TurnstoreError, TimeoutError):

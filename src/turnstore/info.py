@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,9 @@ PREVIEW_LENGTH = 100
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _INT64 = 2**63
+# Text no database stores alike: Postgres refuses NUL in text and \u0000 in JSONB, and no
+# driver encodes an unpaired surrogate. Refused up front, so every backend answers the same.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 class _Unset:
@@ -153,6 +157,15 @@ def to_micros(value: object, argument: str) -> int:
 # -- checking what callers give ----------------------------------------------------------
 
 
+def _check_storable(text: str, where: str) -> str:
+    if _UNSTORABLE.search(text):
+        raise InvalidArgumentError(
+            f"{where} contains a NUL character or an unpaired surrogate, which databases "
+            "cannot store as text; remove it (or encode the value, e.g. as base64)"
+        )
+    return text
+
+
 def check_user_id(value: object, argument: str = "user_id") -> str | None:
     """A user id as given (ids are identities: never trimmed or case-mapped), or ``None``.
 
@@ -165,7 +178,7 @@ def check_user_id(value: object, argument: str = "user_id") -> str | None:
         raise InvalidArgumentError(f"{argument} must be a str or None; got {type(value).__name__}")
     if not value:
         raise InvalidArgumentError(f"{argument} must not be empty; pass None for no owner")
-    return value
+    return _check_storable(value, argument)
 
 
 def check_title(value: object) -> str | None:
@@ -182,7 +195,7 @@ def check_title(value: object) -> str | None:
         raise InvalidArgumentError(
             f"title is at most {MAX_TITLE_LENGTH} characters; got {len(value)}"
         )
-    return value
+    return _check_storable(value, "title")
 
 
 def check_metadata(value: object) -> dict[str, Any] | None:
@@ -213,7 +226,9 @@ def _json_copy(value: object, where: str, depth: int) -> Any:
         raise InvalidArgumentError(
             f"metadata nests deeper than {MAX_METADATA_DEPTH} levels (at {where})"
         )
-    if value is None or isinstance(value, bool | str):
+    if isinstance(value, str):
+        return _check_storable(value, where)
+    if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
         if not -_INT64 <= value < _INT64:
@@ -230,6 +245,7 @@ def _json_copy(value: object, where: str, depth: int) -> Any:
                 raise InvalidArgumentError(
                     f"{where} has a key of type {type(key).__name__}; JSON keys are str"
                 )
+            _check_storable(key, f"a key of {where}")
             copied[key] = _json_copy(inner, f"{where}[{key!r}]", depth + 1)
         return copied
     if isinstance(value, list | tuple):
@@ -263,5 +279,6 @@ def check_metadata_filter(value: object) -> dict[str, JSONScalar] | None:
                 f"metadata filter value for {key!r} is a {type(wanted).__name__}; filters "
                 "compare top-level keys with str, int, float, bool or None"
             )
+        _check_storable(key, "a metadata filter key")
         checked[key] = _json_copy(wanted, f"metadata filter[{key!r}]", 0)
     return checked

@@ -9,24 +9,32 @@ Both implement the SDK's ``Session`` protocol, so they go straight into
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar, cast
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from turnstore import cost
 from turnstore.errors import (
     BranchNotFoundError,
+    ConnectionLostError,
     ContentNotFoundError,
     InvalidArgumentError,
     ProtectedBranchError,
+    SchemaLockTimeoutError,
     SessionClosedError,
+    StorageError,
 )
 from turnstore.info import (
     UNSET,
@@ -36,7 +44,9 @@ from turnstore.info import (
     check_user_id,
     summary_from_row,
 )
+from turnstore.lineage import BranchNode, build_tree
 from turnstore.persistence import engines
+from turnstore.persistence.failures import translated
 from turnstore.persistence.models import DEFAULT_MESSAGES_TABLE, DEFAULT_SESSIONS_TABLE, tables_for
 from turnstore.persistence.repository import (
     MAIN_BRANCH,
@@ -44,13 +54,16 @@ from turnstore.persistence.repository import (
     BranchPointer,
     ConversationRepository,
     InfoDefaults,
+    ModelShare,
     UserTurn,
 )
 from turnstore.persistence.store_queries import StoreQueries
+from turnstore.persistence.validation import check_identifier, check_int
 from turnstore.redaction import identifier, log_failure
-from turnstore.schema.check import at_head, bring_to_head_when_needed
 from turnstore.schema.distribution import distribute_store
+from turnstore.schema.startup import at_head, bring_to_head_when_needed
 from turnstore.sdk.items import (
+    DEFAULT_MAX_ITEM_BYTES,
     TOOL_COUNT_RULE,
     content_preview,
     content_texts,
@@ -60,10 +73,13 @@ from turnstore.sdk.items import (
     stored_form,
     to_new_messages,
 )
-from turnstore.sdk.usage import usage_from_result
+from turnstore.sdk.usage import share_record, usage_from_result
 from turnstore.sdk.wrapper_hooks import WrapperHooks
 
 _default_logger = logging.getLogger("turnstore")
+
+# The public method the running task called first, for error messages.
+_OPERATION: ContextVar[str | None] = ContextVar("turnstore_operation", default=None)
 
 
 @dataclass
@@ -115,12 +131,28 @@ def _coerce_settings(value: Any) -> Any:
 
 
 def _check_turn_number(turn_number: object, argument: str = "turn_number") -> int:
-    # bool is an int subclass; True as a turn number is always a mistake.
-    if isinstance(turn_number, bool) or not isinstance(turn_number, int):
-        raise InvalidArgumentError(
-            f"{argument} must be an int; got {type(turn_number).__name__} {turn_number!r}"
-        )
-    return turn_number
+    # Turns count from 1; 0 and numbers past the stored ones are turns that do not exist.
+    return check_int(turn_number, argument, minimum=0)
+
+
+def _check_branch_id(branch_id: str | None) -> str | None:
+    """A branch id argument of a read: ``None`` (the current branch) or a valid id."""
+    return None if branch_id is None else check_identifier(branch_id, "branch_id")
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+
+def _operation(method: _Method) -> _Method:
+    """Report database errors of a public method as :class:`StorageError` naming it."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def operation(self: AdvancedSession, *args: Any, **kwargs: Any) -> Any:
+        with self._failures(name):
+            return await method(self, *args, **kwargs)
+
+    return cast(_Method, operation)
 
 
 def _check_text(value: object, argument: str) -> str:
@@ -130,7 +162,7 @@ def _check_text(value: object, argument: str) -> str:
 
 
 def _check_branch_name(branch_name: object, argument: str = "branch_name") -> str:
-    name = _check_text(branch_name, argument)
+    name = check_identifier(branch_name, argument)
     if not name.strip():
         raise InvalidArgumentError(
             "Branch name cannot be empty"
@@ -177,6 +209,9 @@ class AdvancedSession(WrapperHooks):
             finds on its result, it returns the session that serves the call (for example
             the tenant's own, on the tenant's engine or schema), or ``None`` for this one.
             Without it the run context is ignored.
+        max_item_bytes: The most bytes one item may take as JSON (64 MiB by default); larger
+            items raise ``InvalidItemError``. On MySQL the server's ``max_allowed_packet``
+            may allow less, and is checked too.
 
         engine_kwargs: With ``url``: keyword arguments for the engine turnstore creates (as
             for ``create_async_engine``; pool size, ``connect_args``...), over turnstore's own.
@@ -185,8 +220,13 @@ class AdvancedSession(WrapperHooks):
     Raises:
         InvalidArgumentError: Neither or both of ``engine`` and ``url`` were given,
             ``engine_kwargs`` came with ``engine``, a table name is not a plain identifier,
-            or ``user_id``, ``title`` or ``metadata`` is not acceptable (wrong type, too long,
+            ``session_id`` is not a valid id (see the README's "Ids, names and limits"), or
+            ``user_id``, ``title`` or ``metadata`` is not acceptable (wrong type, too long,
             not JSON).
+
+    Attributes:
+        dropped_usage_writes: How many ``store_run_usage`` calls of this instance stored
+            nothing because the write failed (each is logged at WARNING).
     """
 
     def __init__(
@@ -205,6 +245,7 @@ class AdvancedSession(WrapperHooks):
         metadata: Mapping[str, Any] | None = None,
         session_for_context: ContextRouter | None = None,
         engine_kwargs: Mapping[str, Any] | None = None,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> None:
         if (engine is None) == (url is None):
             raise InvalidArgumentError("Pass exactly one of engine= or url=")
@@ -230,6 +271,7 @@ class AdvancedSession(WrapperHooks):
             messages_table=messages_table,
             info=_info_defaults(user_id, title, metadata),
             session_for_context=session_for_context,
+            max_item_bytes=max_item_bytes,
         )
 
     def _setup(
@@ -244,13 +286,16 @@ class AdvancedSession(WrapperHooks):
         messages_table: str,
         info: InfoDefaults = NO_INFO,
         session_for_context: ContextRouter | None,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> None:
         if session_for_context is not None and not callable(session_for_context):
             raise InvalidArgumentError(
                 "session_for_context must be a callable taking the run context; "
                 f"got {type(session_for_context).__name__}"
             )
-        self.session_id = _check_text(session_id, "session_id")
+        self.session_id = check_identifier(session_id, "session_id")
+        self.max_item_bytes = check_int(max_item_bytes, "max_item_bytes", minimum=1)
+        self.dropped_usage_writes = 0
         self._info_defaults = info
         self._session_for_context = session_for_context
         self._session_settings = _coerce_settings(session_settings)
@@ -313,6 +358,7 @@ class AdvancedSession(WrapperHooks):
         metadata: Mapping[str, Any] | None = None,
         session_for_context: ContextRouter | None = None,
         engine_kwargs: Mapping[str, Any] | None = None,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> AdvancedSession:
         """A session on the database at ``url``, sharing the URL's engine with other sessions.
 
@@ -332,6 +378,7 @@ class AdvancedSession(WrapperHooks):
             metadata=metadata,
             session_for_context=session_for_context,
             engine_kwargs=engine_kwargs,
+            max_item_bytes=max_item_bytes,
         )
 
     @property
@@ -397,7 +444,6 @@ class AdvancedSession(WrapperHooks):
 
     async def _store(self) -> ConversationRepository:
         store = self._binding().store
-        store.check_identifier(self.session_id, "Session ids")
         if self._info_defaults.user_id is not None:
             store.check_identifier(self._info_defaults.user_id, "User ids")
         await store.prepare_schema(
@@ -410,6 +456,23 @@ class AdvancedSession(WrapperHooks):
             # Writes of this session need the table; reads do not.
             await store.look_for_info_table()
         return store
+
+    @contextlib.contextmanager
+    def _failures(self, operation: str) -> Iterator[None]:
+        """Raise database errors inside the block as ``StorageError`` naming ``operation``.
+
+        Inside another public method (``create_branch_from_content`` runs
+        ``create_branch_from_turn``), the error names the method the caller called.
+        """
+        named = _OPERATION.get() or operation
+        token = _OPERATION.set(named)
+        binding = self._bindings.get(asyncio.get_running_loop())
+        profile = None if binding is None else binding.handle.profile
+        try:
+            with translated(named, self.session_id, profile):
+                yield
+        finally:
+            _OPERATION.reset(token)
 
     def _ordered(self) -> asyncio.Lock:
         """Mutations of one instance run one at a time, in the order they were called."""
@@ -429,10 +492,12 @@ class AdvancedSession(WrapperHooks):
             limit = getattr(self.session_settings, "limit", None)
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
             raise InvalidArgumentError(f"limit must be an int or None; got {limit!r}")
+        # A negative limit means "all items", as in the SDK's class (SQLite's LIMIT -1).
         return limit
 
     # -- the SDK Session protocol --------------------------------------------------------
 
+    @_operation
     async def get_items(
         self, limit: int | None = None, branch_id: str | None = None, *, wrapper: Any = None
     ) -> list[Any]:
@@ -440,7 +505,8 @@ class AdvancedSession(WrapperHooks):
 
         Args:
             limit: At most this many of the newest items; defaults to
-                ``session_settings.limit`` (``None``: all).
+                ``session_settings.limit`` (``None``, a negative number or a number beyond
+                any stored count: all).
             branch_id: Read this branch instead of the current one.
             wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
         """
@@ -448,6 +514,7 @@ class AdvancedSession(WrapperHooks):
         if target is not self:
             return await target.get_items(limit, branch_id)
         limit = self._resolve_limit(limit)
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         if limit is None or limit <= 0:
@@ -478,11 +545,14 @@ class AdvancedSession(WrapperHooks):
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidArgumentError(f"batch_size must be a positive int; got {batch_size!r}")
-        store = await self._store()
-        branch = branch_id if branch_id is not None else await self._current_branch(store)
+        branch_id = _check_branch_id(branch_id)
+        with self._failures("iter_items"):
+            store = await self._store()
+            branch = branch_id if branch_id is not None else await self._current_branch(store)
         after = 0
         while True:
-            page = await store.fetch_page(self.session_id, branch, after, batch_size)
+            with self._failures("iter_items"):
+                page = await store.fetch_page(self.session_id, branch, after, batch_size)
             for data, _sequence in page:
                 item = decode(data)
                 if item is not None:
@@ -491,7 +561,9 @@ class AdvancedSession(WrapperHooks):
                 return
             after = page[-1][1]
 
-    async def add_items(self, items: list[Any], *, wrapper: Any = None) -> None:
+    async def add_items(
+        self, items: list[Any], *, wrapper: Any = None, idempotency_key: str | None = None
+    ) -> None:
         """Append items to the current branch, in one transaction.
 
         A batch with a user message opens a new user turn; later batches without one (the
@@ -500,23 +572,33 @@ class AdvancedSession(WrapperHooks):
         Args:
             items: Responses input items.
             wrapper: The Runner's ``RunContextWrapper``; used only by ``session_for_context``.
+            idempotency_key: Makes the call safe to retry: if a batch with this key was
+                stored in the session before (and the session was not cleared since), the
+                call stores nothing. Use a fresh key per batch (say, a UUID) and the same key
+                for its retries after a cancellation or a ``ConnectionLostError``.
 
         Raises:
-            InvalidItemError: An item is not a dict or not JSON-serializable (nothing of the
-                batch is stored).
+            InvalidItemError: An item is not a dict, not JSON-serializable, nested too deep or
+                too large (nothing of the batch is stored).
+            InvalidArgumentError: ``idempotency_key`` is not a valid id.
         """
         target = self._routed(wrapper)
         if target is not self:
             await target.add_items(items)
             return
         binding = self._binding()
-        messages = to_new_messages(items)
+        messages = to_new_messages(items, max_item_bytes=self.max_item_bytes)
+        if idempotency_key is not None:
+            check_identifier(idempotency_key, "idempotency_key")
         if not messages:
             return
         async with binding.mutations:
             try:
-                store = await self._store()
-                self._pointer = await store.append(self.session_id, self._pointer, messages)
+                with self._failures("add_items"):
+                    store = await self._store()
+                    self._pointer = await store.append(
+                        self.session_id, self._pointer, messages, idempotency_key
+                    )
             except Exception as exc:
                 log_failure(
                     self._logger,
@@ -527,6 +609,7 @@ class AdvancedSession(WrapperHooks):
                 )
                 raise
 
+    @_operation
     async def pop_item(self, *, wrapper: Any = None) -> Any | None:
         """Remove and return the newest item of the current branch (``None`` if empty).
 
@@ -541,6 +624,7 @@ class AdvancedSession(WrapperHooks):
             return await target.pop_item()
         return await self._pop_item_with_validation(None)
 
+    @_operation
     async def clear_session(self, *, wrapper: Any = None) -> None:
         """Delete the whole session (every branch and its usage); branch names stay reserved.
 
@@ -605,36 +689,67 @@ class AdvancedSession(WrapperHooks):
 
     # -- usage ---------------------------------------------------------------------------
 
-    async def store_run_usage(self, result: Any) -> None:
-        """Store a run's token usage against the current branch's latest user turn.
+    async def store_run_usage(
+        self, result: Any, *, model: str | None = None, run_config: Any = None
+    ) -> None:
+        """Store a run's token usage, and the models that served it, against the latest turn.
 
         Call it after ``Runner.run``. Storing again for the same turn replaces the earlier
-        figures. Failures are logged, never raised, so analytics cannot break a conversation.
+        figures. A write that loses a lock wait or a deadlock is retried, as appends are.
+        Failures are never raised, so analytics cannot break a conversation: a write that
+        finally fails is logged at WARNING and counted in :attr:`dropped_usage_writes`.
+
+        The model is the one the SDK resolved for each model response of the run (a run that
+        handed off between agents records each model with its share of requests and tokens):
+        the run configuration's model, else the agent's model name (a ``Model`` object by its
+        ``model`` attribute), else the SDK's default model. A ``Model`` object without a name
+        is recorded as unknown.
+
+        Args:
+            result: The result ``Runner.run`` returned.
+            model: The model that served the whole run, recorded instead of working it out.
+            run_config: The ``RunConfig`` given to ``Runner.run``, when it sets ``model``
+                (the result does not carry it).
         """
         try:
             context = getattr(result, "context_wrapper", None)
             target = self._routed(context)
             if target is not self:
-                await target.store_run_usage(result)
+                await target.store_run_usage(result, model=model, run_config=run_config)
                 return
-            usage = usage_from_result(result)
+            usage = usage_from_result(result, model=model, run_config=run_config)
             if usage is None:
                 return
             async with self._ordered():
-                store = await self._store()
-                turn = await store.record_usage(self.session_id, self._pointer, usage)
+                with self._failures("store_run_usage"):
+                    store = await self._store()
+                    turn = await store.record_usage(self.session_id, self._pointer, usage)
             if turn is None:
                 self._logger.debug(
                     "No current turn on branch %r; usage not stored",
                     identifier(self._pointer.branch_id),
                 )
+        except (StorageError, ConnectionLostError, SchemaLockTimeoutError) as exc:
+            # The database lost the write (after the retries): usage is analytics, so the
+            # conversation goes on; the drop is counted where the caller can read it.
+            self.dropped_usage_writes += 1
+            log_failure(
+                self._logger,
+                f"Dropped the usage of a run (dropped so far: {self.dropped_usage_writes})",
+                exc,
+                level=logging.WARNING,
+                context=self._log_context,
+            )
         except Exception as exc:
+            self.dropped_usage_writes += 1
             log_failure(
                 self._logger, "Failed to store session usage", exc, context=self._log_context
             )
 
+    @_operation
     async def get_session_usage(self, branch_id: str | None = None) -> dict[str, int] | None:
         """Usage summed over all branches (or one): requests, tokens and turns; ``None`` if none."""
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         totals = await store.session_usage(self.session_id, branch_id or None)
         if totals is None:
@@ -648,6 +763,7 @@ class AdvancedSession(WrapperHooks):
             "total_turns": turns,
         }
 
+    @_operation
     async def get_turn_usage(
         self, user_turn_number: int | None = None, branch_id: str | None = None
     ) -> list[dict[str, Any]] | dict[str, Any]:
@@ -659,6 +775,7 @@ class AdvancedSession(WrapperHooks):
         """
         if user_turn_number is not None:
             _check_turn_number(user_turn_number, "user_turn_number")
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         rows = await store.turn_usage(self.session_id, branch, user_turn_number)
@@ -682,8 +799,112 @@ class AdvancedSession(WrapperHooks):
         del single["user_turn_number"]
         return single
 
+    async def get_turn_models(
+        self, branch_id: str | None = None
+    ) -> dict[int, list[dict[str, Any]]]:
+        """Which models served each turn of the current (or given) branch, with their shares.
+
+        Returns:
+            ``{turn: [{"model", "requests", "input_tokens", "cached_tokens", "output_tokens",
+            "reasoning_tokens", "total_tokens"}, ...]}``, models in the order they served the
+            turn; ``model`` is ``None`` where it is not known. Turns stored before turnstore
+            recorded models (or by the SDK's class) are absent.
+        """
+        store = await self._store()
+        branch = branch_id if branch_id is not None else await self._current_branch(store)
+        turns: dict[int, list[dict[str, Any]]] = {}
+        for row in await store.turn_models(self.session_id):
+            if row.branch_id == branch:
+                turns.setdefault(row.user_turn_number, []).append(share_record(row.share))
+        return turns
+
+    async def get_items_by_turn(self, branch_id: str | None = None) -> dict[int, list[Any]]:
+        """The current (or given) branch's items grouped by user turn, oldest first.
+
+        Items stored before the first user message (a turn number of 0) are under ``0``.
+        """
+        store = await self._store()
+        branch = branch_id if branch_id is not None else await self._current_branch(store)
+        turns: dict[int, list[Any]] = {}
+        for turn, data in await store.turn_items(self.session_id, branch):
+            item = decode(data)
+            if item is not None:
+                turns.setdefault(turn or 0, []).append(item)
+        return turns
+
+    async def get_turn_costs(self, branch_id: str | None = None) -> dict[int, dict[str, Any]]:
+        """What each turn of the current (or given) branch cost, priced per model.
+
+        Returns:
+            ``{turn: {"models": [...], "cost_usd": Decimal | None, "cost_reason": str | None,
+            "recorded_at": str | None}}`` for every turn with stored usage. ``models`` is
+            :meth:`get_turn_models`' list for the turn (empty for turns stored without model
+            records, whose cost is then ``None``). Prices are those in force when the usage
+            was stored; see :mod:`turnstore.cost`.
+        """
+        store = await self._store()
+        branch = branch_id if branch_id is not None else await self._current_branch(store)
+        times = await store.usage_times(self.session_id, branch)
+        shares: dict[int, list[ModelShare]] = {}
+        for row in await store.turn_models(self.session_id):
+            if row.branch_id == branch:
+                shares.setdefault(row.user_turn_number, []).append(row.share)
+        result: dict[int, dict[str, Any]] = {}
+        for turn, recorded_at in sorted(times.items()):
+            parts = shares.get(turn, [])
+            at = None if recorded_at is None else datetime.fromisoformat(recorded_at)
+            priced = (
+                cost.Cost.total(cost.price(part.model, _counts(part), at) for part in parts)
+                if parts
+                else cost.Cost(None, cost.UNKNOWN_MODEL)
+            )
+            result[turn] = {
+                "models": [share_record(part) for part in parts],
+                "cost_usd": priced.usd,
+                "cost_reason": priced.reason,
+                "recorded_at": recorded_at,
+            }
+        return result
+
+    async def branch_tree(self) -> list[BranchNode]:
+        """The session's branches as a tree; the roots, ``main`` first.
+
+        A branch's parent, fork turn and the fork turn's preview are recorded when turnstore
+        creates it. For branches without a record (made by the SDK's class, or before
+        turnstore recorded lineage) the parent is inferred from the items they share with
+        other branches, and marked ``inferred``; where no single parent fits, the branch is a
+        root marked ``unknown``, with the reason in ``note``.
+        """
+        store = await self._store()
+        current = await self._current_branch(store)
+        branches = await store.list_branches(self.session_id)
+        recorded = await store.lineage(self.session_id)
+        recorded_names = {entry.branch_id for entry in recorded}
+        needs_inference = any(
+            b.branch_id != MAIN_BRANCH and b.branch_id not in recorded_names for b in branches
+        )
+        messages = await store.branch_messages(self.session_id) if needs_inference else {}
+        tokens = {}
+        for branch in branches:
+            totals = await store.session_usage(self.session_id, branch.branch_id)
+            tokens[branch.branch_id] = totals[3] if totals is not None else 0
+        previews: dict[tuple[str, int], str | None] = {}
+        if needs_inference:
+            for branch in branches:
+                for turn in await store.user_turns(self.session_id, branch.branch_id):
+                    previews[(branch.branch_id, turn.turn)] = _preview(turn.message_data)
+        return build_tree(
+            branches,
+            recorded,
+            messages,
+            tokens,
+            current,
+            lambda branch, turn: previews.get((branch, turn)),
+        )
+
     # -- branching -----------------------------------------------------------------------
 
+    @_operation
     async def create_branch_from_turn(
         self, turn_number: int, branch_name: str | None = None
     ) -> str:
@@ -702,7 +923,8 @@ class AdvancedSession(WrapperHooks):
         Raises:
             TurnNotFoundError: The current branch has no user message at that turn.
             BranchNameTakenError: The name was used before in this session.
-            InvalidArgumentError: ``turn_number`` is not an int, or the name is blank.
+            InvalidArgumentError: ``turn_number`` is not an int or negative, or the name is
+                blank or not a valid id.
         """
         _check_turn_number(turn_number)
         if branch_name is not None:
@@ -716,6 +938,7 @@ class AdvancedSession(WrapperHooks):
                 turn_number,
                 branch_name,
                 auto_name=f"branch_from_turn_{turn_number}_{int(time.time())}",
+                preview=_preview,
             )
             self._pointer = BranchPointer(created.branch_id, created.generation)
         self._logger.debug(
@@ -727,6 +950,7 @@ class AdvancedSession(WrapperHooks):
         )
         return created.branch_id
 
+    @_operation
     async def create_branch_from_content(
         self, search_term: str, branch_name: str | None = None
     ) -> str:
@@ -740,13 +964,14 @@ class AdvancedSession(WrapperHooks):
             raise ContentNotFoundError(f"No user turns found containing '{search_term}'")
         return await self.create_branch_from_turn(matches[0]["turn"], branch_name)
 
+    @_operation
     async def switch_to_branch(self, branch_id: str) -> None:
         """Make ``branch_id`` the current branch.
 
         Raises:
             BranchNotFoundError: The branch does not exist.
         """
-        _check_text(branch_id, "branch_id")
+        check_identifier(branch_id, "branch_id")
         async with self._ordered():
             store = await self._store()
             generation = await store.branch_generation(self.session_id, branch_id)
@@ -758,6 +983,7 @@ class AdvancedSession(WrapperHooks):
             "Switched from branch %r to %r", identifier(previous), identifier(branch_id)
         )
 
+    @_operation
     async def delete_branch(self, branch_id: str, force: bool = False) -> None:
         """Delete a branch and its usage; messages another branch shares are kept.
 
@@ -792,6 +1018,7 @@ class AdvancedSession(WrapperHooks):
             deleted.messages,
         )
 
+    @_operation
     async def list_branches(self) -> list[dict[str, Any]]:
         """Every branch: ``branch_id``, ``message_count``, ``user_turns``, ``is_current``,
         ``created_at``, in order of creation."""  # noqa: D205, D209
@@ -810,13 +1037,16 @@ class AdvancedSession(WrapperHooks):
 
     # -- structure queries ---------------------------------------------------------------
 
+    @_operation
     async def get_conversation_turns(self, branch_id: str | None = None) -> list[dict[str, Any]]:
         """The user turns of a branch: ``turn``, ``content`` (first 100 characters),
         ``full_content``, ``timestamp``, ``can_branch``."""  # noqa: D205, D209
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         return _turn_records(await store.user_turns(self.session_id, branch), preview_length=100)
 
+    @_operation
     async def find_turns_by_content(
         self, search_term: str, branch_id: str | None = None
     ) -> list[dict[str, Any]]:
@@ -826,6 +1056,7 @@ class AdvancedSession(WrapperHooks):
             Records shaped like ``get_conversation_turns``' with the whole content.
         """
         _check_text(search_term, "search_term")
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         candidates = await store.user_turns(self.session_id, branch, stored_form(search_term))
@@ -836,10 +1067,12 @@ class AdvancedSession(WrapperHooks):
             keep=lambda content: any(pattern.search(text) for text in content_texts(content)),
         )
 
+    @_operation
     async def get_conversation_by_turns(
         self, branch_id: str | None = None
     ) -> dict[int, list[dict[str, str | None]]]:
         """A branch's items grouped by user turn: ``{turn: [{"type", "tool_name"}, ...]}``."""
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         turns: dict[int, list[dict[str, str | None]]] = {}
@@ -847,8 +1080,10 @@ class AdvancedSession(WrapperHooks):
             turns.setdefault(turn, []).append({"type": kind, "tool_name": tool})  # type: ignore[arg-type]
         return turns
 
+    @_operation
     async def get_tool_usage(self, branch_id: str | None = None) -> list[tuple[str, int, int]]:
         """``(tool_name, count, user_turn_number)`` for each tool used per turn of a branch."""
+        branch_id = _check_branch_id(branch_id)
         store = await self._store()
         branch = branch_id if branch_id is not None else await self._current_branch(store)
         return await store.tool_usage(self.session_id, branch, TOOL_COUNT_RULE)
@@ -914,6 +1149,7 @@ class AdvancedSQLiteSession(AdvancedSession):
         metadata: The session's metadata, a JSON dict.
         session_for_context: Routes the Runner's calls by run context (see
             :class:`AdvancedSession`).
+        max_item_bytes: The most bytes one item may take as JSON (64 MiB by default).
     """
 
     def __init__(
@@ -930,6 +1166,7 @@ class AdvancedSQLiteSession(AdvancedSession):
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         session_for_context: ContextRouter | None = None,
+        max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES,
     ) -> None:
         url = engines.sqlite_url(db_path)
         self.db_path = db_path
@@ -943,6 +1180,7 @@ class AdvancedSQLiteSession(AdvancedSession):
             messages_table=messages_table,
             info=_info_defaults(user_id, title, metadata),
             session_for_context=session_for_context,
+            max_item_bytes=max_item_bytes,
         )
 
     @property
@@ -989,3 +1227,24 @@ def _turn_records(
             }
         )
     return records
+
+
+FORK_PREVIEW_LENGTH = 100
+
+
+def _preview(message_data: str) -> str | None:
+    """The preview of a stored user message, as ``get_conversation_turns`` cuts it."""
+    item = decode(message_data)
+    if not isinstance(item, dict):
+        return None
+    return content_preview(item.get("content", ""), FORK_PREVIEW_LENGTH)
+
+
+def _counts(share: ModelShare) -> cost.TokenCounts:
+    return cost.TokenCounts(
+        share.requests,
+        share.input_tokens,
+        share.cached_tokens,
+        share.output_tokens,
+        share.reasoning_tokens,
+    )

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
 from types import TracebackType
 from typing import Any, Self
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from turnstore import search as search_module
+from turnstore import usage_report
 from turnstore.errors import InvalidArgumentError, SessionClosedError
 from turnstore.info import (
     SessionSummary,
@@ -35,6 +38,7 @@ from turnstore.info import (
     summary_from_row,
     to_micros,
 )
+from turnstore.lineage import BranchNode
 from turnstore.persistence import engines
 from turnstore.persistence.erasure import Criteria, Eraser, Removed
 from turnstore.persistence.models import (
@@ -44,11 +48,15 @@ from turnstore.persistence.models import (
     tables_for,
 )
 from turnstore.persistence.repository import ConversationRepository
+from turnstore.persistence.rollups import Owners
 from turnstore.persistence.store_queries import Selection, StoreQueries, track_untracked
-from turnstore.schema.check import at_head, bring_to_head_when_needed
 from turnstore.schema.distribution import distribute_store
+from turnstore.schema.startup import at_head, bring_to_head_when_needed
+from turnstore.search import SearchPage
 from turnstore.session import AdvancedSession, ContextRouter
 from turnstore.store_cursors import CursorCodec
+from turnstore.store_moving import StoreMoving
+from turnstore.usage_report import UsageRow
 
 _default_logger = logging.getLogger("turnstore")
 
@@ -56,8 +64,11 @@ _default_logger = logging.getLogger("turnstore")
 MAX_PAGE_SIZE = 1000
 #: Most sessions one erasure batch (one transaction) may remove.
 MAX_BATCH_SIZE = 10_000
-#: Sessions an erasure batch removes by default: a short transaction on every database.
+#: Sessions an erasure batch removes by default, at most: a short transaction everywhere.
 DEFAULT_BATCH_SIZE = 100
+#: How long an erasure batch should take; batches shrink (to one session) when they take
+#: much longer, and grow back (to the batch size) when they take much less.
+BATCH_SECONDS = 0.02
 
 #: Called after each batch of an erasure with the totals so far (may return an awaitable).
 Progress = Callable[[Removed], object]
@@ -77,7 +88,7 @@ class SessionPage:
     next_cursor: str | None
 
 
-class Store:
+class Store(StoreMoving):
     """Every conversation of one database: list, count, inspect, delete, erase, expire.
 
     Give it a database URL (``url=``) or an ``AsyncEngine`` you own (``engine=``); it shares
@@ -371,7 +382,8 @@ class Store:
 
         Args:
             user_id: The owner whose sessions go.
-            batch_size: Sessions per transaction, 1 to ``MAX_BATCH_SIZE``.
+            batch_size: Most sessions per transaction, 1 to ``MAX_BATCH_SIZE``; batches
+                shrink while they take longer than about ``BATCH_SECONDS`` (20 ms).
             dry_run: Only count what would be removed.
             progress: Called after each batch with the totals so far.
 
@@ -409,7 +421,8 @@ class Store:
             inactive_for: Remove sessions untouched for this long (give this or ``before``).
             before: Remove sessions last active before this time (naive: UTC).
             user_id: Only this user's sessions.
-            batch_size: Sessions per transaction, 1 to ``MAX_BATCH_SIZE``.
+            batch_size: Most sessions per transaction, 1 to ``MAX_BATCH_SIZE``; batches
+                shrink while they take longer than about ``BATCH_SECONDS`` (20 ms).
             dry_run: Only count what would be removed.
             progress: Called after each batch with the totals so far.
 
@@ -434,7 +447,9 @@ class Store:
         checked_progress = _check_progress(progress)
         if inactive_for is not None:
             queries = await self._queries()
-            cutoff = await queries.now_micros() - inactive_for // timedelta(microseconds=1)
+            # A span longer than the clock's past selects everything: clamp to what BIGINT holds.
+            idle = inactive_for // timedelta(microseconds=1)
+            cutoff = max(await queries.now_micros() - idle, -(2**62))
         return await self._remove(
             Criteria(user_id=owner, inactive_before_us=cutoff),
             batch_size,
@@ -455,12 +470,131 @@ class Store:
             await _report(progress, total)
             return total
         total = Removed()
+        size = batch_size
         while True:
-            removed, picked = await eraser.remove_batch(criteria, batch_size)
+            started = time.monotonic()
+            removed, picked = await eraser.remove_batch(criteria, size)
+            elapsed = time.monotonic() - started
             if not picked:
                 return total
             total += removed
             await _report(progress, total)
+            # Keep each transaction short whatever the sessions weigh and the machine's load:
+            # writers of other sessions wait for at most one batch.
+            if elapsed > 2 * BATCH_SECONDS and size > 1:
+                size = max(1, size // 2)
+            elif elapsed < BATCH_SECONDS / 2 and size < batch_size:
+                size = min(batch_size, size * 2)
+
+    # -- usage, branch lineage and search (issue 17) -------------------------------------
+    # Kept apart from the listing and erasing code above: these read the usage, model and
+    # lineage tables of migration 0007, and the info table only for owners.
+
+    async def _ready(self) -> ConversationRepository:
+        repository = ConversationRepository(self._handle(), self._tables)
+        await repository.prepare_schema(
+            create=self._create_tables,
+            default_is_current=at_head,
+            migrate_default=bring_to_head_when_needed,
+        )
+        return repository
+
+    def _owners(self, repository: ConversationRepository) -> Owners | None:
+        return Owners(self._tables.info, "user_id") if repository.has_info_table else None
+
+    async def usage(
+        self,
+        *,
+        group_by: str | Sequence[str] = ("day",),
+        since: datetime | date | timedelta | None = None,
+        until: datetime | date | timedelta | None = None,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        tz: str | tzinfo | None = None,
+    ) -> list[UsageRow]:
+        """Turns, requests, tokens and cost summed by the database, by any grouping.
+
+        The database reads the turns of the time range through an index and groups them
+        (``GROUP BY``); no turn is loaded into Python. Costs are computed per model and UTC day
+        from the summed tokens (see :mod:`turnstore.cost`); a row's cost is ``None``, with the
+        reason, when any of its turns cannot be priced.
+
+        Args:
+            group_by: Any of ``"day"``, ``"week"`` (from Monday), ``"month"`` (at most one of
+                these), ``"model"``, ``"user"``, ``"session"``, ``"branch"``, as a sequence
+                or a comma-separated string; ``()`` for one totals row. A turn served by
+                several models counts in each model's row.
+            since: First instant counted: a ``datetime`` (without a zone: in ``tz``), a
+                ``date`` (its midnight in ``tz``) or a ``timedelta`` (that long ago).
+            until: First instant no longer counted, in the same forms.
+            user_id: Only sessions of this owner.
+            session_id: Only this session.
+            tz: Time zone of the day, week and month buckets (an IANA name or a ``tzinfo``);
+                UTC when ``None``.
+
+        Returns:
+            :class:`~turnstore.UsageRow` per group, ordered by the grouping keys; ``[]``
+            when nothing matches.
+
+        Raises:
+            InvalidArgumentError: A bad argument (nothing is read); ``user`` grouping or
+                ``user_id`` on a database without the session info table (before 0005).
+        """
+        repository = await self._ready()
+        return await usage_report.usage(
+            self._handle(),
+            self._tables,
+            group_by=group_by,
+            since=since,
+            until=until,
+            user_id=user_id,
+            session_id=session_id,
+            tz=tz,
+            owners=self._owners(repository),
+            models_recorded=repository.records_models,
+        )
+
+    async def branch_tree(self, session_id: str) -> list[BranchNode]:
+        """A session's branch tree, as :meth:`AdvancedSession.branch_tree` gives it.
+
+        Returns:
+            The roots, ``main`` first; ``[]`` for a session with nothing stored.
+        """
+        session = self.session(session_id)
+        try:
+            return await session.branch_tree()
+        finally:
+            await session.aclose()
+
+    async def search(
+        self,
+        term: str,
+        *,
+        user_id: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> SearchPage:
+        """Items containing ``term`` across every session, newest first, a page at a time.
+
+        ``term`` matches literally, ASCII case ignored, in message text, tool arguments and
+        tool output. Pages follow by message id (keyset): a page may hold fewer hits than
+        ``limit`` while more follow, so go on while ``next_cursor`` is not ``None``. A term
+        that matches nothing scans the messages table once (no index serves a substring).
+
+        Raises:
+            InvalidArgumentError: A blank term, a limit outside 1..1000, or a cursor another
+                search returned (or none did).
+        """
+        repository = await self._ready()
+        return await search_module.search(
+            self._handle(),
+            self._tables,
+            term,
+            user_id=user_id,
+            limit=limit,
+            cursor=cursor,
+            owners=self._owners(repository),
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from turnstore.errors import (
     MigrationError,
     MissingExtraError,
     SchemaMissingError,
+    SessionNotFoundError,
     TurnNotFoundError,
     TurnstoreError,
     UnknownRevisionError,
@@ -91,6 +92,7 @@ _EXIT_CODES: tuple[tuple[type[TurnstoreError], ExitCode], ...] = (
     (DistributionError, ExitCode.REFUSED),
     (SchemaMissingError, ExitCode.REFUSED),
     (BranchNotFoundError, ExitCode.NOT_FOUND),
+    (SessionNotFoundError, ExitCode.NOT_FOUND),
     (TurnNotFoundError, ExitCode.NOT_FOUND),
     (MigrationError, ExitCode.FAILED),
 )

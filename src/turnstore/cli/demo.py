@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ from turnstore.errors import DatabaseUnavailableError, MissingExtraError
 from turnstore.session import AdvancedSQLiteSession
 
 DEMO_SESSION = "demo"
+#: The model the demo's usage is recorded (and priced) as; a scripted model has no name.
+PRICED_AS = "gpt-4o-mini"
 DEFAULT_DB = Path("turnstore-demo.db")
 
 # (user input, tool call or None, final answer, input tokens, output tokens)
@@ -77,9 +80,14 @@ def demo(
 
 def next_steps(db_path: Path) -> list[str]:
     """What to try after the demo, one printed line each (append new commands here)."""
-    url = f"sqlite+aiosqlite:///{db_path}"
+    url = shlex.quote(f"sqlite+aiosqlite:///{db_path}")
     return [
-        "Next:",
+        "Next, look at it:",
+        f"  turnstore sessions --url {url}    # the conversations, newest first",
+        f"  turnstore tree {DEMO_SESSION} --url {url}    # the branch tree",
+        f"  turnstore show {DEMO_SESSION} --url {url}    # the conversation, turn by turn",
+        f"  turnstore usage --by day,model --url {url}    # tokens and cost",
+        f"  turnstore search weather --url {url}    # across every conversation",
         f"  turnstore db current --url {url}    # the file is under migrations",
         "  README.md, 'Your first conversation': the same with your own agent",
     ]
@@ -171,7 +179,8 @@ async def run_demo(db_path: Path, out: Callable[[str], None] = print) -> None:
     async def ask(session: AdvancedSQLiteSession, step: _Script) -> None:
         script(step)
         result = await Runner.run(agent, step[0], session=session)
-        await session.store_run_usage(result)
+        # The scripted model has no name of its own: record the model its tokens are priced as.
+        await session.store_run_usage(result, model=PRICED_AS)
         out(f"  user: {step[0]}\n  assistant: {result.final_output}")
 
     async with AdvancedSQLiteSession(

@@ -17,7 +17,13 @@ import typer
 from turnstore.cli import common
 
 # Modules holding commands; each has ``register(app: typer.Typer) -> None``.
-COMMAND_MODULES = ("turnstore.cli.demo", "turnstore.cli.db")
+COMMAND_MODULES = (
+    "turnstore.cli.demo",
+    "turnstore.cli.db",
+    "turnstore.cli.sessions",
+    "turnstore.cli.look",
+    "turnstore.cli.move",
+)
 
 
 def _version() -> str:

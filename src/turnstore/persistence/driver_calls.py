@@ -87,5 +87,11 @@ class AsyncpgCalls:
             pooled.invalidate(error)
             return connection_lost(outcome_unknown=writes)
         return DBAPIError.instance(
-            sql, tuple(args), error, dialect.loaded_dbapi.Error, dialect=dialect
+            sql,
+            tuple(args),
+            error,
+            dialect.loaded_dbapi.Error,
+            # As the engine's own execution path would: arguments carry message content.
+            hide_parameters=self._engine.sync_engine.hide_parameters,
+            dialect=dialect,
         )

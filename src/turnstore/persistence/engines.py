@@ -20,8 +20,10 @@ loop that opened them. Sessions on one URL in one loop share a handle;
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import weakref
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +32,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from turnstore.errors import InvalidArgumentError, MissingExtraError, connection_lost
@@ -80,6 +82,10 @@ class EngineHandle:
         driver_calls: Runs single statements on the driver itself, where the engine's
             driver allows it (``None`` elsewhere).
         schema_lock: Serializes schema preparation within the loop.
+        statement_size_limit: The most bytes one statement may have on this server (``None``:
+            no limit, or not read yet); read once per engine by :meth:`read_limits`.
+        absent_tables: Optional tables (see ``StoreTables.optional``) a ready table set
+            lacks, by table set.
     """
 
     profile: DialectProfile
@@ -93,6 +99,16 @@ class EngineHandle:
     distributed: bool = False
     driver_calls: AsyncpgCalls | None = None
     schema_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    statement_size_limit: int | None = None
+    absent_tables: dict[Hashable, frozenset[str]] = field(default_factory=dict)
+    _limits_read: bool = False
+
+    async def read_limits(self) -> None:
+        """Read the server's limits once per engine (``max_allowed_packet`` on MySQL)."""
+        if self._limits_read:
+            return
+        self.statement_size_limit = await self.read(self.profile.statement_size_limit)
+        self._limits_read = True
 
     @property
     def engine(self) -> object:
@@ -123,6 +139,87 @@ class EngineHandle:
     async def dispose(self, *, final: bool = False) -> None:
         """Close pooled connections; with ``final``, also stop whatever the handle runs."""
         raise NotImplementedError
+
+    def steps(self, *, write: bool) -> contextlib.AbstractAsyncContextManager[Steps]:
+        """One transaction whose units of work are handed over one at a time, with awaits between.
+
+        For work that streams: a session imported batch by batch is written in one write
+        transaction (committed when the block ends, rolled back if it raises), and a session
+        exported batch by batch is read from one snapshot (``write=False``), so a writer
+        between two batches cannot make the export inconsistent.
+        """
+        raise NotImplementedError
+
+
+class Steps:
+    """Runs units of work, one after the other, inside one open transaction."""
+
+    async def run(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``work`` on the transaction's connection."""
+        raise NotImplementedError
+
+
+class _AsyncSteps(Steps):
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def run(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._conn.run_sync(lambda sync_conn: work(sync_conn, *args, **kwargs))
+
+
+class _AbandonedError(Exception):
+    """Ends a threaded step job that its owner abandoned; rolls its transaction back."""
+
+
+_COMMIT = object()
+_ABORT = object()
+
+
+class _ThreadSteps(Steps):
+    """Steps served by one job on a worker thread, which holds the connection throughout.
+
+    The job (run by the handle's writer or reader thread) takes units of work from a queue
+    until told to finish; the thread does nothing else meanwhile, which is what a single
+    SQLite writer needs anyway.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, snapshot: Callable[[Connection], None]):
+        self._loop = loop
+        self._snapshot = snapshot
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    async def run(self, work: Work[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        answer: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((lambda conn: work(conn, *args, **kwargs), answer))
+        return await answer
+
+    def finish(self, *, commit: bool) -> None:
+        self._queue.put(_COMMIT if commit else _ABORT)
+
+    def serve(self, conn: Connection) -> None:
+        self._snapshot(conn)
+        while True:
+            item = self._queue.get()
+            if item is _COMMIT:
+                return
+            if item is _ABORT:
+                raise _AbandonedError
+            job, answer = item
+            try:
+                value = job(conn)
+            except BaseException as exc:
+                self._loop.call_soon_threadsafe(_settle, answer, None, exc)
+                raise
+            self._loop.call_soon_threadsafe(_settle, answer, value, None)
+
+
+def _settle(answer: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if answer.done():
+        return
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(value)
 
 
 class AsyncEngineHandle(EngineHandle):
@@ -183,6 +280,25 @@ class AsyncEngineHandle(EngineHandle):
     async def dispose(self, *, final: bool = False) -> None:
         """Close the pool's connections (the engine stays usable)."""
         await self._engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def steps(self, *, write: bool) -> AsyncIterator[Steps]:
+        """One transaction on a pooled connection; see :meth:`EngineHandle.steps`."""
+        profile = self.profile
+        with _ConnectionLossGuard() as guard:
+            if write:
+                async with self._write_gate or _NO_GATE, self._engine.begin() as conn:
+                    await conn.run_sync(profile.begin_write)
+                    yield _AsyncSteps(conn)
+                    guard.committing = True
+            else:
+                async with (
+                    self._read_gate or _NO_GATE,
+                    self._engine.connect() as conn,
+                    conn.begin(),
+                ):
+                    await conn.run_sync(profile.begin_snapshot)
+                    yield _AsyncSteps(conn)
 
 
 class _ConnectionLossGuard:
@@ -265,6 +381,31 @@ class ThreadedEngineHandle(EngineHandle):
             return result
         return await self._reader.run(job)
 
+    @contextlib.asynccontextmanager
+    async def steps(self, *, write: bool) -> AsyncIterator[Steps]:
+        """One job on the writer (or reader) thread serves every step; see
+        :meth:`EngineHandle.steps`."""  # noqa: D205, D209
+        loop = asyncio.get_running_loop()
+        snapshot = _no_snapshot if write else self.profile.begin_snapshot
+        steps = _ThreadSteps(loop, snapshot=snapshot)
+        if write:
+            served = loop.create_task(self._writer.run(steps.serve))
+        elif self._reader is None:
+            served = loop.create_task(
+                self._writer.call(lambda: self._read_group([steps.serve])[0].unwrap())
+            )
+        else:
+            served = loop.create_task(self._reader.run(steps.serve))
+        try:
+            yield steps
+        except BaseException:
+            steps.finish(commit=False)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(served)
+            raise
+        steps.finish(commit=True)
+        await asyncio.shield(served)
+
     def _write_group(self, jobs: list[Job]) -> list[Outcome]:
         with self._engine.begin() as conn:
             self.profile.begin_write(conn)
@@ -297,6 +438,10 @@ class ThreadedEngineHandle(EngineHandle):
             self._writer.shutdown()
             if self._reader is not None:
                 self._reader.shutdown()
+
+
+def _no_snapshot(conn: Connection) -> None:
+    """A write transaction needs no snapshot of its own: it holds the write lock."""
 
 
 _registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, EngineHandle]] = (
@@ -343,12 +488,17 @@ def _new_handle(
     try:
         if threaded is not None:
             return ThreadedEngineHandle(
-                create_engine(threaded.url, **{**threaded.engine_options, **engine_kwargs}),
+                create_engine(
+                    threaded.url,
+                    **{"hide_parameters": True, **threaded.engine_options, **engine_kwargs},
+                ),
                 profile,
                 separate_reader=threaded.separate_reader,
                 **options,
             )
-        engine = create_async_engine(url, **{**profile.engine_options(url), **engine_kwargs})
+        # Statement parameters are the user's messages: keep them out of error text and logs.
+        options_for_url = {"hide_parameters": True, **profile.engine_options(url), **engine_kwargs}
+        engine = create_async_engine(url, **options_for_url)
     except ImportError as exc:
         where = url.render_as_string(hide_password=True)
         raise MissingExtraError(f"Cannot use {where!r}: {profile.driver_hint(url)}") from exc

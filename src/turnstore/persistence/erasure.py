@@ -15,14 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import BigInteger, Integer, bindparam, delete, func, select
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.elements import BindParameter, ColumnElement
+from sqlalchemy.sql.elements import ColumnElement
 
+from turnstore.persistence.dialects import DialectProfile
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
+from turnstore.persistence.prepared import PreparedStatement
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,40 +63,130 @@ class Criteria:
     inactive_before_us: int | None = None
 
 
+class _Statements:
+    """The statements of removals, built once per table set and dialect.
+
+    Session ids go in as one list parameter (see ``DialectProfile.in_ids``), so a batch's
+    statements compile once and run as prepared statements.
+    """
+
+    def __init__(self, tables: StoreTables, profile: DialectProfile) -> None:
+        self._t, self._profile = tables, profile
+        self._direct = profile.runs_prepared_statements_directly
+        s, i = tables.sessions, tables.info
+        self.lock_sessions = self._prepared(
+            select(s.c.session_id)
+            .where(profile.in_ids(s.c.session_id, "ids"))
+            .order_by(s.c.session_id)
+            .with_for_update()
+        )
+        self.lock_info = self._prepared(
+            select(i.c.session_id).where(profile.in_ids(i.c.session_id, "ids")).with_for_update()
+        )
+        # Children first: no cascade is relied on, and the counts come from the deletes.
+        order = (
+            tables.turn_models,
+            tables.lineage,
+            tables.usage,
+            tables.structure,
+            tables.messages,
+            tables.reservations,
+            tables.generations,
+            tables.info,
+            tables.sessions,
+        )
+        self.deletes = {
+            table.name: self._prepared(
+                delete(table).where(profile.in_ids(table.c.session_id, "ids"))
+            )
+            for table in order
+        }
+        self._picks: dict[tuple[bool, bool], PreparedStatement] = {}
+        self._confirms: dict[tuple[bool, bool], PreparedStatement] = {}
+
+    def _prepared(self, statement: Any) -> PreparedStatement:
+        return PreparedStatement(statement, direct=self._direct)
+
+    def _conditions(self, shape: tuple[bool, bool]) -> list[ColumnElement[bool]]:
+        i = self._t.info
+        by_user, by_age = shape
+        found: list[ColumnElement[bool]] = []
+        if by_user:
+            found.append(i.c.user_id == bindparam("user_id", type_=i.c.user_id.type))
+        if by_age:
+            found.append(i.c.last_activity_us < bindparam("cutoff", type_=BigInteger()))
+        return found
+
+    def pick(self, shape: tuple[bool, bool]) -> PreparedStatement:
+        """Up to ``:limit`` matching session ids, oldest activity first."""
+        found = self._picks.get(shape)
+        if found is None:
+            i = self._t.info
+            found = self._picks[shape] = self._prepared(
+                select(i.c.session_id)
+                .where(*self._conditions(shape))
+                .order_by(i.c.last_activity_us, i.c.session_id)
+                .limit(bindparam("limit", type_=Integer()))
+            )
+        return found
+
+    def confirm(self, shape: tuple[bool, bool]) -> PreparedStatement:
+        """The ids among ``:ids`` that still match, their info rows locked."""
+        found = self._confirms.get(shape)
+        if found is None:
+            i = self._t.info
+            found = self._confirms[shape] = self._prepared(
+                select(i.c.session_id)
+                .where(self._profile.in_ids(i.c.session_id, "ids"), *self._conditions(shape))
+                .order_by(i.c.session_id)
+                .with_for_update()
+            )
+        return found
+
+
+@cache
+def _statements(tables: StoreTables, profile: DialectProfile) -> _Statements:
+    return _Statements(tables, profile)
+
+
 class Eraser:
     """Removes sessions of one store (an engine and a table set)."""
 
     def __init__(self, handle: EngineHandle, tables: StoreTables) -> None:
         self._handle = handle
+        self._profile = handle.profile
         self._t = tables
+        self._q = _statements(tables, handle.profile)
 
-    def _conditions(self, criteria: Criteria) -> list[ColumnElement[bool]]:
-        i = self._t.info
-        found: list[ColumnElement[bool]] = []
-        if criteria.user_id is not None:
-            found.append(i.c.user_id == criteria.user_id)
-        if criteria.inactive_before_us is not None:
-            found.append(i.c.last_activity_us < criteria.inactive_before_us)
-        if not found:
+    def _ids(self, session_ids: Sequence[str]) -> dict[str, Any]:
+        return {"ids": self._profile.ids_value(session_ids)}
+
+    @staticmethod
+    def _shape(criteria: Criteria) -> tuple[bool, bool]:
+        shape = (criteria.user_id is not None, criteria.inactive_before_us is not None)
+        if shape == (False, False):
             raise ValueError("a batched removal needs an owner or a cut-off")
-        return found
+        return shape
+
+    @staticmethod
+    def _criteria_params(criteria: Criteria) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if criteria.user_id is not None:
+            params["user_id"] = criteria.user_id
+        if criteria.inactive_before_us is not None:
+            params["cutoff"] = criteria.inactive_before_us
+        return params
 
     async def delete_session(self, session_id: str) -> Removed:
         """Remove everything of one session in one transaction."""
         return await self._handle.write(self._delete_one, session_id)
 
     def _delete_one(self, conn: Connection, session_id: str) -> Removed:
-        t = self._t
-        locked = conn.execute(
-            select(t.sessions.c.session_id)
-            .where(t.sessions.c.session_id == session_id)
-            .with_for_update()
-        ).first()
-        info = conn.execute(
-            select(t.info.c.session_id).where(t.info.c.session_id == session_id).with_for_update()
-        ).first()
+        ids = self._ids([session_id])
+        locked = self._q.lock_sessions.rows(conn, ids)
+        info = self._q.lock_info.rows(conn, ids)
         removed = self._delete(conn, [session_id])
-        exists = locked is not None or info is not None
+        exists = bool(locked) or bool(info)
         return Removed(int(exists), removed.items, removed.usage_rows)
 
     async def remove_batch(self, criteria: Criteria, limit: int) -> tuple[Removed, int]:
@@ -108,72 +201,41 @@ class Eraser:
     def _remove_batch(
         self, conn: Connection, criteria: Criteria, limit: int
     ) -> tuple[Removed, int]:
-        t, i = self._t, self._t.info
-        conditions = self._conditions(criteria)
-        picked = list(
-            conn.execute(
-                select(i.c.session_id)
-                .where(*conditions)
-                .order_by(i.c.last_activity_us, i.c.session_id)
-                .limit(limit)
-            ).scalars()
-        )
+        shape, params = self._shape(criteria), self._criteria_params(criteria)
+        picked = self._q.pick(shape).scalars(conn, {**params, "limit": limit})
         if not picked:
             return Removed(), 0
         if self._handle.distributed:
             # Citus locks rows of one shard per statement only: one session at a time, in
-            # the same order as below.
-            confirmed = [
-                session_id
-                for session_id in sorted(picked)
-                if self._lock_one(conn, session_id, conditions)
-            ]
+            # the order the other databases lock them in.
+            confirmed = []
+            for session_id in sorted(picked):
+                one = self._ids([session_id])
+                self._q.lock_sessions.rows(conn, one)
+                confirmed += self._q.confirm(shape).scalars(conn, {**params, **one})
         else:
-            conn.execute(
-                select(t.sessions.c.session_id)
-                .where(t.sessions.c.session_id.in_(picked))
-                .order_by(t.sessions.c.session_id)
-                .with_for_update()
-            ).all()
+            ids = self._ids(picked)
+            self._q.lock_sessions.rows(conn, ids)
             # Under the locks: a session written since it was picked no longer matches.
-            confirmed = list(
-                conn.execute(
-                    select(i.c.session_id)
-                    .where(i.c.session_id.in_(picked), *conditions)
-                    .order_by(i.c.session_id)
-                    .with_for_update()
-                ).scalars()
-            )
+            confirmed = self._q.confirm(shape).scalars(conn, {**params, **ids})
         removed = self._delete(conn, confirmed) if confirmed else Removed()
-        return Removed(len(confirmed), removed.items, removed.usage_rows), len(picked)
-
-    def _lock_one(
-        self, conn: Connection, session_id: str, conditions: Sequence[ColumnElement[bool]]
-    ) -> bool:
-        """Lock one picked session's rows; whether it still matches under the lock."""
-        t, i = self._t, self._t.info
-        conn.execute(
-            select(t.sessions.c.session_id)
-            .where(t.sessions.c.session_id == session_id)
-            .with_for_update()
-        ).all()
-        still = conn.execute(
-            select(i.c.session_id)
-            .where(i.c.session_id == session_id, *conditions)
-            .with_for_update()
-        ).first()
-        return still is not None
+        return removed, len(picked)
 
     def _delete(self, conn: Connection, session_ids: Sequence[str]) -> Removed:
-        """Delete every row of the sessions, children first (no cascade is relied on)."""
-        t = self._t
-        ids: BindParameter[Any] = bindparam("ids", list(session_ids), expanding=True)
-        usage = conn.execute(delete(t.usage).where(t.usage.c.session_id.in_(ids))).rowcount
-        conn.execute(delete(t.structure).where(t.structure.c.session_id.in_(ids)))
-        items = conn.execute(delete(t.messages).where(t.messages.c.session_id.in_(ids))).rowcount
-        for table in (t.reservations, t.generations, t.info, t.sessions):
-            conn.execute(delete(table).where(table.c.session_id.in_(ids)))
-        return Removed(len(session_ids), max(items, 0), max(usage, 0))
+        """Delete every row of the sessions, children first."""
+        ids = self._ids(session_ids)
+        # Optional tables the database lacks (the models and lineage before 0007) are skipped.
+        absent = self._handle.absent_tables.get(self._t.metadata, frozenset())
+        counts = {
+            name: stmt.execute(conn, ids)
+            for name, stmt in self._q.deletes.items()
+            if name not in absent
+        }
+        return Removed(
+            len(session_ids),
+            max(counts[self._t.messages.name], 0),
+            max(counts[self._t.usage.name], 0),
+        )
 
     async def would_remove(self, criteria: Criteria) -> Removed:
         """What removing every matching session now would take away, counted by the database."""
@@ -181,7 +243,13 @@ class Eraser:
 
     def _count(self, conn: Connection, criteria: Criteria) -> Removed:
         t, i = self._t, self._t.info
-        matching = select(i.c.session_id).where(*self._conditions(criteria))
+        conditions = []
+        if criteria.user_id is not None:
+            conditions.append(i.c.user_id == criteria.user_id)
+        if criteria.inactive_before_us is not None:
+            conditions.append(i.c.last_activity_us < criteria.inactive_before_us)
+        self._shape(criteria)
+        matching = select(i.c.session_id).where(*conditions)
         sessions = conn.scalar(select(func.count()).select_from(matching.subquery()))
         items = conn.scalar(select(func.count()).where(t.messages.c.session_id.in_(matching)))
         usage = conn.scalar(select(func.count()).where(t.usage.c.session_id.in_(matching)))

@@ -62,6 +62,9 @@ STRUCTURE_TABLE = "message_structure"
 USAGE_TABLE = "turn_usage"
 RESERVATIONS_TABLE = "branch_reservations"
 GENERATIONS_TABLE = "session_clear_generations"
+TURN_MODELS_TABLE = "turnstore_turn_models"
+LINEAGE_TABLE = "turnstore_branch_lineage"
+APPEND_KEYS_TABLE = "turnstore_append_keys"
 SESSION_INFO_TABLE = "turnstore_session_info"
 
 # Explicit names make constraints addressable by migrations on every dialect; the documented
@@ -76,7 +79,16 @@ NAMING_CONVENTION: dict[str, str] = {
 
 _PLAIN_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _FIXED_TABLES = frozenset(
-    {STRUCTURE_TABLE, USAGE_TABLE, RESERVATIONS_TABLE, GENERATIONS_TABLE, SESSION_INFO_TABLE}
+    {
+        STRUCTURE_TABLE,
+        USAGE_TABLE,
+        RESERVATIONS_TABLE,
+        GENERATIONS_TABLE,
+        SESSION_INFO_TABLE,
+        APPEND_KEYS_TABLE,
+        TURN_MODELS_TABLE,
+        LINEAGE_TABLE,
+    }
 )
 #: Longest ``title`` a session may carry, in characters (MySQL's TEXT holds 64 KiB of bytes).
 MAX_TITLE_LENGTH = 1000
@@ -94,6 +106,9 @@ class StoreTables:
     reservations: Table
     generations: Table
     info: Table
+    append_keys: Table
+    turn_models: Table
+    lineage: Table
 
     @property
     def session_scoped_keys(self) -> bool:
@@ -122,6 +137,17 @@ class StoreTables:
         )
 
     @property
+    def optional(self) -> frozenset[str]:
+        """Tables a database may lack while the store still works without what they add.
+
+        Databases written by the SDK's class, or migrated by an older turnstore and opened
+        without ``create_tables``, lack them until the migrations run.
+        """
+        return frozenset(
+            {self.info.name, self.append_keys.name, self.turn_models.name, self.lineage.name}
+        )
+
+    @property
     def routine_tables(self) -> dict[str, str]:
         """Table names as :func:`turnstore.persistence.server_routines.routine_ddl` takes them."""
         return {
@@ -131,6 +157,7 @@ class StoreTables:
             "usage_table": self.usage.name,
             "generations_table": self.generations.name,
             "info_table": self.info.name,
+            "turn_models_table": self.turn_models.name,
         }
 
     @property
@@ -284,6 +311,9 @@ def define_tables(
                 Index("idx_turn_usage_session_turn", "session_id", "branch_id", "user_turn_number")
             ]
         ),
+        # Not in the SDK (migration 0007): store-wide usage rollups read a time range of
+        # turns through it instead of scanning the table.
+        Index("idx_turn_usage_created_at", "created_at"),
         *row_keys(USAGE_TABLE),
         sqlite_autoincrement=True,
         **TABLE_OPTIONS,
@@ -300,6 +330,49 @@ def define_tables(
         metadata,
         Column("session_id", IDENTIFIER, primary_key=True),
         Column("generation", Integer, nullable=False, server_default=text("0")),
+        **TABLE_OPTIONS,
+    )
+    # turnstore's own (migration 0007): which models served a turn, and where branches forked.
+    # Keyed by session first, so the store can be distributed by session.
+    turn_models = Table(
+        TURN_MODELS_TABLE,
+        metadata,
+        Column(
+            "session_id",
+            IDENTIFIER,
+            ForeignKey(sessions.c.session_id, ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        Column("branch_id", IDENTIFIER, primary_key=True),
+        Column("user_turn_number", Integer, primary_key=True, autoincrement=False),
+        # Models of one turn, in the order they first served it.
+        Column("position", Integer, primary_key=True, autoincrement=False),
+        # NULL: the model is not known (a Model object without a name, say).
+        Column("model", IDENTIFIER),
+        Column("requests", Integer, nullable=False, server_default=text("0")),
+        Column("input_tokens", Integer, nullable=False, server_default=text("0")),
+        Column("cached_tokens", Integer, nullable=False, server_default=text("0")),
+        Column("output_tokens", Integer, nullable=False, server_default=text("0")),
+        Column("reasoning_tokens", Integer, nullable=False, server_default=text("0")),
+        Column("total_tokens", Integer, nullable=False, server_default=text("0")),
+        **TABLE_OPTIONS,
+    )
+    lineage = Table(
+        LINEAGE_TABLE,
+        metadata,
+        Column(
+            "session_id",
+            IDENTIFIER,
+            ForeignKey(sessions.c.session_id, ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        Column("branch_id", IDENTIFIER, primary_key=True),
+        Column("parent_branch_id", IDENTIFIER, nullable=False),
+        # The parent's user turn the branch forked before: it holds the parent's items of
+        # the turns before this one.
+        Column("fork_turn", Integer, nullable=False),
+        Column("fork_preview", Text),
+        Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
         **TABLE_OPTIONS,
     )
     # Not keyed to the sessions table: a session keeps its info across clear_session (which
@@ -320,7 +393,28 @@ def define_tables(
         Index("idx_session_info_user_activity", "user_id", "last_activity_us", "session_id"),
         **TABLE_OPTIONS,
     )
-    return StoreTables(sessions, messages, structure, usage, reservations, generations, info)
+    # turnstore's own: the keys of appends made with an idempotency key, so a retried batch
+    # is stored once (see ConversationRepository.append). Cleared with the session.
+    append_keys = Table(
+        APPEND_KEYS_TABLE,
+        metadata,
+        Column("session_id", IDENTIFIER, primary_key=True),
+        Column("append_key", IDENTIFIER, primary_key=True),
+        Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
+        **TABLE_OPTIONS,
+    )
+    return StoreTables(
+        sessions,
+        messages,
+        structure,
+        usage,
+        reservations,
+        generations,
+        info,
+        append_keys,
+        turn_models,
+        lineage,
+    )
 
 
 def created_on(item: object, dialect_name: str) -> bool:
@@ -347,7 +441,8 @@ def validate_table_name(name: object, argument: str) -> str:
             f"{argument} must be a plain identifier (letters, digits and underscores, not "
             f"starting with a digit, at most 63 characters); got {name!r}"
         )
-    if name in _FIXED_TABLES:
+    # SQLite (and MySQL on some systems) compare table names case-insensitively.
+    if name.lower() in _FIXED_TABLES:
         raise InvalidArgumentError(f"{argument} may not be {name!r}: turnstore uses that table")
     return name
 
@@ -430,6 +525,16 @@ class BranchReservation(Base):
     branch_id: Mapped[str]
 
 
+class AppendKey(Base):
+    """The idempotency key of an append that was stored, so a retry is not stored twice."""
+
+    __table__ = DEFAULT_TABLES.append_keys
+
+    session_id: Mapped[str]
+    append_key: Mapped[str]
+    created_at: Mapped[datetime | None]
+
+
 class SessionClearGeneration(Base):
     """How many times a session was cleared; lets other instances notice a clear."""
 
@@ -437,6 +542,37 @@ class SessionClearGeneration(Base):
 
     session_id: Mapped[str]
     generation: Mapped[int]
+
+
+class TurnModel(Base):
+    """How much of one turn's usage one model served (``turnstore_turn_models``)."""
+
+    __table__ = DEFAULT_TABLES.turn_models
+
+    session_id: Mapped[str]
+    branch_id: Mapped[str]
+    user_turn_number: Mapped[int]
+    position: Mapped[int]
+    model: Mapped[str | None]
+    requests: Mapped[int]
+    input_tokens: Mapped[int]
+    cached_tokens: Mapped[int]
+    output_tokens: Mapped[int]
+    reasoning_tokens: Mapped[int]
+    total_tokens: Mapped[int]
+
+
+class BranchLineage(Base):
+    """Where a branch forked from, recorded when it was created (``turnstore_branch_lineage``)."""
+
+    __table__ = DEFAULT_TABLES.lineage
+
+    session_id: Mapped[str]
+    branch_id: Mapped[str]
+    parent_branch_id: Mapped[str]
+    fork_turn: Mapped[int]
+    fork_preview: Mapped[str | None]
+    created_at: Mapped[datetime | None]
 
 
 def tables_for(
@@ -454,7 +590,7 @@ def tables_for(
     """
     validate_table_name(sessions_table, "sessions_table")
     validate_table_name(messages_table, "messages_table")
-    if sessions_table == messages_table:
+    if sessions_table.lower() == messages_table.lower():
         raise InvalidArgumentError("sessions_table and messages_table must differ")
     return _tables_for(sessions_table, messages_table, session_scoped_keys)
 

@@ -9,15 +9,17 @@ write lock on SQLite.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Integer,
+    Table,
     Text,
     and_,
     bindparam,
@@ -35,6 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import Executable, Select
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
@@ -42,7 +45,9 @@ from turnstore.errors import (
     BranchNameTakenError,
     BranchNotFoundError,
     InvalidArgumentError,
+    InvalidItemError,
     SchemaMissingError,
+    TableSetConflictError,
     TurnNotFoundError,
 )
 from turnstore.persistence import rewrite, server_routines
@@ -53,10 +58,19 @@ from turnstore.persistence.jsoncodec import loads_or_none
 from turnstore.persistence.models import StoreTables
 from turnstore.persistence.prepared import PreparedStatement
 from turnstore.persistence.server_routines import ServerRoutines
+from turnstore.persistence.types import INTEGER_MAX
+from turnstore.persistence.validation import check_identifier, fits_integer_column
 
 logger = logging.getLogger(__name__)
 
 MAIN_BRANCH = "main"
+
+T = TypeVar("T")
+
+# Waits before each retry of a write that lost a lock wait or a deadlock; then it fails.
+_LOCK_RETRY_DELAYS = (0.05, 0.25, 1.0)
+# Room in a statement for its SQL text and the other columns of an item's row.
+_STATEMENT_OVERHEAD = 64 * 1024
 
 #: The structure columns an append or a branch copy writes (the rest have defaults).
 STRUCTURE_COLUMNS = (
@@ -68,6 +82,22 @@ STRUCTURE_COLUMNS = (
     "user_turn_number",
     "branch_turn_number",
     "tool_name",
+)
+
+
+#: The columns of a turn-models row, in the order the statements use them.
+TURN_MODEL_COLUMNS = (
+    "session_id",
+    "branch_id",
+    "user_turn_number",
+    "position",
+    "model",
+    "requests",
+    "input_tokens",
+    "cached_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
 )
 
 
@@ -113,8 +143,52 @@ class BranchPointer:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelShare:
+    """The part of a turn's usage one model served (``model`` ``None``: not known)."""
+
+    model: str | None
+    requests: int
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def zero(cls, model: str | None) -> ModelShare:
+        """No usage, for ``model``."""
+        return cls(model, 0, 0, 0, 0, 0, 0)
+
+    @property
+    def counts(self) -> tuple[int, int, int, int, int, int]:
+        """Requests, input, cached, output, reasoning and total tokens."""
+        return (
+            self.requests,
+            self.input_tokens,
+            self.cached_tokens,
+            self.output_tokens,
+            self.reasoning_tokens,
+            self.total_tokens,
+        )
+
+    def __add__(self, other: ModelShare) -> ModelShare:
+        return ModelShare(
+            self.model, *(a + b for a, b in zip(self.counts, other.counts, strict=True))
+        )
+
+    def __sub__(self, other: ModelShare) -> ModelShare:
+        """What ``self`` has beyond ``other``, never below zero; the model is not kept."""
+        return ModelShare(
+            None, *(max(a - b, 0) for a, b in zip(self.counts, other.counts, strict=True))
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class UsageRecord:
-    """Token usage of one run, to be stored against a user turn."""
+    """Token usage of one run, to be stored against a user turn.
+
+    ``models`` splits it by the model that served it; empty when not known at all.
+    """
 
     requests: int
     input_tokens: int
@@ -122,6 +196,27 @@ class UsageRecord:
     total_tokens: int
     input_tokens_details: dict[str, Any] | None
     output_tokens_details: dict[str, Any] | None
+    models: tuple[ModelShare, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTurnModel:
+    """A stored turn-models row."""
+
+    branch_id: str
+    user_turn_number: int
+    share: ModelShare
+
+
+@dataclass(frozen=True, slots=True)
+class StoredLineage:
+    """A recorded branch origin."""
+
+    branch_id: str
+    parent_branch_id: str
+    fork_turn: int
+    fork_preview: str | None
+    created_at: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +259,7 @@ class CreatedBranch:
     source_branch_id: str
     generation: int
     copied_messages: int
+    fork_preview: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +362,7 @@ class _Statements:
                     "last_activity_us": now,
                 },
                 ["session_id"],
-                take_later_values=["last_activity_us"],
+                keep_greater=["last_activity_us"],
             )
         )
         self.bump_info = prepared(
@@ -333,15 +429,27 @@ class _Statements:
         # Branch creation: short sessions fork in about a millisecond, about what building
         # these statements afresh would cost.
         turn: BindParameter[int] = bindparam("turn", type_=Integer)
-        self.user_turn_row = prepared(
-            select(s.c.id)
+        self.fork_message = prepared(
+            select(m.c.message_data)
+            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
             .where(
                 s.c.session_id == sid,
                 s.c.branch_id == bid,
                 s.c.branch_turn_number == turn,
                 s.c.message_type == "user",
             )
+            .order_by(s.c.sequence_number)
             .limit(_ONE)
+        )
+        lineage = tables.lineage
+        self.record_lineage = prepared(
+            insert(lineage).values(
+                session_id=sid,
+                branch_id=bindparam("new_branch", type_=lineage.c.branch_id.type),
+                parent_branch_id=bid,
+                fork_turn=turn,
+                fork_preview=bindparam("preview", type_=Text),
+            )
         )
         self.latest_sequence = prepared(select(self.max_sequence))
         r = tables.reservations
@@ -363,6 +471,12 @@ class _Statements:
             )
         )
         self.reserve_name = prepared(insert(r).values(session_id=sid, branch_id=name))
+        k = tables.append_keys
+        append_key = bindparam("key", type_=k.c.append_key.type)
+        self.append_key_stored = prepared(
+            select(k.c.session_id).where(k.c.session_id == sid, k.c.append_key == append_key)
+        )
+        self.store_append_key = prepared(insert(k).values(session_id=sid, append_key=append_key))
         self.copy_branch = prepared(
             insert(s).from_select(
                 STRUCTURE_COLUMNS,
@@ -415,6 +529,21 @@ class _Statements:
                 ["session_id", "branch_id", "user_turn_number"],
                 take_new_values=[*usage_columns, "created_at"],
             )
+        )
+
+        tm = tables.turn_models
+        self.delete_turn_models = prepared(
+            delete(tm).where(
+                tm.c.session_id == sid,
+                tm.c.branch_id == bid,
+                tm.c.user_turn_number == bindparam("turn", type_=Integer),
+            )
+        )
+        self.insert_turn_models = prepared(insert(tm), column_keys=TURN_MODEL_COLUMNS)
+        self.turn_models = prepared(
+            select(*(tm.c[name] for name in TURN_MODEL_COLUMNS[1:]))
+            .where(tm.c.session_id == sid)
+            .order_by(tm.c.branch_id, tm.c.user_turn_number, tm.c.position)
         )
 
         # Analytics: whole-session and per-branch listings.
@@ -497,6 +626,11 @@ class ConversationRepository:
         """Whether the database has the session info table (known once the schema is ready)."""
         return self._t.metadata not in self._handle.without_info
 
+    @property
+    def records_models(self) -> bool:
+        """Whether the database has the turn-models table (migration 0007; known once ready)."""
+        return self._has(self._t.turn_models)
+
     def require_info_table(self) -> None:
         """Refuse a store feature on a database that predates the session info table.
 
@@ -553,6 +687,9 @@ class ConversationRepository:
     ) -> None:
         """Create missing tables and indexes, or check that they exist (once per engine).
 
+        What exists is read first, without a write transaction, so a complete store on a
+        read-only database opens for reading even with ``create``.
+
         Args:
             create: Create what is missing instead of refusing.
             migrate_default: Brings the default table set to the newest migration inside the
@@ -567,6 +704,7 @@ class ConversationRepository:
 
         Raises:
             SchemaMissingError: ``create`` is false and tables are missing.
+            TableSetConflictError: The database holds another table set's structure tables.
         """
         handle, key = self._handle, self._t.metadata
         if key in handle.ready_schemas:
@@ -576,29 +714,42 @@ class ConversationRepository:
                 return
             if create:
                 self._check_schema_names()
-                current = (
-                    self._t.is_default
-                    and migrate_default is not None
-                    and default_is_current is not None
-                    and await handle.read(default_is_current)
+            current = (
+                self._t.is_default
+                and default_is_current is not None
+                and await handle.read(default_is_current)
+            )
+            # At the newest migration, the default set is complete: nothing to inspect.
+            missing = [] if current else await handle.read(self._missing_parts, default_is_current)
+            if missing and create:
+                await handle.write(
+                    lambda conn: self._create_missing(conn, migrate_default, distribute)
                 )
-                if not current:
-                    await handle.write(
-                        lambda conn: self._create_missing(conn, migrate_default, distribute)
-                    )
-                handle.without_info.discard(key)
+                missing = []
+            required = [n for n in missing if n in self._t.names and n not in self._t.optional]
+            if required:
+                raise SchemaMissingError(
+                    f"The database lacks turnstore's tables ({', '.join(required)}). "
+                    "Pass create_tables=True to create them, or run the migrations first."
+                )
+            absent = handle.absent_tables[key] = frozenset(missing) & self._t.optional
+            # A schema from before migration 0005 serves sessions; only the features that
+            # need the info table refuse (require_info_table).
+            if self._t.info.name in absent:
+                handle.without_info.add(key)
             else:
-                missing = await handle.read(self._missing_tables)
-                # A schema from before migration 0005 serves sessions; only the features
-                # that need the info table refuse (require_info_table).
-                if missing == [self._t.info.name]:
-                    handle.without_info.add(key)
-                    missing = []
-                if missing:
-                    raise SchemaMissingError(
-                        f"The database lacks turnstore's tables ({', '.join(missing)}). Pass "
-                        "create_tables=True to create them, or run the migrations first."
-                    )
+                handle.without_info.discard(key)
+            await handle.read_limits()
+            own = absent & {self._t.turn_models.name, self._t.lineage.name}
+            if own:
+                # From before migration 0007: conversations work; the models of each turn and
+                # branch lineage are not recorded.
+                logger.warning(
+                    "The database lacks turnstore's tables %s: the models of each turn and "
+                    "branch lineage are not recorded. Run the migrations (turnstore db "
+                    "upgrade) to add them.",
+                    ", ".join(sorted(own)),
+                )
             await self._find_routines()
             handle.distributed = await handle.read(
                 lambda conn: self._profile.cluster_node(conn) is not None
@@ -612,6 +763,9 @@ class ConversationRepository:
         if not self.has_info_table:
             # Functions that keep the info table cannot run without it.
             versions = tuple(routines for routines in versions if not routines.maintains_info)
+        if not self._has(self._t.turn_models):
+            # Nor can functions that record a turn's models without their table.
+            versions = tuple(routines for routines in versions if not routines.records_models)
         if not versions or self._handle.driver_calls is None:
             return
         presence = ", ".join(f"({routines.presence_query})" for routines in versions)
@@ -657,9 +811,60 @@ class ConversationRepository:
                 "messages_table."
             )
 
-    def _missing_tables(self, conn: Connection) -> list[str]:
-        present = set(inspect(conn).get_table_names())
-        return [name for name in self._t.names if name not in present]
+    def _missing_parts(
+        self, conn: Connection, default_is_current: Callable[[Connection], bool] | None
+    ) -> list[str]:
+        """What ``create_tables`` would add: tables, indexes, a migration, server functions.
+
+        Raises:
+            TableSetConflictError: The database holds another table set's structure tables.
+        """
+        inspector = inspect(conn)
+        present = set(inspector.get_table_names())
+        self._refuse_other_table_set(inspector, present)
+        missing = [name for name in self._t.names if name not in present]
+        if missing:
+            return missing
+        if self._t.is_default and default_is_current is not None:
+            return [] if default_is_current(conn) else ["the newest migration"]
+        for table in self._t.metadata.sorted_tables:
+            indexes = {index["name"] for index in inspector.get_indexes(table.name)}
+            missing += [str(index.name) for index in table.indexes if index.name not in indexes]
+        versions = self._profile.server_routines(self._t)
+        if versions and not conn.exec_driver_sql(versions[0].presence_query).scalar():
+            missing.append(versions[0].append_name)
+        return missing
+
+    def _refuse_other_table_set(self, inspector: Any, present: set[str]) -> None:
+        """Refuse a database whose structure tables belong to other base tables.
+
+        ``message_structure`` and ``turn_usage`` have fixed names, and their foreign keys
+        record which sessions and messages tables own them (as the SDK's class records it).
+
+        Raises:
+            TableSetConflictError: They refer to another sessions or messages table.
+        """
+        t, same = self._t, self._profile.table_names_equal
+        owners = (
+            (t.structure.name, "message_id", t.messages.name),
+            (t.structure.name, "session_id", t.sessions.name),
+            (t.usage.name, "session_id", t.sessions.name),
+        )
+        for table, column, owner in owners:
+            name = next((found for found in present if same(found, table)), None)
+            if name is None:
+                continue
+            for key in inspector.get_foreign_keys(name):
+                referred = str(key["referred_table"])
+                if key["constrained_columns"] == [column] and not same(referred, owner):
+                    raise TableSetConflictError(
+                        f"This database's {table}.{column} refers to table {referred!r}, not "
+                        f"to the configured {owner!r}: it already holds another "
+                        "sessions_table/messages_table pair. The structure and usage tables "
+                        "have fixed names (as in the SDK's AdvancedSQLiteSession), so one "
+                        "database file or schema holds one pair; give this pair its own file, "
+                        "schema or database."
+                    )
 
     def _create_missing(
         self,
@@ -669,6 +874,8 @@ class ConversationRepository:
     ) -> None:
         self._profile.prepare_ddl(conn)
         self._profile.lock_schema(conn)
+        inspector = inspect(conn)
+        self._refuse_other_table_set(inspector, set(inspector.get_table_names()))
         if self._t.is_default and migrate_default is not None:
             # The migrations own the default table set: create through them (and stamp), so a
             # database made here can be upgraded later like any other.
@@ -688,20 +895,13 @@ class ConversationRepository:
         if distribute is not None:
             distribute(conn, self._t)
 
-    def check_identifier(self, value: str, what: str) -> None:
-        """Refuse a session or branch id longer than this database's id columns hold.
-
-        Checked before any SQL: the server would refuse it mid-transaction with a driver
-        error (or, outside strict mode, silently cut it short).
+    def check_identifier(self, value: object, what: str) -> str:
+        """Refuse an id no backend can store exactly (see :mod:`.validation`), before any SQL.
 
         Raises:
-            InvalidArgumentError: ``value`` is too long; ``what`` names it in the message.
+            InvalidArgumentError: ``value`` is not a valid id; ``what`` names it in the message.
         """
-        limit = self._profile.max_identifier_length
-        if limit is not None and len(value) > limit:
-            raise InvalidArgumentError(
-                f"{what} are at most {limit} characters on {self._profile.name}; got {len(value)}"
-            )
+        return check_identifier(value, what)
 
     # -- history -------------------------------------------------------------------------
 
@@ -717,12 +917,17 @@ class ConversationRepository:
         if limit == 0:
             return []
         params: dict[str, Any] = {"sid": session_id, "bid": branch_id}
-        if limit is None or limit < 0:
+        # No branch holds more items than an INTEGER column counts: a larger limit is "all".
+        if limit is None or limit < 0 or not fits_integer_column(limit):
             return await self._scalars(self._q.history, params)
         params["limit"] = limit
         newest_first = await self._scalars(self._q.latest, params)
         newest_first.reverse()
         return newest_first
+
+    def _has(self, table: Table) -> bool:
+        """Whether an optional table of this store exists (see ``StoreTables.optional``)."""
+        return table.name not in self._handle.absent_tables.get(self._t.metadata, frozenset())
 
     def _one_call_writes(self) -> tuple[AsyncpgCalls, ServerRoutines] | None:
         """How to run appends and usage writes as one server-function call, if possible."""
@@ -747,6 +952,7 @@ class ConversationRepository:
         Pages follow one another by sequence number (keyset pagination), so each costs the
         same however deep into the history it starts.
         """
+        limit = min(limit, INTEGER_MAX)
         params = {"sid": session_id, "bid": branch_id, "after": after_sequence, "limit": limit}
         rows = await self._handle.read(self._q.page.rows, params)
         return [(data, int(sequence)) for data, sequence in rows]
@@ -756,19 +962,33 @@ class ConversationRepository:
         session_id: str,
         pointer: BranchPointer,
         messages: Sequence[NewMessage],
+        key: str | None = None,
     ) -> BranchPointer:
         """Append messages to a branch, numbering sequence and user turns, in one transaction.
 
         Later batches without a user message continue the branch's current turn. If the session
         was cleared since ``pointer.generation`` was seen, a non-main branch no longer exists
-        and the messages go to ``main``.
+        and the messages go to ``main``. A write that lost a lock wait is run again.
+
+        Args:
+            session_id: The session.
+            pointer: The branch to write to and the clear generation it was seen with.
+            messages: The batch.
+            key: An idempotency key: if an append with this key was stored in the session
+                before (and the session not cleared since), nothing is stored again.
 
         Returns:
             The branch written to and the session's current clear generation.
+
+        Raises:
+            InvalidItemError: An item is longer than one statement may be on this server.
         """
-        one_call = self._one_call_writes()
+        self._check_statement_sizes(messages)
+        one_call = None if key is not None else self._one_call_writes()
         if one_call is None:
-            return await self._handle.write(self._append, session_id, pointer, messages)
+            return await self._retrying_lock_conflicts(
+                lambda: self._handle.write(self._append, session_id, pointer, messages, key)
+            )
         calls, routines = one_call
         arguments = server_routines.append_arguments(
             session_id,
@@ -780,9 +1000,58 @@ class ConversationRepository:
             arguments += self._info_arguments
         elif self._info.given:
             self.require_info_table()
-        rows = await calls.fetch(routines.append_call, arguments, writes=True)
+        rows = await self._retrying_lock_conflicts(
+            lambda: calls.fetch(routines.append_call, arguments, writes=True)
+        )
         branch_id, generation = rows[0]
         return BranchPointer(branch_id, generation)
+
+    def _require_table(self, table: Any, feature: str) -> None:
+        """Refuse a feature whose optional table the database lacks.
+
+        Raises:
+            SchemaMissingError: The table is missing.
+        """
+        if table.name in self._handle.absent_tables.get(self._t.metadata, frozenset()):
+            raise SchemaMissingError(
+                f"{feature} need the {table.name} table, which this database lacks; run the "
+                "migrations (turnstore db upgrade) or open it with create_tables=True"
+            )
+
+    def _check_statement_sizes(self, messages: Sequence[NewMessage]) -> None:
+        """Refuse, naming it, an item one statement cannot carry to this server.
+
+        Raises:
+            InvalidItemError: An item's statement would exceed the server's limit.
+        """
+        limit = self._handle.statement_size_limit
+        if limit is None:
+            return
+        room = limit - _STATEMENT_OVERHEAD
+        for index, message in enumerate(messages):
+            size = self._profile.sent_size(message.data)
+            if size > room:
+                raise InvalidItemError(
+                    f"Item {index} takes {size:,} bytes in a statement, and this server "
+                    f"accepts statements of at most {limit:,} bytes (max_allowed_packet), so "
+                    f"an item can be at most about {room:,}; raise the server's "
+                    "max_allowed_packet or store smaller items"
+                )
+
+    async def _retrying_lock_conflicts(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run a write, again after a short wait if it lost a lock wait or a deadlock.
+
+        Such a write was rolled back whole, so running it again cannot store anything twice.
+        """
+        for delay in _LOCK_RETRY_DELAYS:
+            try:
+                return await attempt()
+            except DBAPIError as exc:
+                if exc.orig is None or not self._profile.is_lock_conflict(exc.orig):
+                    raise
+                logger.debug("A write lost a lock wait; retrying in %.2fs", delay)
+            await asyncio.sleep(delay)
+        return await attempt()
 
     def _append(
         self,
@@ -790,6 +1059,7 @@ class ConversationRepository:
         session_id: str,
         pointer: BranchPointer,
         messages: Sequence[NewMessage],
+        key: str | None = None,
     ) -> BranchPointer:
         q = self._q
         branch_id = pointer.branch_id
@@ -804,11 +1074,19 @@ class ConversationRepository:
         if generation != pointer.generation and branch_id != MAIN_BRANCH:
             branch_id = MAIN_BRANCH
             turn = q.branch_max_turn.scalar(conn, {"sid": session_id, "bid": branch_id})
+        if key is not None:
+            self._require_table(self._t.append_keys, "idempotency keys")
+            # Under the session's lock: no other writer can record this key meanwhile.
+            keyed = {"sid": session_id, "key": key}
+            if q.append_key_stored.scalar(conn, keyed) is not None:
+                return BranchPointer(branch_id, generation)
+            q.store_append_key.execute(conn, keyed)
         message_ids = self._profile.insert_returning_ids(
             conn,
             q.insert_messages,
             [{"session_id": session_id, "message_data": m.data} for m in messages],
             {"session_id": session_id},
+            max_statement_bytes=self._handle.statement_size_limit,
         )
         sequence, turn = max_sequence or 0, turn or 0
         rows = []
@@ -895,6 +1173,16 @@ class ConversationRepository:
                     ~exists().where(*in_turn),
                 )
             )
+            tm = self._t.turn_models
+            if self._has(tm):
+                conn.execute(
+                    delete(tm).where(
+                        tm.c.session_id == session_id,
+                        tm.c.branch_id == branch_id,
+                        tm.c.user_turn_number == row.user_turn_number,
+                        ~exists().where(*in_turn),
+                    )
+                )
         self._touch_info(conn, session_id)
         return PoppedItem(row.message_data)
 
@@ -964,6 +1252,7 @@ class ConversationRepository:
             )
         rewrite.delete_rows(conn, t, session_id, expected)
         rewrite.append_numbered(conn, t, self._profile, session_id, tail.branch_id, messages)
+        self._touch_info(conn, session_id)
         return True
 
     async def replace_branch(
@@ -994,6 +1283,7 @@ class ConversationRepository:
             branch_id = MAIN_BRANCH
         rewrite.delete_branch_rows(conn, self._t, session_id, branch_id)
         rewrite.append_numbered(conn, self._t, self._profile, session_id, branch_id, messages)
+        self._touch_info(conn, session_id)
         return BranchPointer(branch_id, generation)
 
     async def clear(self, session_id: str) -> int:
@@ -1016,7 +1306,18 @@ class ConversationRepository:
                 .distinct(),
             )
         )
-        for table in (t.structure, t.usage, t.messages, t.sessions):
+        absent = self._handle.absent_tables.get(t.metadata, frozenset())
+        for table in (
+            t.turn_models,
+            t.lineage,
+            t.structure,
+            t.usage,
+            t.messages,
+            t.append_keys,
+            t.sessions,
+        ):
+            if table.name in absent:
+                continue
             conn.execute(delete(table).where(table.c.session_id == session_id))
         conn.execute(
             profile.upsert(
@@ -1050,8 +1351,13 @@ class ConversationRepository:
             The turn number written, or ``None`` if nothing was stored.
         """
         one_call = self._one_call_writes()
-        if one_call is None:
-            return await self._handle.write(self._record_usage, session_id, pointer, usage)
+        records_models = self._has(self._t.turn_models)
+        if one_call is None or (records_models and not one_call[1].records_models):
+            # Without functions, or with ones that predate model rows: the statements, which
+            # write them.
+            return await self._retrying_lock_conflicts(
+                lambda: self._handle.write(self._record_usage, session_id, pointer, usage)
+            )
         calls, routines = one_call
         arguments: tuple[Any, ...] = (
             session_id,
@@ -1066,7 +1372,15 @@ class ConversationRepository:
         )
         if routines.maintains_info:
             arguments += self._info_arguments
-        rows = await calls.fetch(routines.usage_call, arguments, writes=True)
+        if routines.records_models:
+            shares = usage.models
+            arguments += (
+                [share.model for share in shares],
+                *([share.counts[i] for share in shares] for i in range(6)),
+            )
+        rows = await self._retrying_lock_conflicts(
+            lambda: calls.fetch(routines.usage_call, arguments, writes=True)
+        )
         turn = rows[0][0]
         return None if turn is None else int(turn)
 
@@ -1100,6 +1414,30 @@ class ConversationRepository:
             },
         )
         self._touch_info(conn, session_id)
+        if not self._has(self._t.turn_models):
+            return int(turn)
+        q.delete_turn_models.execute(conn, {**params, "turn": turn})
+        if usage.models:
+            q.insert_turn_models.execute_many(
+                conn,
+                [
+                    dict(
+                        zip(
+                            TURN_MODEL_COLUMNS,
+                            (
+                                session_id,
+                                pointer.branch_id,
+                                turn,
+                                position,
+                                share.model,
+                                *share.counts,
+                            ),
+                            strict=True,
+                        )
+                    )
+                    for position, share in enumerate(usage.models)
+                ],
+            )
         return int(turn)
 
     async def session_usage(
@@ -1123,6 +1461,8 @@ class ConversationRepository:
         params: dict[str, Any] = {"sid": session_id, "bid": branch_id}
         if user_turn_number is None:
             rows = await self._handle.read(self._q.turn_usage.rows, params)
+        elif not fits_integer_column(user_turn_number):
+            return []  # beyond what the turn column holds: a turn that does not exist
         else:
             params["turn"] = user_turn_number
             rows = await self._handle.read(self._q.one_turn_usage.rows, params)
@@ -1165,6 +1505,7 @@ class ConversationRepository:
         turn: int,
         branch_name: str | None,
         auto_name: str,
+        preview: Callable[[str], str | None] = lambda _data: None,
     ) -> CreatedBranch:
         """Fork a branch holding every item of the source branch before user turn ``turn``.
 
@@ -1178,6 +1519,8 @@ class ConversationRepository:
             turn: The branch turn number of the user message to fork at.
             branch_name: The new branch's name, or ``None`` for ``auto_name``.
             auto_name: Base for a generated name; ``_2``, ``_3``... are appended if taken.
+            preview: Makes the fork turn's preview, recorded with the branch's lineage, from
+                the stored text of the turn's user message.
 
         Raises:
             TurnNotFoundError: The source branch has no user message at ``turn``.
@@ -1187,7 +1530,7 @@ class ConversationRepository:
         if branch_name is not None:
             self.check_identifier(branch_name, "Branch names")
         return await self._handle.write(
-            self._create_branch, session_id, source, turn, branch_name, auto_name
+            self._create_branch, session_id, source, turn, branch_name, auto_name, preview
         )
 
     def _create_branch(
@@ -1198,6 +1541,7 @@ class ConversationRepository:
         turn: int,
         branch_name: str | None,
         auto_name: str,
+        preview: Callable[[str], str | None],
     ) -> CreatedBranch:
         q = self._q
         q.lock_session.execute(conn, {"sid": session_id})
@@ -1206,7 +1550,11 @@ class ConversationRepository:
         if generation != source.generation and source_branch != MAIN_BRANCH:
             source_branch = MAIN_BRANCH
         source_params = {"sid": session_id, "bid": source_branch, "turn": turn}
-        if q.user_turn_row.scalar(conn, source_params) is None:
+        # A number beyond what the turn column holds names no turn; the driver would refuse it.
+        fork_message = (
+            q.fork_message.scalar(conn, source_params) if fits_integer_column(turn) else None
+        )
+        if fork_message is None:
             raise TurnNotFoundError(
                 f"Turn {turn} does not contain a user message in branch '{source_branch}'"
             )
@@ -1215,8 +1563,13 @@ class ConversationRepository:
         copied = q.copy_branch.execute(
             conn, {**source_params, "new_branch": new_branch, "after": after}
         )
+        fork_preview = preview(fork_message)
+        if self._has(self._t.lineage):
+            q.record_lineage.execute(
+                conn, {**source_params, "new_branch": new_branch, "preview": fork_preview}
+            )
         self._touch_info(conn, session_id)
-        return CreatedBranch(new_branch, source_branch, generation, copied)
+        return CreatedBranch(new_branch, source_branch, generation, copied, fork_preview)
 
     def _reserve_branch_name(
         self, conn: Connection, session_id: str, branch_name: str | None, auto_name: str
@@ -1267,6 +1620,13 @@ class ConversationRepository:
         usage_rows = conn.execute(
             delete(u).where(u.c.session_id == session_id, u.c.branch_id == branch_id)
         ).rowcount
+        # The branch's own records go; branches forked from it keep naming it as their parent.
+        for own in (t.turn_models, t.lineage):
+            if not self._has(own):
+                continue
+            conn.execute(
+                delete(own).where(own.c.session_id == session_id, own.c.branch_id == branch_id)
+            )
         # Messages every structure row of which is on this branch: one pass over the
         # session's rows, grouped. A correlated "no other branch has it" check per message
         # is faster with good statistics, but Postgres plans it as a session scan per message
@@ -1296,6 +1656,67 @@ class ConversationRepository:
             BranchSummary(branch, int(count), int(users or 0), format_timestamp(created_at))
             for branch, count, users, created_at in rows
         ]
+
+    async def turn_models(self, session_id: str) -> list[StoredTurnModel]:
+        """Every turn-models row of a session, by branch, turn and position."""
+        if not self._has(self._t.turn_models):
+            return []
+        rows = await self._handle.read(self._q.turn_models.rows, {"sid": session_id})
+        return [
+            StoredTurnModel(branch, int(turn), ModelShare(model, *(int(v or 0) for v in counts)))
+            for branch, turn, _position, model, *counts in rows
+        ]
+
+    async def turn_items(self, session_id: str, branch_id: str) -> list[tuple[int | None, str]]:
+        """``(user_turn_number, item text)`` of a branch's items, in order."""
+        s, m = self._t.structure, self._t.messages
+        stmt = (
+            select(s.c.user_turn_number, m.c.message_data)
+            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
+            .where(s.c.session_id == session_id, s.c.branch_id == branch_id)
+            .order_by(s.c.sequence_number)
+        )
+        return [(turn, data) for turn, data in await self._handle.read(_all_rows, stmt)]
+
+    async def usage_times(self, session_id: str, branch_id: str) -> dict[int, str | None]:
+        """When each turn's usage of a branch was stored (UTC text), by turn."""
+        u = self._t.usage
+        stmt = select(u.c.user_turn_number, _as_stored(u.c.created_at)).where(
+            u.c.session_id == session_id, u.c.branch_id == branch_id
+        )
+        rows = await self._handle.read(_all_rows, stmt)
+        return {int(turn): format_timestamp(created) for turn, created in rows}
+
+    async def lineage(self, session_id: str) -> list[StoredLineage]:
+        """The recorded origins of a session's branches."""
+        lin = self._t.lineage
+        if not self._has(lin):
+            return []
+        stmt = select(
+            lin.c.branch_id,
+            lin.c.parent_branch_id,
+            lin.c.fork_turn,
+            lin.c.fork_preview,
+            _as_stored(lin.c.created_at),
+        ).where(lin.c.session_id == session_id)
+        rows = await self._handle.read(_all_rows, stmt)
+        return [
+            StoredLineage(branch, parent, int(turn), preview, format_timestamp(created))
+            for branch, parent, turn, preview, created in rows
+        ]
+
+    async def branch_messages(self, session_id: str) -> dict[str, list[tuple[int, int | None]]]:
+        """``{branch: [(message_id, branch_turn_number), ...]}`` in order, for lineage inference."""
+        s = self._t.structure
+        stmt = (
+            select(s.c.branch_id, s.c.message_id, s.c.branch_turn_number)
+            .where(s.c.session_id == session_id)
+            .order_by(s.c.branch_id, s.c.sequence_number)
+        )
+        found: dict[str, list[tuple[int, int | None]]] = {}
+        for branch, message, turn in await self._handle.read(_all_rows, stmt):
+            found.setdefault(branch, []).append((int(message), turn))
+        return found
 
     # -- structure queries ---------------------------------------------------------------
 

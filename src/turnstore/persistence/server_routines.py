@@ -22,7 +22,7 @@ statistics; on a table it has not analyzed yet (a new database, or one autovacuu
 reached), Postgres may plan ``max()`` as an aggregate over every row of the branch, which made
 each append and usage write cost more as the history grew.
 
-Version 5 (migration 0008) is version 3 with upserts that set only the new row's values
+Version 5 (migration 0008) is version 4 with upserts that set only the new row's values
 (``SET updated_at = EXCLUDED.updated_at``) instead of calling ``CURRENT_TIMESTAMP``: Citus
 refuses non-immutable functions in ``DO UPDATE SET`` on distributed tables. It is the first
 version that runs on Citus (:data:`FIRST_DISTRIBUTABLE_VERSION`), where it is distributed by its
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 VERSION = 5
-#: Every released version, newest first. (Version 4 is the usage release's.)
-VERSIONS = (5, 3, 2, 1)
+#: Every released version, newest first.
+VERSIONS = (5, 4, 3, 2, 1)
 #: The oldest version whose bodies run on Citus's distributed tables.
 FIRST_DISTRIBUTABLE_VERSION = 5
 #: The argument the functions are distributed by on Citus (the session id).
@@ -52,6 +52,11 @@ _USAGE_ARGUMENTS = "text, text, integer, integer, integer, integer, integer, tex
 _INFO_ARGUMENTS = ", text, text, text"
 #: The first version that maintains ``turnstore_session_info``.
 INFO_VERSION = 3
+# Version 4's usage function also takes the turn's models, one array element per model:
+# names, then requests and input, cached, output, reasoning and total tokens.
+_MODEL_ARGUMENTS = ", text[]" + ", integer[]" * 6
+#: The first version whose usage function records the models of the turn.
+MODELS_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,11 @@ class ServerRoutines:
         return self.version >= INFO_VERSION
 
     @property
+    def records_models(self) -> bool:
+        """Whether the usage function records the turn's models (and takes their arrays)."""
+        return self.version >= MODELS_VERSION
+
+    @property
     def append_call(self) -> str:
         """SQL calling the append function; one row ``(branch_id, generation)``.
 
@@ -88,7 +98,8 @@ class ServerRoutines:
     @property
     def usage_call(self) -> str:
         """SQL calling the usage function; one value, the turn written or NULL."""
-        return f"SELECT {self.usage_name}({_placeholders(12 if self.maintains_info else 9)})"
+        count = 9 + (3 if self.maintains_info else 0) + (7 if self.records_models else 0)
+        return f"SELECT {self.usage_name}({_placeholders(count)})"
 
     @property
     def signatures(self) -> tuple[str, str]:
@@ -118,7 +129,8 @@ def _placeholders(count: int) -> str:
 def _signatures(version: int) -> tuple[str, str]:
     """The argument types of a version's append and usage functions."""
     extra = _INFO_ARGUMENTS if version >= INFO_VERSION else ""
-    return _APPEND_ARGUMENTS + extra, _USAGE_ARGUMENTS + extra
+    models = _MODEL_ARGUMENTS if version >= MODELS_VERSION else ""
+    return _APPEND_ARGUMENTS + extra, _USAGE_ARGUMENTS + extra + models
 
 
 def routines_for(
@@ -160,10 +172,12 @@ def routine_ddl(
     usage_table: str,
     generations_table: str,
     info_table: str = "turnstore_session_info",
+    turn_models_table: str = "turnstore_turn_models",
 ) -> list[str]:
     """``CREATE OR REPLACE FUNCTION`` statements for the functions, in their version.
 
-    ``info_table`` is used from version 3 on (earlier versions predate it).
+    ``info_table`` is used from version 3 on, ``turn_models_table`` from version 4 on
+    (earlier versions predate them).
     """
     tables = {
         "sessions_table": sessions_table,
@@ -178,7 +192,13 @@ def routine_ddl(
         return _version_2_ddl(routines, **tables)
     if routines.version == 3:
         return _version_3_ddl(routines, **tables, info_table=info_table)
-    return _version_5_ddl(routines, **tables, info_table=info_table)
+    if routines.version == 4:
+        return _version_4_ddl(
+            routines, **tables, info_table=info_table, turn_models_table=turn_models_table
+        )
+    return _version_5_ddl(
+        routines, **tables, info_table=info_table, turn_models_table=turn_models_table
+    )
 
 
 def _version_1_ddl(
@@ -505,6 +525,61 @@ $turnstore$"""
     return [append.strip(), usage.strip()]
 
 
+def _version_4_ddl(
+    routines: ServerRoutines,
+    *,
+    sessions_table: str,
+    messages_table: str,
+    structure_table: str,
+    usage_table: str,
+    generations_table: str,
+    info_table: str,
+    turn_models_table: str,
+) -> list[str]:
+    """Version 4, as migration 0007 creates it: version 3 whose usage write records models.
+
+    The append function is version 3's. The usage function is version 3's with the turn's
+    models as seven more arguments (parallel arrays): after the usage upsert it replaces the
+    turn's rows in the turn-models table, in the same call. Built from version 3's text, which
+    never changes, so version 4 is exactly version 3 plus this.
+    """
+    append, usage = _version_3_ddl(
+        routines,
+        sessions_table=sessions_table,
+        messages_table=messages_table,
+        structure_table=structure_table,
+        usage_table=usage_table,
+        generations_table=generations_table,
+        info_table=info_table,
+    )
+    arguments = "    p_owner text, p_title text, p_metadata text)\nRETURNS integer"
+    ending = "    RETURN v_turn;\nEND"
+    assert usage.count(arguments) == 1
+    assert usage.count(ending) == 1
+    usage = usage.replace(
+        arguments,
+        """    p_owner text, p_title text, p_metadata text,
+    p_models text[], p_model_requests integer[], p_model_input integer[],
+    p_model_cached integer[], p_model_output integer[], p_model_reasoning integer[],
+    p_model_total integer[])
+RETURNS integer""",
+    ).replace(
+        ending,
+        f"""    DELETE FROM {turn_models_table} AS t
+        WHERE t.session_id = p_session AND t.branch_id = v_branch AND t.user_turn_number = v_turn;
+    INSERT INTO {turn_models_table} (session_id, branch_id, user_turn_number, position, model,
+            requests, input_tokens, cached_tokens, output_tokens, reasoning_tokens,
+            total_tokens)
+        SELECT p_session, v_branch, v_turn, r.i - 1, p_models[r.i], p_model_requests[r.i],
+            p_model_input[r.i], p_model_cached[r.i], p_model_output[r.i],
+            p_model_reasoning[r.i], p_model_total[r.i]
+        FROM generate_subscripts(p_models, 1) AS r(i);
+    RETURN v_turn;
+END""",
+    )
+    return [append, usage]
+
+
 def _version_5_ddl(
     routines: ServerRoutines,
     *,
@@ -514,13 +589,14 @@ def _version_5_ddl(
     usage_table: str,
     generations_table: str,
     info_table: str,
+    turn_models_table: str,
 ) -> list[str]:
-    """Version 5, as migration 0008 creates it: version 3 with immutable upsert assignments.
+    """Version 5, as migration 0008 creates it: version 4 with immutable upsert assignments.
 
-    Built from version 3's (frozen) text, so the two differ only where shown; the frozen-digest
+    Built from version 4's (frozen) text, so the two differ only where shown; the frozen-digest
     test pins the result like every released version.
     """
-    statements = _version_3_ddl(
+    statements = _version_4_ddl(
         routines,
         sessions_table=sessions_table,
         messages_table=messages_table,
@@ -528,6 +604,7 @@ def _version_5_ddl(
         usage_table=usage_table,
         generations_table=generations_table,
         info_table=info_table,
+        turn_models_table=turn_models_table,
     )
     changes = (
         (
@@ -542,7 +619,7 @@ def _version_5_ddl(
     changed = []
     for statement, (before, after) in zip(statements, changes, strict=True):
         if statement.count(before) != 1:
-            raise RuntimeError("version 3 is frozen; version 5 changes it only as shown")
+            raise RuntimeError("version 4 is frozen; version 5 changes it only as shown")
         changed.append(statement.replace(before, after))
     return changed
 

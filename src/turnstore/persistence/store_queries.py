@@ -13,15 +13,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, and_, distinct, func, literal, select, update
+from sqlalchemy import (
+    BigInteger,
+    Select,
+    Text,
+    and_,
+    bindparam,
+    distinct,
+    func,
+    literal,
+    literal_column,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from turnstore.persistence.dialects import DialectProfile, JSONScalar
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
+from turnstore.persistence.prepared import PreparedStatement
 
 MAIN_BRANCH = "main"
 
@@ -68,6 +83,142 @@ class Selection:
 Position = tuple[int, str]
 
 
+class _Statements:
+    """The listing statements, built once per table set and dialect (and page shape)."""
+
+    def __init__(self, tables: StoreTables, profile: DialectProfile) -> None:
+        self._t, self._profile = tables, profile
+        self._direct = profile.runs_prepared_statements_directly
+        i = tables.info
+        self.summaries = _summaries(tables)
+        self.summary = self._prepared(
+            self.summaries.where(i.c.session_id == bindparam("sid", type_=i.c.session_id.type))
+        )
+        self._pages: dict[tuple[bool, bool, bool, bool, int], PreparedStatement] = {}
+
+    def _prepared(self, statement: Any) -> PreparedStatement:
+        return PreparedStatement(statement, direct=self._direct)
+
+    def page(self, selection: Selection, after: bool, limit: int) -> PreparedStatement:
+        """The page statement for a selection's shape (which filters it uses) and a limit.
+
+        The limit is literal SQL: a prepared statement's bound LIMIT is planned without its
+        value, and Postgres may then prefer sorting the whole selection to reading an index
+        in order. Metadata filters vary in their keys and are built per call instead.
+        """
+        shape = (
+            selection.user_id is not None,
+            selection.active_after_us is not None,
+            selection.active_before_us is not None,
+            after,
+            limit,
+        )
+        found = self._pages.get(shape)
+        if found is None:
+            found = self._pages[shape] = self._prepared(
+                self.page_statement(selection, after, limit, bound=True)
+            )
+        return found
+
+    def page_statement(
+        self, selection: Selection, after: bool, limit: int, *, bound: bool
+    ) -> Select[Any]:
+        """A page's statement; with ``bound``, filter values are named bind parameters."""
+        i = self._t.info
+        conditions = self.conditions(selection, bound=bound)
+        if after:
+            conditions.append(
+                self._profile.keyset_before(
+                    [i.c.last_activity_us, i.c.session_id],
+                    [
+                        bindparam("after_us", type_=BigInteger()),
+                        bindparam("after_sid", type_=i.c.session_id.type),
+                    ],
+                )
+            )
+        return (
+            self.summaries.where(*conditions)
+            .order_by(i.c.last_activity_us.desc(), i.c.session_id.desc())
+            .limit(literal_column(str(int(limit))))
+        )
+
+    def conditions(self, selection: Selection, *, bound: bool) -> list[ColumnElement[bool]]:
+        """The selection's conditions, with named parameters or (``bound=False``) values."""
+        i = self._t.info
+
+        def value(name: str, given: Any, type_: Any) -> Any:
+            return bindparam(name, type_=type_) if bound else literal(given, type_)
+
+        found: list[ColumnElement[bool]] = []
+        if selection.user_id is not None:
+            found.append(i.c.user_id == value("user_id", selection.user_id, i.c.user_id.type))
+        if selection.active_after_us is not None:
+            found.append(
+                i.c.last_activity_us >= value("from_us", selection.active_after_us, BigInteger())
+            )
+        if selection.active_before_us is not None:
+            found.append(
+                i.c.last_activity_us < value("until_us", selection.active_before_us, BigInteger())
+            )
+        if selection.metadata:
+            found.append(self._profile.metadata_matches(i.c["metadata"], selection.metadata))
+        return found
+
+
+def _summaries(tables: StoreTables) -> Select[Any]:
+    i, s, m, u = tables.info, tables.structure, tables.messages, tables.usage
+    main = literal_column(f"'{MAIN_BRANCH}'", s.c.branch_id.type)
+    on_main = and_(s.c.session_id == i.c.session_id, s.c.branch_id == main)
+    items = select(func.count()).where(on_main).scalar_subquery()
+    # The newest entry of the turn index: turns are numbered 1, 2... per user message.
+    turns = (
+        select(s.c.user_turn_number)
+        .where(on_main, s.c.user_turn_number.is_not(None))
+        .order_by(s.c.user_turn_number.desc())
+        .limit(literal_column("1"))
+        .scalar_subquery()
+    )
+    branches = (
+        select(func.count(distinct(s.c.branch_id)))
+        .where(s.c.session_id == i.c.session_id)
+        .scalar_subquery()
+    )
+    tokens = (
+        select(func.sum(u.c.total_tokens)).where(u.c.session_id == i.c.session_id).scalar_subquery()
+    )
+    first_user = (
+        select(m.c.message_data)
+        .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
+        .where(
+            on_main,
+            s.c.user_turn_number >= literal_column("1"),
+            s.c.message_type == literal_column("'user'"),
+        )
+        .order_by(s.c.user_turn_number, s.c.sequence_number)
+        .limit(literal_column("1"))
+        .scalar_subquery()
+    )
+    return select(
+        i.c.session_id,
+        i.c.user_id,
+        i.c.title,
+        # As text, decoded by the caller: lets the statement run on the driver directly.
+        type_coerce(i.c["metadata"], Text),
+        i.c.created_at_us,
+        i.c.last_activity_us,
+        items,
+        turns,
+        branches,
+        tokens,
+        first_user,
+    )
+
+
+@cache
+def _statements(tables: StoreTables, profile: DialectProfile) -> _Statements:
+    return _Statements(tables, profile)
+
+
 class StoreQueries:
     """Reads and info updates across the sessions of one store (an engine and a table set)."""
 
@@ -75,71 +226,21 @@ class StoreQueries:
         self._handle = handle
         self._profile = handle.profile
         self._t = tables
+        self._q = _statements(tables, handle.profile)
+
+    async def _rows(self, statement: PreparedStatement, params: Mapping[str, Any]) -> list[Any]:
+        """A read's rows, on the driver itself where the handle can (asyncpg)."""
+        calls = self._handle.driver_calls
+        plan = None if calls is None else statement.driver_plan(self._handle.dialect)
+        if calls is None or plan is None:
+            return await self._handle.read(statement.rows, params)
+        return list(await calls.fetch(plan.sql, plan.positional(params), writes=False))
 
     # -- reading -------------------------------------------------------------------------
 
-    def _summaries(self) -> Select[Any]:
-        i, s, m, u = self._t.info, self._t.structure, self._t.messages, self._t.usage
-        main = literal(MAIN_BRANCH, s.c.branch_id.type)
-        on_main = and_(s.c.session_id == i.c.session_id, s.c.branch_id == main)
-        items = select(func.count()).where(on_main).scalar_subquery()
-        # The newest entry of the turn index: turns are numbered 1, 2... per user message.
-        turns = (
-            select(s.c.user_turn_number)
-            .where(on_main, s.c.user_turn_number.is_not(None))
-            .order_by(s.c.user_turn_number.desc())
-            .limit(1)
-            .scalar_subquery()
-        )
-        branches = (
-            select(func.count(distinct(s.c.branch_id)))
-            .where(s.c.session_id == i.c.session_id)
-            .scalar_subquery()
-        )
-        tokens = (
-            select(func.sum(u.c.total_tokens))
-            .where(u.c.session_id == i.c.session_id)
-            .scalar_subquery()
-        )
-        first_user = (
-            select(m.c.message_data)
-            .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
-            .where(on_main, s.c.user_turn_number >= 1, s.c.message_type == "user")
-            .order_by(s.c.user_turn_number, s.c.sequence_number)
-            .limit(1)
-            .scalar_subquery()
-        )
-        return select(
-            i.c.session_id,
-            i.c.user_id,
-            i.c.title,
-            i.c["metadata"],
-            i.c.created_at_us,
-            i.c.last_activity_us,
-            items,
-            turns,
-            branches,
-            tokens,
-            first_user,
-        )
-
-    def _conditions(self, selection: Selection) -> list[ColumnElement[bool]]:
-        i = self._t.info
-        found: list[ColumnElement[bool]] = []
-        if selection.user_id is not None:
-            found.append(i.c.user_id == selection.user_id)
-        if selection.active_after_us is not None:
-            found.append(i.c.last_activity_us >= selection.active_after_us)
-        if selection.active_before_us is not None:
-            found.append(i.c.last_activity_us < selection.active_before_us)
-        if selection.metadata:
-            found.append(self._profile.metadata_matches(i.c["metadata"], selection.metadata))
-        return found
-
     async def summary(self, session_id: str) -> SessionRow | None:
         """One session's row, or ``None`` if the store does not know the session."""
-        stmt = self._summaries().where(self._t.info.c.session_id == session_id)
-        rows = await self._handle.read(_rows, stmt)
+        rows = await self._rows(self._q.summary, {"sid": session_id})
         return _session_row(rows[0]) if rows else None
 
     async def page(
@@ -152,23 +253,48 @@ class StoreQueries:
             after: Continue after this position (the last row of the previous page).
             limit: Most rows to return.
         """
+        position = {} if after is None else {"after_us": after[0], "after_sid": after[1]}
+        if selection.metadata:
+            stmt = self._q.page_statement(selection, after is not None, limit, bound=False)
+            rows = await self._handle.read(_rows, stmt, position)
+        else:
+            params: dict[str, Any] = {
+                "user_id": selection.user_id,
+                "from_us": selection.active_after_us,
+                "until_us": selection.active_before_us,
+                **position,
+            }
+            statement = self._q.page(selection, after is not None, limit)
+            rows = await self._rows(statement, {k: v for k, v in params.items() if v is not None})
+        return [_session_row(row) for row in rows]
+
+    async def positions(
+        self, selection: Selection, after: Position | None, limit: int
+    ) -> list[Position]:
+        """Like :meth:`page`, but only each session's position: (last activity, session id).
+
+        For walking every session a selection matches (an export, a copy) without computing
+        summaries; the same index ranges as a listing.
+        """
         i = self._t.info
-        conditions = self._conditions(selection)
+        conditions = self._q.conditions(selection, bound=False)
         if after is not None:
             conditions.append(
                 self._profile.keyset_before([i.c.last_activity_us, i.c.session_id], after)
             )
         stmt = (
-            self._summaries()
+            select(i.c.last_activity_us, i.c.session_id)
             .where(*conditions)
             .order_by(i.c.last_activity_us.desc(), i.c.session_id.desc())
             .limit(limit)
         )
-        return [_session_row(row) for row in await self._handle.read(_rows, stmt)]
+        rows = await self._handle.read(_rows, stmt, {})
+        return [(int(activity), sid) for activity, sid in rows]
 
     async def count(self, selection: Selection) -> int:
         """How many sessions match, counted by the database along the activity indexes."""
-        stmt = select(func.count()).select_from(self._t.info).where(*self._conditions(selection))
+        conditions = self._q.conditions(selection, bound=False)
+        stmt = select(func.count()).select_from(self._t.info).where(*conditions)
         return int(await self._handle.read(_scalar, stmt) or 0)
 
     async def now_micros(self) -> int:
@@ -270,8 +396,8 @@ def _session_row(row: Sequence[Any]) -> SessionRow:
     )
 
 
-def _rows(conn: Connection, stmt: Select[Any]) -> list[Any]:
-    return list(conn.execute(stmt).all())
+def _rows(conn: Connection, stmt: Select[Any], params: Mapping[str, Any]) -> list[Any]:
+    return list(conn.execute(stmt, params).all())
 
 
 def _scalar(conn: Connection, stmt: Select[Any]) -> Any:

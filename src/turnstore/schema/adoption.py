@@ -116,6 +116,11 @@ def complete_schema(connection: Connection) -> list[str]:
                 index.create(connection)
                 done.append(f"created index {index.name}")
     profile = profile_for(connection.dialect.name)
+    # Tables made before migration 0006 (by a turnstore without migrations) still compare
+    # ids with a padded collation on MySQL: stamping head must not skip its conversion.
+    converted = profile.convert_identifier_collation(connection, exact=True)
+    if converted:
+        done.append(f"made {len(converted)} identifier column(s) exact")
     created = profile.create_server_routines(connection, DEFAULT_TABLES)
     if created:
         done.append(f"created functions {', '.join(created)}")

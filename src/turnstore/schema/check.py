@@ -97,14 +97,3 @@ def at_head(connection: Connection) -> bool:
     except DBAPIError:
         return False
     return list(recorded) == [head]
-
-
-def bring_to_head_when_needed(connection: Connection) -> None:
-    """Migrate to head inside ``connection``'s transaction, importing Alembic only now.
-
-    The faces hand this to the repository for ``create_tables=True``; a database that
-    :func:`at_head` found current never gets here, so most processes never import Alembic.
-    """
-    from turnstore.schema.migrate import bring_to_head
-
-    bring_to_head(connection)

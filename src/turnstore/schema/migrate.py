@@ -219,7 +219,7 @@ async def _engine(target: Target) -> AsyncIterator[tuple[AsyncEngine, DialectPro
     url = _parse(target)
     profile = _profile(url)
     try:
-        engine = create_async_engine(url, **profile.engine_options(url))
+        engine = create_async_engine(url, hide_parameters=True, **profile.engine_options(url))
     except ImportError as exc:
         raise MissingExtraError(
             f"Cannot use {url.render_as_string(hide_password=True)!r}: {profile.driver_hint(url)}"
@@ -485,6 +485,23 @@ async def stamp(target: Target, revision: str = "head") -> None:
         _alembic(lambda config: command.stamp(config, revision, purge=True), connection)
 
     await _run(target, work)
+
+
+async def inspect_target(target: Target) -> tuple[adoption.Inspection, tuple[str, ...]]:
+    """What the database holds, and the revisions it records, without changing anything.
+
+    Raises:
+        InvalidArgumentError: The URL is malformed or names an unsupported driver.
+        DatabaseUnavailableError: The database cannot be reached.
+        UnknownRevisionError: The recorded revision is not one of turnstore's.
+    """
+
+    def work(connection: Connection) -> tuple[adoption.Inspection, tuple[str, ...]]:
+        return adoption.inspect_database(connection, VERSION_TABLE), _check_recorded_known(
+            connection
+        )
+
+    return await _run(target, work, lock=False)
 
 
 async def current(target: Target) -> tuple[str, ...]:

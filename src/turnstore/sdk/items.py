@@ -17,6 +17,7 @@ from typing import Any
 from turnstore.errors import InvalidItemError
 from turnstore.persistence import jsoncodec
 from turnstore.persistence.repository import NewMessage, ToolCountRule
+from turnstore.persistence.validation import text_problem
 from turnstore.redaction import model_data
 
 logger = logging.getLogger(__name__)
@@ -93,12 +94,28 @@ def tool_name(item: Mapping[str, Any]) -> str | None:
     return name
 
 
-def to_new_messages(items: Sequence[Any]) -> list[NewMessage]:
+#: Default of a session's ``max_item_bytes``: the most bytes one item may take as JSON.
+DEFAULT_MAX_ITEM_BYTES = 64 * 1024 * 1024
+
+#: The deepest nesting an item may have (the item itself is level 1). Deeper items could be
+#: written but not read back by every JSON decoder at every stack depth, so they are refused.
+MAX_ITEM_DEPTH = 500
+
+
+def to_new_messages(
+    items: Sequence[Any], *, max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES
+) -> list[NewMessage]:
     """Serialize and classify a batch of items, all or nothing.
 
+    Args:
+        items: The batch.
+        max_item_bytes: The most bytes one item may take as JSON.
+
     Raises:
-        InvalidItemError: ``items`` is not a list, or an item is not a mapping or not
-            JSON-serializable; the message names the item's index.
+        InvalidItemError: ``items`` is not a list, or an item is not a mapping, not
+            JSON-serializable, nested deeper than :data:`MAX_ITEM_DEPTH`, larger than
+            ``max_item_bytes``, or has a type or tool name that is not storable text; the
+            message names the item's index, never its content.
     """
     if not isinstance(items, Sequence) or isinstance(items, str | bytes):
         raise InvalidItemError(f"items must be a list of dicts; got {type(items).__name__}")
@@ -108,14 +125,53 @@ def to_new_messages(items: Sequence[Any]) -> list[NewMessage]:
             raise InvalidItemError(
                 f"Item {index} must be a dict (a Responses input item); got {type(item).__name__}"
             )
+        too_deep = InvalidItemError(
+            f"Item {index} nests deeper than {MAX_ITEM_DEPTH} levels; flatten it or store it "
+            "as a JSON string"
+        )
         try:
             data = json.dumps(item)
+        except RecursionError:
+            raise too_deep from None
         except (TypeError, ValueError) as exc:
             raise InvalidItemError(f"Item {index} is not JSON serializable: {exc}") from exc
-        messages.append(
-            NewMessage(data, message_type(item), tool_name(item), is_user_message(item))
-        )
+        if len(data) > max_item_bytes:  # json.dumps writes ASCII: characters are bytes
+            raise InvalidItemError(
+                f"Item {index} is {len(data):,} bytes as JSON, over the session's "
+                f"max_item_bytes ({max_item_bytes:,}); keep large payloads elsewhere and store "
+                "a reference, or raise max_item_bytes"
+            )
+        # Nesting needs at least one bracket per level: only a text with that many can be
+        # too deep, so the walk is skipped for nearly every item.
+        if data.count("{") + data.count("[") > MAX_ITEM_DEPTH and _deeper_than(
+            item, MAX_ITEM_DEPTH
+        ):
+            raise too_deep
+        kind, tool = message_type(item), tool_name(item)
+        for what, value in (("type", kind), ("tool name", tool)):
+            problem = None if value is None else text_problem(value)
+            if problem is not None:
+                # Stored in a text column of its own (not escaped like the item's JSON).
+                raise InvalidItemError(f"Item {index}'s {what} {problem}")
+        messages.append(NewMessage(data, kind, tool, is_user_message(item)))
     return messages
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests containers more than ``limit`` levels deep (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, Mapping):
+            children: Any = current.values()
+        elif isinstance(current, list | tuple):
+            children = current
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def decode(data: str) -> Any | None:
@@ -166,3 +222,20 @@ def search_pattern(term: str) -> re.Pattern[str]:
 def stored_form(term: str) -> str:
     """How ``term`` appears inside stored JSON text (escaped as ``json.dumps`` escapes it)."""
     return json.dumps(term)[1:-1]
+
+
+def item_texts(item: Any) -> list[str]:
+    """What a person reads in an item: message text, tool arguments, tool output.
+
+    Used by store-wide search, so JSON keys and ids never match a search term.
+    """
+    if not isinstance(item, Mapping):
+        return []
+    texts = content_texts(item.get("content", ""))
+    for key in ("arguments", "output", "name"):
+        value = item.get(key)
+        if isinstance(value, str):
+            texts.append(value)
+        elif value is not None and key == "output":
+            texts.append(json.dumps(value, ensure_ascii=False))
+    return [text for text in texts if text]

@@ -1,0 +1,225 @@
+"""``turnstore export``, ``import`` and ``copy`` from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+from typer.testing import CliRunner
+
+from tests.conftest import Backend
+from tests.migration_helpers import fresh_postgres_database, run_cli
+from tests.moving_helpers import all_answers, populate
+from turnstore.cli import common
+from turnstore.cli.main import app
+from turnstore.persistence import engines
+from turnstore.schema import migrate
+
+NO_URL = {common.URL_VARIABLE: None}
+
+
+async def invoke(args: list[str]) -> Any:
+    """Run a command in process, on a thread: the command runs its own event loop."""
+    return await asyncio.to_thread(CliRunner().invoke, app, args, env=NO_URL)
+
+
+@asynccontextmanager
+async def target_url(backend: Backend, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A URL of an empty database on the backend (the CLI cannot reach a private schema)."""
+    if backend.name == "postgres":
+        async with fresh_postgres_database(request.getfixturevalue("postgres_url")) as url:
+            yield url
+    else:
+        yield backend.url
+
+
+async def answers_at(url: str, session_ids: list[str]) -> dict[str, Any]:
+    engine = create_async_engine(url)
+    try:
+        return await all_answers(engine, session_ids)
+    finally:
+        await engine.dispose()
+        await engines.dispose_engines()
+
+
+@pytest.fixture
+async def source(tmp_path: Path) -> AsyncIterator[tuple[str, list[str]]]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'source.db'}"
+    engine = create_async_engine(url)
+    try:
+        yield url, await populate(engine)
+    finally:
+        await engine.dispose()
+        await engines.dispose_engines()
+
+
+async def test_copy_with_verify_to_every_backend(
+    backend: Backend, request: pytest.FixtureRequest, source: tuple[str, list[str]]
+) -> None:
+    url, session_ids = source
+    async with target_url(backend, request) as target:
+        result = await invoke(["copy", "--from", url, "--to", target, "--verify", "--json"])
+        assert result.exit_code == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["sessions"] == len(session_ids)
+        assert report["verified"] == len(session_ids)
+        assert report["target"] == "migrated the empty target"
+        assert await answers_at(target, session_ids) == await answers_at(url, session_ids)
+        again = await invoke(["copy", "--from", url, "--to", target])
+        assert again.exit_code == 0, again.stderr
+        assert f"{len(session_ids)} skipped (already there)" in again.stdout
+
+
+async def test_export_then_import_through_a_file_and_standard_output(
+    tmp_path: Path, source: tuple[str, list[str]]
+) -> None:
+    url, session_ids = source
+    exported = tmp_path / "backup.jsonl"
+    result = await invoke(["export", "--url", url, "-o", str(exported)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"exported {len(session_ids)} sessions")
+    assert not (tmp_path / "backup.jsonl.partial").exists()
+    piped = await invoke(["export", "--url", url])
+    assert piped.exit_code == 0
+    # The same records but the header's time and source.
+    assert piped.stdout.splitlines()[1:] == exported.read_text().splitlines()[1:]
+    assert piped.stderr.startswith("exported ")
+
+    target = f"sqlite+aiosqlite:///{tmp_path / 'target.db'}"
+    imported = await invoke(["import", "--url", target, str(exported), "--json"])
+    assert imported.exit_code == 0, imported.stderr
+    assert json.loads(imported.stdout)["sessions"] == len(session_ids)
+    assert await answers_at(target, session_ids) == await answers_at(url, session_ids)
+
+
+async def test_filters_pick_sessions(tmp_path: Path, source: tuple[str, list[str]]) -> None:
+    url, _ = source
+    exported = tmp_path / "user.jsonl"
+    result = await invoke(["export", "--url", url, "--user", "user-1", "-o", str(exported)])
+    assert result.exit_code == 0, result.stderr
+    chosen = [
+        json.loads(line)["session_id"]
+        for line in exported.read_text().splitlines()
+        if json.loads(line)["record"] == "session"
+    ]
+    assert sorted(chosen) == ["awkward", "branchy"]
+    later = await invoke(
+        ["export", "--url", url, "--active-after", "2999-01-01", "-o", str(exported)]
+    )
+    assert later.exit_code == 0
+    assert later.stdout.startswith("exported 0 sessions")
+
+
+async def test_errors_are_one_line_with_the_documented_exit_code(
+    tmp_path: Path, source: tuple[str, list[str]]
+) -> None:
+    url, _ = source
+    nowhere = f"sqlite+aiosqlite:///{tmp_path}/nope.db"
+    missing = await invoke(["copy", "--from", nowhere, "--to", url])
+    assert missing.exit_code == common.ExitCode.UNAVAILABLE
+    assert "does not exist" in missing.stderr
+    unfinished = tmp_path / "unfinished.jsonl"
+    failed_export = await invoke(["export", "--url", nowhere, "-o", str(unfinished)])
+    assert failed_export.exit_code == common.ExitCode.UNAVAILABLE
+    # Nothing is left that looks like an export.
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("unfinished.jsonl*")))
+
+    both = await invoke(["export", "--url", url, "--session", "a", "--user", "b"])
+    assert both.exit_code == common.ExitCode.USAGE
+    assert "not both" in both.stderr
+    bad_time = await invoke(["export", "--url", url, "--active-after", "yesterday"])
+    assert bad_time.exit_code == common.ExitCode.USAGE
+
+    behind = f"sqlite+aiosqlite:///{tmp_path / 'behind.db'}"
+    await migrate.upgrade(behind, "0004")
+    refused = await invoke(["copy", "--from", url, "--to", behind])
+    assert refused.exit_code == common.ExitCode.REFUSED
+    assert "pass --migrate" in refused.stderr
+    assert "turnstore db upgrade --url" in refused.stderr
+    assert (await invoke(["copy", "--from", url, "--to", behind, "--migrate"])).exit_code == 0
+
+    broken = tmp_path / "broken.jsonl"
+    export = await invoke(["export", "--url", url, "-o", str(broken)])
+    assert export.exit_code == 0
+    lines = broken.read_text().splitlines()
+    broken.write_text("\n".join(lines[:5]) + "\n")
+    failed = await invoke(
+        ["import", "--url", f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", str(broken)]
+    )
+    assert failed.exit_code == common.ExitCode.FAILED
+    assert failed.stderr.startswith("turnstore import: error: line 6: the file ends before")
+    assert len(failed.stderr.strip().splitlines()) == 1
+
+
+async def test_a_real_process_copies_and_prints_plain_progress_and_counts(
+    tmp_path: Path, source: tuple[str, list[str]]
+) -> None:
+    url, session_ids = source
+    target = f"sqlite+aiosqlite:///{tmp_path / 'copied.db'}"
+    done = await asyncio.to_thread(run_cli, ["copy", "--from", url, "--to", target, "--verify"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"copied {len(session_ids)} sessions")
+    assert "verified 6 sessions: every read answers the same" in done.stdout
+    assert "\x1b[" not in done.stdout + done.stderr  # no terminal decoration in a pipe
+
+
+def test_without_a_terminal_progress_is_a_plain_line_every_few_seconds(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from turnstore import transfer
+    from turnstore.cli import move
+
+    monkeypatch.setattr(move, "PLAIN_PROGRESS_EVERY", 0.0)
+    with move._progress("copied", 10) as report:
+        report(transfer.Progress(4, 10, 400, 1000, 2.0, "s4"))
+    line = capsys.readouterr().err
+    assert line == "copied 4/10 sessions, 400 items, 500 rows/s, ETA 3s\n"
+    monkeypatch.setattr(move, "PLAIN_PROGRESS_EVERY", 3600.0)
+    with move._progress("copied", 10) as report:
+        report(transfer.Progress(5, 10, 500, 1200, 2.0, "s5"))
+    assert capsys.readouterr().err == ""
+
+
+def test_on_a_terminal_progress_is_a_bar(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from turnstore import transfer
+    from turnstore.cli import move
+
+    monkeypatch.setattr(common, "is_terminal", lambda stream: True)
+    with move._progress("copied", 10) as report:
+        report(transfer.Progress(4, 10, 400, 1000, 2.0, "s4"))
+        report(transfer.Progress(10, 10, 1000, 2500, 3.0, "s10"))
+    assert capsys.readouterr().out == ""  # the bar is drawn on stderr only
+
+
+async def test_verify_names_the_sessions_and_reads_that_differ(
+    tmp_path: Path, source: tuple[str, list[str]]
+) -> None:
+    from sqlalchemy import delete
+
+    from turnstore.cli import move
+    from turnstore.errors import CopyMismatchError
+    from turnstore.persistence.models import DEFAULT_TABLES
+
+    url, session_ids = source
+    target = f"sqlite+aiosqlite:///{tmp_path / 'tampered.db'}"
+    copied = await invoke(["copy", "--from", url, "--to", target])
+    assert copied.exit_code == 0, copied.stderr
+    engine = create_async_engine(target)
+    usage = DEFAULT_TABLES.usage
+    async with engine.begin() as conn:
+        await conn.execute(delete(usage).where(usage.c.session_id == "branchy"))
+    await engine.dispose()
+    with pytest.raises(CopyMismatchError) as caught:
+        await move._verify(url, target, session_ids)
+    message = str(caught.value)
+    assert message.startswith("1 of 6 copied sessions answer differently on the target:")
+    assert "'branchy': get_session_usage" in message
+    await engines.dispose_engines()
