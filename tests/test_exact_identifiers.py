@@ -111,14 +111,28 @@ async def test_downgrade_refuses_ids_that_would_merge(mysql: Backend) -> None:
     await migrate.upgrade(mysql.engine)
     await AdvancedSession(session_id="a", engine=mysql.engine).add_items(turn("a"))
     await AdvancedSession(session_id="a ", engine=mysql.engine).add_items(turn("a space"))
+    # Later revisions' downgrades run first (MySQL DDL does not roll back): start from 0006.
+    await migrate.downgrade(mysql.engine, "0006")
     before = await collations(mysql)
     with pytest.raises(MigrationError, match="would merge"):
         await migrate.downgrade(mysql.engine, "0005")
     assert await collations(mysql) == before
-    await AdvancedSession(session_id="a ", engine=mysql.engine).clear_session()
-    await execute(mysql, "DELETE FROM session_clear_generations WHERE session_id = 'a '")
-    await execute(mysql, "DELETE FROM branch_reservations WHERE session_id = 'a '")
-    await execute(mysql, "DELETE FROM turnstore_session_info WHERE session_id = 'a '")
+    await execute(
+        mysql,
+        *(
+            f"DELETE FROM {table} WHERE session_id = 'a '"
+            for table in (
+                "message_structure",
+                "turn_usage",
+                "agent_messages",
+                "agent_sessions",
+                "session_clear_generations",
+                "branch_reservations",
+                "turnstore_session_info",
+                "turnstore_append_keys",
+            )
+        ),
+    )
     await migrate.downgrade(mysql.engine, "0005")
     assert set((await collations(mysql)).values()) == {"utf8mb4_bin"}
     await migrate.upgrade(mysql.engine)

@@ -103,6 +103,13 @@ def complete_schema(connection: Connection) -> list[str]:
         What was done, one entry per change, for reporting.
     """
     done: list[str] = []
+    profile = profile_for(connection.dialect.name)
+    # Tables made before migration 0006 (by a turnstore without migrations) still compare
+    # ids with a padded collation on MySQL: stamping head must not skip its conversion. First,
+    # so that new tables' foreign keys meet columns of their own collation.
+    converted = profile.convert_identifier_collation(connection, exact=True)
+    if converted:
+        done.append(f"made {len(converted)} identifier column(s) exact")
     inspector = inspect(connection)
     present = set(inspector.get_table_names())
     for table in DEFAULT_TABLES.metadata.sorted_tables:
@@ -115,12 +122,6 @@ def complete_schema(connection: Connection) -> list[str]:
             if index.name not in indexes:
                 index.create(connection)
                 done.append(f"created index {index.name}")
-    profile = profile_for(connection.dialect.name)
-    # Tables made before migration 0006 (by a turnstore without migrations) still compare
-    # ids with a padded collation on MySQL: stamping head must not skip its conversion.
-    converted = profile.convert_identifier_collation(connection, exact=True)
-    if converted:
-        done.append(f"made {len(converted)} identifier column(s) exact")
     created = profile.create_server_routines(connection, DEFAULT_TABLES)
     if created:
         done.append(f"created functions {', '.join(created)}")
