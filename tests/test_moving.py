@@ -71,17 +71,10 @@ async def assert_same(source: Backend, target: Backend, session_ids: list[str]) 
         ), session_id
 
 
-# Not carried by export, import and copy yet (migration 0007's tables): after a move the
-# turns' models read unknown and branch lineage is inferred from the shared items.
-NOT_MOVED = frozenset({DEFAULT_TABLES.turn_models.name, DEFAULT_TABLES.lineage.name})
-
-
 async def count_rows(backend: Backend) -> dict[str, int]:
     counts = {}
     async with backend.engine.connect() as conn:
         for table in DEFAULT_TABLES.metadata.sorted_tables:
-            if table.name in NOT_MOVED:
-                continue
             counts[table.name] = int(
                 await conn.scalar(select(func.count()).select_from(table)) or 0
             )
