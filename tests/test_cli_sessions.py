@@ -136,6 +136,9 @@ def test_as_a_real_subprocess(url: str) -> None:
         ("2w3d", timedelta(weeks=2, days=3)),
         ("90m", timedelta(minutes=90)),
         ("45s", timedelta(seconds=45)),
+        # Past what a timedelta holds: was an "unexpected OverflowError", exit code 1.
+        ("99999999999d", timedelta.max),
+        ("99999999999w99999999999d", timedelta.max),
     ],
 )
 def test_durations(text: str, expected: timedelta) -> None:
@@ -168,3 +171,9 @@ def test_an_unreachable_database_is_exit_code_3(tmp_path: Path) -> None:
     result = invoke(["sessions", "--url", url])
     assert result.exit_code == 3, result.stderr
     assert "unexpected" not in result.stderr
+
+
+def test_an_endless_duration_prunes_nothing(url: str) -> None:
+    result = invoke(["prune", "--url", url, "--inactive-for", "99999999999d", "--yes", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["sessions"] == 0

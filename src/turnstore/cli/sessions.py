@@ -88,7 +88,13 @@ def parse_duration(value: str) -> timedelta:
         raise InvalidArgumentError(
             f"--inactive-for takes a duration like 30d, 12h, 2w3d or 90m; got {value!r}"
         )
-    return sum((timedelta(**{_UNITS[unit]: int(amount)}) for amount, unit in parts), timedelta())
+    try:
+        return sum(
+            (timedelta(**{_UNITS[unit]: int(amount)}) for amount, unit in parts), timedelta()
+        )
+    except OverflowError:
+        # Longer than a timedelta holds: older than any session can be, as prune() clamps.
+        return timedelta.max
 
 
 def _run(url: str | None, work: Callable[[Store], Awaitable[T]]) -> T:
