@@ -228,6 +228,17 @@ def _spoil(records: list[dict[str, Any]], how: str) -> tuple[bytes, int]:
     if how == "wrong type":
         records[body[0]]["sequence_number"] = "3"
         return encode(records), body[0] + 1
+    # Ids and numbers no backend stores alike: these imported on SQLite and Postgres and
+    # failed on MariaDB with a driver error ("Data too long"), or the reverse for numbers.
+    if how == "long branch id":
+        records[body[0]]["branch_id"] = "b" * 256
+        return encode(records), body[0] + 1
+    if how == "NUL in session id":
+        records[second]["session_id"] = "b-second\x00"
+        return encode(records), second + 1
+    if how == "number past INTEGER":
+        records[body[0]]["sequence_number"] = 2**31
+        return encode(records), body[0] + 1
     raise AssertionError(how)
 
 
@@ -240,6 +251,9 @@ def _spoil(records: list[dict[str, Any]], how: str) -> tuple[bytes, int]:
         ("unknown message id", "refers to message id 999999, which this session does not define"),
         ("missing record", "should have 8 structure records but has 7"),
         ("wrong type", "'sequence_number' must be an integer; got str"),
+        ("long branch id", "'branch_id' must be at most 255 characters"),
+        ("NUL in session id", "'session_id' contains a NUL character"),
+        ("number past INTEGER", "'sequence_number' is 2147483648, beyond what the INTEGER"),
     ],
 )
 async def test_a_bad_file_is_refused_at_its_line_and_the_session_left_out(
