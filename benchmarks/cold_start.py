@@ -48,6 +48,7 @@ BACKENDS = ("sqlite", "postgres", "mysql")
 DEFAULT_URLS = {
     "postgres": "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres",
     "mysql": "mysql+asyncmy://root@127.0.0.1:3306/",
+    "citus": "postgresql+asyncpg://postgres@127.0.0.1:9700/turnstore",
 }
 JSON_PREFIX = "COLD_JSON "
 CASES = ("create_tables", "no_create_tables", "sqlalchemy_floor")
@@ -145,6 +146,14 @@ async def database_at_head(backend: str, server_url: str | None) -> AsyncIterato
             yield url
         return
     assert server_url is not None
+    if backend == "citus":
+        # A schema and role of its own on the coordinator (see run.py's citus_schema).
+        from run import citus_schema
+
+        async with citus_schema(server_url) as url:
+            await migrate.upgrade(url)
+            yield url
+        return
     name = f"cold_{uuid.uuid4().hex[:10]}"
     admin = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
     try:
@@ -216,7 +225,7 @@ async def measure(backend: str, server_url: str | None, runs: int) -> dict[str, 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--backend", choices=(*BACKENDS, "all"), default="all")
+    parser.add_argument("--backend", choices=(*BACKENDS, "citus", "all"), default="all")
     parser.add_argument("--url", help="server URL whose user may create databases")
     parser.add_argument("--runs", type=int, default=7, help="processes per case (median)")
     parser.add_argument("--quick", action="store_true", help="one process per case")

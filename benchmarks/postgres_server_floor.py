@@ -14,7 +14,9 @@ By default every client starts its next turn as soon as the last one ends (a clo
 counts from each turn's scheduled start, as ``benchmarks/run.py``'s open loop does.
 
 Prints turns/s and the median and 95th-percentile latency per turn, then CPU per turn: the
-whole machine's (from /proc/stat, so the server's and pgbench's together) and pgbench's own.
+whole machine's (from /proc/stat, so the server's and pgbench's together), pgbench's own, and
+the server's own (its backends serving the benchmark's database, from /proc/PID/stat; the
+server must run on this machine).
 Needs ``pgbench`` on the PATH (Debian: postgresql-client) and Linux for the machine's CPU.
 """
 
@@ -127,6 +129,21 @@ def turn_script() -> str:
             10: "NULL",
             11: "NULL",
             12: "NULL",
+            # Version 4's model rows: the turn's models and their shares, as arrays.
+            13: _array(["gpt-4o"], "text"),
+            **{
+                14 + index: _array([count], "integer")
+                for index, count in enumerate(
+                    (
+                        usage.requests,
+                        usage.input_tokens,
+                        0,
+                        usage.output_tokens,
+                        0,
+                        usage.total_tokens,
+                    )
+                )
+            },
         },
     )
     # pgbench takes one statement per line.
@@ -164,6 +181,41 @@ def _pgbench_command(
     return command
 
 
+async def _watch_server(url: str, database: str, process: subprocess.Popen[str]) -> int:
+    """CPU ticks the server's backends for ``database`` used while ``process`` ran.
+
+    Reads each backend's own counters (/proc/PID/stat) several times a second and keeps the
+    last reading per backend, so other work on the machine is not counted; what a backend
+    used after the last reading before it exited (a fraction of a second) is missed.
+    """
+    watcher = create_async_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    used: dict[int, int] = {}
+    try:
+        async with watcher.connect() as conn:
+            while process.poll() is None:
+                found = await conn.exec_driver_sql(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1", (database,)
+                )
+                for (pid,) in found.all():
+                    ticks = _process_ticks(pid)
+                    if ticks is not None:
+                        used[pid] = ticks
+                await asyncio.sleep(0.1)
+    finally:
+        await watcher.dispose()
+    return sum(used.values())
+
+
+def _process_ticks(pid: int) -> int | None:
+    """User and system CPU ticks of a process so far; ``None`` once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
 def _latencies_ms(directory: Path) -> list[float]:
     """Each turn's latency from pgbench's per-transaction logs, schedule lag included."""
     latencies = []
@@ -192,14 +244,18 @@ def measure(url: str, clients: int, seconds: int, rate: float | None) -> dict[st
                 environment["PGPASSWORD"] = base.password
             busy, total = _busy_and_total_ticks()
             children = resource.getrusage(resource.RUSAGE_CHILDREN)
-            finished = subprocess.run(  # noqa: S603  # a fixed command of our own
+            process = subprocess.Popen(  # noqa: S603  # a fixed command of our own
                 _pgbench_command(target, script, clients, seconds, rate),
-                capture_output=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 text=True,
                 env=environment,
-                check=True,
                 cwd=directory,
             )
+            server_ticks = asyncio.run(_watch_server(url, name, process))
+            stdout, stderr = process.communicate()
+            if process.returncode != 0:
+                raise RuntimeError(f"pgbench failed: {stderr.strip()}")
             busy, total = (
                 a - b for a, b in zip(_busy_and_total_ticks(), (busy, total), strict=True)
             )
@@ -207,7 +263,7 @@ def measure(url: str, clients: int, seconds: int, rate: float | None) -> dict[st
             latencies = _latencies_ms(Path(directory))
     finally:
         asyncio.run(_administer(url, f"DROP DATABASE {name} WITH (FORCE)"))
-    output = finished.stdout
+    output = stdout
     turns = int(re.search(r"actually processed: (\d+)", output)[1])  # type: ignore[index]
     achieved = float(re.search(r"tps = ([\d.]+)", output)[1])  # type: ignore[index]
     ticks_per_second = os.sysconf("SC_CLK_TCK")
@@ -218,6 +274,7 @@ def measure(url: str, clients: int, seconds: int, rate: float | None) -> dict[st
         "p95_ms": latencies[int(len(latencies) * 0.95)],
         "machine_cpu_ms_per_turn": busy / ticks_per_second / turns * 1000,
         "pgbench_cpu_ms_per_turn": pgbench_cpu / turns * 1000,
+        "server_cpu_ms_per_turn": server_ticks / ticks_per_second / turns * 1000,
         "machine_busy_share": busy / total,
         "cpus": float(os.cpu_count() or 0),
     }
@@ -249,7 +306,8 @@ def main() -> int:
             f"{figures['p95_ms']:.1f} ms; CPU per turn "
             f"{figures['machine_cpu_ms_per_turn']:.2f} ms on the machine "
             f"({figures['machine_busy_share']:.0%} of {figures['cpus']:.0f} cores busy), "
-            f"of which pgbench {figures['pgbench_cpu_ms_per_turn']:.2f} ms"
+            f"of which pgbench {figures['pgbench_cpu_ms_per_turn']:.2f} ms; "
+            f"server backends {figures['server_cpu_ms_per_turn']:.2f} ms"
         )
         print(JSON_PREFIX + json.dumps(figures))
     return 0

@@ -61,6 +61,7 @@ TURNSTORE, SDK = "turnstore", "sdk"
 ITEMS_PER_TURN = 4
 DEFAULT_URLS = {
     "postgres": "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+    "citus": "postgresql+asyncpg://postgres@127.0.0.1:9700/turnstore",
     "mysql": "mysql+asyncmy://root@127.0.0.1:3306/test",
 }
 SEARCH_TERM = "invoice"
@@ -198,7 +199,7 @@ async def analyze(db: Database) -> None:
     engine = create_async_engine(db.location, poolclass=NullPool, isolation_level="AUTOCOMMIT")
     try:
         async with engine.connect() as conn:
-            if db.backend == "postgres":
+            if db.backend in ("postgres", "citus"):
                 await conn.exec_driver_sql("ANALYZE")
             else:
                 tables = (await conn.exec_driver_sql("SHOW TABLES")).scalars().all()
@@ -223,6 +224,13 @@ def database_factory(config: Config) -> Fresh:
                     await turnstore.dispose_engines()
             return
         assert config.url is not None
+        if config.backend == "citus":
+            # A database of its own would need the extension and the workers registered in
+            # it; a schema does, with a role whose search_path leads there (URLs carry no
+            # search_path).
+            async with citus_schema(config.url) as url:
+                yield Database("citus", url)
+            return
         name = f"bench_{uuid.uuid4().hex[:12]}"
         # No pooling: the drop must still work if the server closed connections meanwhile.
         admin = create_async_engine(config.url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
@@ -243,6 +251,29 @@ def database_factory(config: Config) -> Fresh:
             await admin.dispose()
 
     return fresh
+
+
+@asynccontextmanager
+async def citus_schema(url: str) -> AsyncIterator[str]:
+    """A URL on a Citus coordinator whose role's default schema is a fresh one; both dropped."""
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f"CREATE SCHEMA {name}")
+            await conn.exec_driver_sql(f"CREATE ROLE {name} LOGIN SUPERUSER")
+            await conn.exec_driver_sql(f"ALTER ROLE {name} SET search_path = {name}")
+        private = make_url(url).set(username=name).render_as_string(hide_password=False)
+        try:
+            yield private
+        finally:
+            await turnstore.dispose_engines(private)
+            async with admin.connect() as conn:
+                await conn.exec_driver_sql(f"DROP SCHEMA {name} CASCADE")
+                await conn.exec_driver_sql(f"DROP OWNED BY {name} CASCADE")
+                await conn.exec_driver_sql(f"DROP ROLE {name}")
+    finally:
+        await admin.dispose()
 
 
 def reuse(db: Database) -> Fresh:
@@ -1023,7 +1054,9 @@ async def run(config: Config) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--backend", choices=("sqlite", "postgres", "mysql"), default="sqlite")
+    parser.add_argument(
+        "--backend", choices=("sqlite", "postgres", "mysql", "citus"), default="sqlite"
+    )
     parser.add_argument("--url", help="server database URL (defaults to the local services)")
     parser.add_argument("--turns", type=int, help="history size of the turn-cycle workload")
     parser.add_argument("--sessions", type=int, help="concurrent sessions (default 50)")

@@ -20,7 +20,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from turnstore.persistence.dialects import profile_for
-from turnstore.persistence.models import Base
+from turnstore.persistence.models import DEFAULT_TABLES, Base, created_on
+from turnstore.schema import distribution
 from turnstore.schema.migrate import URL_VARIABLE, VERSION_TABLE
 
 config = context.config
@@ -45,6 +46,8 @@ def _options(dialect_name: str) -> dict[str, object]:
         # SQLite cannot ALTER most things; batch mode rebuilds the table instead.
         "render_as_batch": dialect_name == "sqlite",
         "compare_type": True,
+        # Keys only some dialects get (``ddl_if``), which autogenerate does not read itself.
+        "include_object": lambda item, *_: created_on(item, dialect_name),
     }
 
 
@@ -65,6 +68,25 @@ def _run_on(connection: Connection) -> None:
     context.configure(connection=connection, **_options(connection.dialect.name))
     with context.begin_transaction():
         context.run_migrations()
+        _distribute(connection)
+
+
+def _distribute(connection: Connection) -> None:
+    """On a Citus coordinator, distribute the store once it is at head (a no-op elsewhere).
+
+    Not below head: older revisions' tables lack the keys that distribution needs. The
+    report goes back to the caller through the config's attributes.
+    """
+    at = set(context.get_context().get_current_heads())
+    if at != set(context.script.get_heads()):
+        return
+    tables = DEFAULT_TABLES.with_keys(profile_for(connection.dialect.name).session_scoped_keys)
+    config.attributes["distribution"] = distribution.distribute_store(
+        connection,
+        tables,
+        version_table=VERSION_TABLE,
+        move_data=bool(config.attributes.get("move_data", False)),
+    )
 
 
 async def _run_async(url: str) -> None:

@@ -2,16 +2,22 @@
 
 A server backend's URL comes from, in order:
 
-1. an environment variable (``TURNSTORE_TEST_POSTGRES_URL``, ``TURNSTORE_TEST_MYSQL_URL``);
+1. an environment variable (``TURNSTORE_TEST_POSTGRES_URL``, ``TURNSTORE_TEST_MYSQL_URL``,
+   ``TURNSTORE_TEST_CITUS_URL``);
 2. a server on its default local port with its default administrator
-   (``postgres@127.0.0.1:5432``, ``root@127.0.0.1:3306`` without password): the run creates a
-   database of its own there (``turnstore_test_<random>``) and drops it at the end, never
-   touching any other;
+   (``postgres@127.0.0.1:5432``, ``root@127.0.0.1:3306`` without password; not for Citus):
+   the run creates a database of its own there (``turnstore_test_<random>``) and drops it at
+   the end, never touching any other;
 3. a testcontainers container, when a Docker engine answers;
 
 otherwise its tests are skipped, and the end of the run says so in one line per backend (and
 which backends were tested). Backends named in ``TURNSTORE_REQUIRE_BACKENDS`` (all of them
 when ``CI`` is set) must be available: a skip becomes a failure.
+
+``citus`` is a Citus coordinator (distributed Postgres): each test gets a schema of its own
+there, and the tables turnstore creates in it are distributed by ``session_id``, as on any
+coordinator. Tests that differ by server kind ask :attr:`Backend.family` (``postgres`` for
+Citus too).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import turnstore
 from turnstore import AdvancedSession
 
-ALL_BACKENDS = ("sqlite", "postgres", "mysql")
+ALL_BACKENDS = ("sqlite", "postgres", "mysql", "citus")
 
 # Property-based tests talk to real databases on shared machines: no deadline, and no health
 # check that fails a test for being slow. "default" (active unless told otherwise; registering
@@ -69,6 +75,10 @@ settings.register_profile(
 )
 POSTGRES_URL_VARIABLE = "TURNSTORE_TEST_POSTGRES_URL"
 MYSQL_URL_VARIABLE = "TURNSTORE_TEST_MYSQL_URL"
+CITUS_URL_VARIABLE = "TURNSTORE_TEST_CITUS_URL"
+# Shards per distributed table in tests: Citus's default of 32 makes each test's DDL create
+# 200 shards; 4 still spreads every table over both workers.
+CITUS_TEST_SHARD_COUNT = "4"
 
 
 def required_backends() -> set[str]:
@@ -208,7 +218,13 @@ def _server_url(
         TESTED.add(backend)
         yield url
         return
-    local = _throwaway_database(backend)
+    # A database of its own on a Citus coordinator would need the extension and the workers
+    # registered in it: Citus comes from its variable or a container only.
+    local = (
+        _throwaway_database(backend)
+        if backend in DEFAULT_SERVERS
+        else "no default local server is probed for it"
+    )
     if not isinstance(local, str):
         TESTED.add(backend)
         yield from local
@@ -268,6 +284,22 @@ def _mysql_container() -> Iterator[str]:
         yield str(make_url(container.get_connection_url()).set(username="root"))
 
 
+@contextmanager
+def _citus_container() -> Iterator[str]:
+    from testcontainers.postgres import PostgresContainer
+
+    # A single-node Citus (the coordinator holds the shards); the image creates the
+    # extension in its database.
+    with PostgresContainer("citusdata/citus:13.0", driver="asyncpg") as container:
+        yield container.get_connection_url()
+
+
+@pytest.fixture(scope="session")
+def citus_url() -> Iterator[str]:
+    """An asyncpg URL of a Citus coordinator's database (with the extension) for the run."""
+    yield from _server_url("citus", CITUS_URL_VARIABLE, _citus_container)
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """An asyncpg URL of a Postgres server for the whole run."""
@@ -289,6 +321,11 @@ class Backend:
     engine: AsyncEngine
     engine_options: dict[str, Any]
 
+    @property
+    def family(self) -> str:
+        """The kind of server: ``citus`` is Postgres with distributed tables."""
+        return "postgres" if self.name == "citus" else self.name
+
     def new_engine(self) -> AsyncEngine:
         """Another engine on the same database (as a separate process would open)."""
         return create_async_engine(self.url, **self.engine_options)
@@ -305,6 +342,7 @@ class Backend:
 # OSError through, asyncmy's refusal arrives wrapped in SQLAlchemy's OperationalError.
 _UNREACHABLE_SERVER_ERRORS: dict[str, tuple[type[Exception], ...]] = {
     "postgres": (OSError,),
+    "citus": (OSError,),
     "mysql": (OSError, OperationalError),
 }
 
@@ -341,16 +379,27 @@ async def private_namespace(
         await admin.dispose()
 
 
-async def _postgres_backend(base_url: str) -> AsyncIterator[Backend]:
+async def _postgres_backend(base_url: str, name: str = "postgres") -> AsyncIterator[Backend]:
+    """A Postgres (or, with ``name="citus"``, Citus coordinator) schema of the test's own."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     create, drop = f"CREATE SCHEMA {schema}", f"DROP SCHEMA {schema} CASCADE"
-    async with private_namespace(base_url, create, drop, backend="postgres"):
-        options: dict[str, Any] = {"connect_args": {"server_settings": {"search_path": schema}}}
+    async with private_namespace(base_url, create, drop, backend=name):
+        options: dict[str, Any] = {
+            "connect_args": {"server_settings": postgres_settings(name, schema)}
+        }
         engine = create_async_engine(base_url, **options)
         try:
-            yield Backend("postgres", base_url, engine, options)
+            yield Backend(name, base_url, engine, options)
         finally:
             await engine.dispose()
+
+
+def postgres_settings(name: str, schema: str) -> dict[str, str]:
+    """Connection settings putting a Postgres or Citus test's tables in its own schema."""
+    settings = {"search_path": schema}
+    if name == "citus":
+        settings["citus.shard_count"] = CITUS_TEST_SHARD_COUNT
+    return settings
 
 
 async def fresh_mysql_backend(base_url: str) -> AsyncIterator[Backend]:
@@ -380,9 +429,9 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             yield Backend(name, url, engine, {})
         finally:
             await engine.dispose()
-    elif name == "postgres":
-        base_url: str = request.getfixturevalue("postgres_url")
-        async for ready in _postgres_backend(base_url):
+    elif name in ("postgres", "citus"):
+        base_url: str = request.getfixturevalue(f"{name}_url")
+        async for ready in _postgres_backend(base_url, name):
             yield ready
     else:
         base_url = request.getfixturevalue("mysql_url")

@@ -17,19 +17,26 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import private_namespace
-from turnstore.persistence.models import Base
+from turnstore.persistence.dialects import profile_for
+from turnstore.persistence.models import DEFAULT_TABLES, created_on
 from turnstore.schema.migrate import VERSION_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def drift(connection: Connection) -> list[Any]:
-    """Differences autogenerate finds between the models and the database."""
+    """Differences autogenerate finds between the models (dialect's key layout) and database."""
     context = MigrationContext.configure(
         connection,
-        opts={"compare_type": True, "compare_server_default": True, "version_table": VERSION_TABLE},
+        opts={
+            "compare_type": True,
+            "compare_server_default": True,
+            "version_table": VERSION_TABLE,
+            "include_object": lambda item, *_: created_on(item, connection.dialect.name),
+        },
     )
-    return list(compare_metadata(context, Base.metadata))
+    tables = DEFAULT_TABLES.with_keys(profile_for(connection.dialect.name).session_scoped_keys)
+    return list(compare_metadata(context, tables.metadata))
 
 
 async def engine_drift(engine: AsyncEngine) -> list[Any]:

@@ -196,6 +196,14 @@ async def stored_rows(engine: AsyncEngine, session_id: str) -> dict[str, Any]:
             "generation": await rows(
                 select(T.generations.c.generation).where(T.generations.c.session_id == session_id)
             ),
+            **{
+                table.name: await rows(
+                    select(*[c for c in table.columns if c.name != "session_id"])
+                    .where(table.c.session_id == session_id)
+                    .order_by(*table.primary_key.columns)
+                )
+                for table in (T.turn_models, T.lineage, T.append_keys)
+            },
             "info": await rows(
                 select(
                     T.info.c.user_id,

@@ -32,7 +32,7 @@ async def grow_to(session: AdvancedSession, turns: int) -> None:
 
 async def keep_postgres_from_analyzing(backend: Backend) -> None:
     """Keep autovacuum from giving the planner statistics the test means it not to have."""
-    if backend.name == "postgres":
+    if backend.family == "postgres":
         async with backend.engine.begin() as conn:
             for table in DEFAULT_TABLES.names:
                 await conn.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
@@ -81,7 +81,7 @@ async def reads_by(backend: Backend, lookup: Lookup) -> int:
         try:
             if backend.name == "sqlite":
                 return await _sqlite_steps(conn, lookup)
-            probe = _postgres_reads if backend.name == "postgres" else _mysql_reads
+            probe = _postgres_reads if backend.family == "postgres" else _mysql_reads
             before = await probe(conn)
             await lookup(conn)
             return await probe(conn) - before

@@ -149,6 +149,7 @@ async def test_server_floor_script_reports_rate_latency_and_cpu(postgres_url: st
         "p95_ms",
         "machine_cpu_ms_per_turn",
         "pgbench_cpu_ms_per_turn",
+        "server_cpu_ms_per_turn",
         "machine_busy_share",
         "cpus",
     }

@@ -106,7 +106,13 @@ async def test_failed_branch_creation_changes_nothing(backend: Backend) -> None:
 
 
 @pytest.mark.parametrize(
-    ("turn_number", "error"), [(0, TurnNotFoundError), (-1, InvalidArgumentError)]
+    ("turn_number", "error"),
+    [
+        (0, TurnNotFoundError),
+        (4, TurnNotFoundError),
+        (2**63, TurnNotFoundError),
+        (-1, InvalidArgumentError),
+    ],
 )
 async def test_missing_turns_are_value_errors(
     backend: Backend, turn_number: int, error: type[Exception]
@@ -116,6 +122,14 @@ async def test_missing_turns_are_value_errors(
     session = await three_turns(backend)
     with pytest.raises(error) as raised:
         await session.create_branch_from_turn(turn_number)
+    assert isinstance(raised.value, ValueError)
+
+
+async def test_negative_turns_are_value_errors_too(backend: Backend) -> None:
+    # Turns count from 1: a negative number is a bad argument (a ValueError, as the SDK's).
+    session = await three_turns(backend)
+    with pytest.raises(InvalidArgumentError, match="at least 0") as raised:
+        await session.create_branch_from_turn(-1)
     assert isinstance(raised.value, ValueError)
 
 

@@ -31,6 +31,7 @@ from turnstore import AdvancedSession, ConnectionLostError, TurnstoreError
 TEST_APPLICATION = "turnstore-fault-injector"
 DISRUPTIVE_VARIABLE = "TURNSTORE_DISRUPTIVE_TESTS"
 RESTART_COMMAND_VARIABLE = "TURNSTORE_PG_RESTART_COMMAND"
+CITUS_RESTART_COMMAND_VARIABLE = "TURNSTORE_CITUS_RESTART_COMMAND"
 DEFAULT_RESTART_COMMAND = "pg_ctlcluster --skip-systemctl-redirect 15 main restart"
 # Upper bound for waiting on the server; generous because the machine is shared and noisy.
 WAIT_SECONDS = 30.0
@@ -38,11 +39,18 @@ WAIT_SECONDS = 30.0
 
 @dataclass
 class PostgresDatabase:
-    """A fresh database, its URL, and an admin engine (on the server's base database)."""
+    """A fresh database, its URL, and an admin engine (on the server's base database).
+
+    On Citus (``kind="citus"``) the database is the coordinator's and the test's own part of
+    it is a schema with a role whose ``search_path`` points there: the session's connections
+    are the coordinator backends of that role. A call Citus delegates to a worker waits there
+    (for a lock, say) while its coordinator backend is active, waiting for the worker.
+    """
 
     name: str
     url: str
     admin: AsyncEngine
+    kind: str = "postgres"
 
     def session(self, session_id: str = "conversation") -> AdvancedSession:
         return AdvancedSession.from_url(session_id=session_id, url=self.url, create_tables=True)
@@ -57,12 +65,23 @@ class PostgresDatabase:
 
     async def session_backends(self, waiting_on_lock: bool = False) -> list[int]:
         """Server process ids of the connections turnstore opened to the test database."""
-        query = (
-            "SELECT pid FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid() "
-            "AND application_name <> :mine"
-        )
-        if waiting_on_lock:
-            query += " AND wait_event_type = 'Lock'"
+        if self.kind == "citus":
+            # Citus's own connections (application_name citus_internal...) are not the
+            # session's.
+            query = (
+                "SELECT pid FROM pg_stat_activity WHERE usename = :db "
+                "AND pid <> pg_backend_pid() AND application_name <> :mine "
+                "AND application_name NOT LIKE 'citus%'"
+            )
+            if waiting_on_lock:
+                query += " AND state = 'active'"
+        else:
+            query = (
+                "SELECT pid FROM pg_stat_activity WHERE datname = :db "
+                "AND pid <> pg_backend_pid() AND application_name <> :mine"
+            )
+            if waiting_on_lock:
+                query += " AND wait_event_type = 'Lock'"
         async with self.admin.connect() as conn:
             rows = await conn.execute(text(query), {"db": self.name, "mine": TEST_APPLICATION})
             return [int(pid) for pid in rows.scalars()]
@@ -72,7 +91,10 @@ class PostgresDatabase:
         assert pids, "expected turnstore to hold at least one connection"
         async with self.admin.connect() as conn:
             for pid in pids:
-                await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                # Typed: Citus adds a pg_terminate_backend(bigint, ...) overload.
+                await conn.execute(
+                    text("SELECT pg_terminate_backend(CAST(:pid AS integer))"), {"pid": pid}
+                )
         await wait_until(lambda: self._gone(pids), "terminated backends to exit")
 
     async def _gone(self, pids: list[int]) -> bool:
@@ -88,9 +110,14 @@ async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> Non
         await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-async def pg(postgres_url: str) -> AsyncIterator[PostgresDatabase]:
-    """A database of its own on the Postgres server (Postgres only: no other parameters)."""
+@pytest.fixture(params=["postgres", "citus"])
+async def pg(request: pytest.FixtureRequest) -> AsyncIterator[PostgresDatabase]:
+    """A database of its own on the Postgres server, or a schema and role on Citus."""
+    if request.param == "citus":
+        async for ready in _citus_database(request.getfixturevalue("citus_url")):
+            yield ready
+        return
+    postgres_url: str = request.getfixturevalue("postgres_url")
     name = f"faults_{uuid.uuid4().hex[:12]}"
     # NullPool: every admin statement gets a fresh connection, so the admin survives a restart.
     admin = create_async_engine(postgres_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
@@ -103,6 +130,26 @@ async def pg(postgres_url: str) -> AsyncIterator[PostgresDatabase]:
         await turnstore.dispose_engines()
         async with admin.connect() as conn:
             await conn.exec_driver_sql(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.dispose()
+
+
+async def _citus_database(citus_url: str) -> AsyncIterator[PostgresDatabase]:
+    name = f"faults_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(citus_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    async with admin.connect() as conn:
+        await conn.exec_driver_sql(f"CREATE SCHEMA {name}")
+        await conn.exec_driver_sql(f"CREATE ROLE {name} LOGIN SUPERUSER")
+        await conn.exec_driver_sql(f"ALTER ROLE {name} SET search_path = {name}")
+        await conn.exec_driver_sql(f"ALTER ROLE {name} SET citus.shard_count = 4")
+    url = make_url(citus_url).set(username=name).render_as_string(hide_password=False)
+    try:
+        yield PostgresDatabase(name, url, admin, kind="citus")
+    finally:
+        await turnstore.dispose_engines()
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f"DROP SCHEMA {name} CASCADE")
+            await conn.exec_driver_sql(f"DROP OWNED BY {name} CASCADE")
+            await conn.exec_driver_sql(f"DROP ROLE {name}")
         await admin.dispose()
 
 
@@ -165,18 +212,28 @@ async def test_connection_killed_during_a_write_rolls_the_batch_back(
         assert "retry" in message
 
         async with side.connect() as conn:
-            assert await stored_messages(conn, session.session_id) == 2  # the first turn only
+            stored = await stored_messages(conn, session.session_id)
     finally:
         await side.dispose()
+    if pg.kind == "citus":
+        # The call waited on a worker, which runs it to its end once the lock is gone: the
+        # whole batch or none of it, as the error says.
+        assert stored in (2, 2 + len(batch))
+    else:
+        assert stored == 2  # the first turn only
+    applied = stored > 2
 
     # The next call runs on a fresh connection and the conversation continues where it was.
     await session.add_items(turn("after"))
     items = await session.get_items()
+    lost = ["lost batch", *(f"part {i}" for i in range(49))] if applied else []
     assert [item["content"] for item in items if item.get("role") == "user"] == [
         "before",
+        *lost,
         "after",
     ]
-    assert [t["turn"] for t in await session.get_conversation_turns()] == [1, 2]
+    turns = len(lost) + 2
+    assert [t["turn"] for t in await session.get_conversation_turns()] == list(range(1, turns + 1))
 
 
 async def test_connection_killed_during_a_read_raises_and_the_next_read_works(
@@ -208,13 +265,20 @@ async def test_connection_killed_during_a_read_raises_and_the_next_read_works(
 
 @pytest.mark.disruptive
 async def test_session_survives_a_server_restart(pg: PostgresDatabase) -> None:
-    if os.environ.get(DISRUPTIVE_VARIABLE) != "1":
+    if pg.kind == "citus":
+        # The cluster belongs to the run that names a command restarting its coordinator.
+        if CITUS_RESTART_COMMAND_VARIABLE not in os.environ:
+            pytest.skip(f"restarts the Citus coordinator; set {CITUS_RESTART_COMMAND_VARIABLE}")
+        restart = os.environ[CITUS_RESTART_COMMAND_VARIABLE]
+    elif os.environ.get(DISRUPTIVE_VARIABLE) != "1":
         pytest.skip(f"restarts the Postgres server; set {DISRUPTIVE_VARIABLE}=1 to run it")
+    else:
+        restart = os.environ.get(RESTART_COMMAND_VARIABLE, DEFAULT_RESTART_COMMAND)
     session = pg.session()
     await session.add_items(turn("before restart"))
     assert await pg.session_backends()
 
-    command = shlex.split(os.environ.get(RESTART_COMMAND_VARIABLE, DEFAULT_RESTART_COMMAND))
+    command = shlex.split(restart)
     process = await asyncio.create_subprocess_exec(*command)
     assert await process.wait() == 0, f"{command} failed"
 

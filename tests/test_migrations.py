@@ -24,7 +24,7 @@ from tests.migration_helpers import (
     run_cli,
     usage_result,
 )
-from turnstore.errors import UnknownRevisionError
+from turnstore.errors import DistributionError, UnknownRevisionError
 from turnstore.persistence.dialects import PostgresProfile
 from turnstore.persistence.models import DEFAULT_TABLES
 from turnstore.schema import migrate
@@ -119,7 +119,13 @@ async def test_each_revision_steps_up_and_down_with_data(backend: Backend) -> No
             assert await session.get_items(branch_id=branch) == items
 
     for revision in revisions[1:]:
-        await migrate.upgrade(backend.engine, revision)
+        if backend.name == "citus" and revision == revisions[-1]:
+            # Tables holding rows on a coordinator are distributed only when asked to.
+            with pytest.raises(DistributionError, match="turnstore db distribute"):
+                await migrate.upgrade(backend.engine, revision)
+            await migrate.distribute(backend.engine)
+        else:
+            await migrate.upgrade(backend.engine, revision)
         assert await migrate.current(backend.engine) == (revision,)
         await unchanged()
     assert "idx_structure_message_session" in await structure_indexes(backend)

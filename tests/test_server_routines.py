@@ -27,13 +27,15 @@ from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.models import DEFAULT_TABLES
 from turnstore.schema import migrate
 
-# sha256 of each released version of the functions, as migrations 0003, 0004, 0005 and 0007
+# sha256 of each released version of the functions, as migrations 0003, 0004, 0005, 0007 and
+# 0008
 # create them.
 FROZEN_DIGESTS = {
     1: "059f84324a7ac8adc41295dd1b1a781feeed82679fef821b10231e04da93126e",
     2: "8bdde440e1b32e1bcc2f8e17f83245da6a41ac8730963b6a504afe09a78f5977",
     3: "917bbfd6a82cd76408324279adfa6c4302b4538ce3337a8bc06e6424db45a093",
     4: "0d780843948adeecea5eb75111ac563ff8d80ad3eda2dbcca9b9a5f88243f3d9",
+    5: "803aa841d14a067e9361d5b377fe9ab26f60ded8e003583aa3da87c1271b19eb",
 }
 APPEND_ARGUMENTS = "(text, text, integer, text[], text[], boolean[], text[])"
 # Version 3 also takes the session info a write creates: owner, title, metadata.
@@ -49,17 +51,31 @@ def append_arguments(version: int) -> str:
     return APPEND_V3_ARGUMENTS if version >= 3 else APPEND_ARGUMENTS
 
 
+APPEND_NEWEST = (
+    f"turnstore_append_v{server_routines.VERSION}{append_arguments(server_routines.VERSION)}"
+)
+
+
+@pytest.fixture(params=["postgres", "citus"])
+def pg_server(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """``(name, URL)`` of a Postgres server: a plain one, then a Citus coordinator."""
+    name: str = request.param
+    return name, request.getfixturevalue(f"{name}_url")
+
+
 @pytest.fixture
-async def pg_backend(postgres_url: str) -> AsyncIterator[Backend]:
-    """A Postgres schema of the test's own."""
-    async for ready in _postgres_backend(postgres_url):
+async def pg_backend(pg_server: tuple[str, str]) -> AsyncIterator[Backend]:
+    """A Postgres (or Citus) schema of the test's own."""
+    name, url = pg_server
+    async for ready in _postgres_backend(url, name):
         yield ready
 
 
 @pytest.fixture
-async def second_pg_backend(postgres_url: str) -> AsyncIterator[Backend]:
-    """Another Postgres schema, for comparing two stores."""
-    async for ready in _postgres_backend(postgres_url):
+async def second_pg_backend(pg_server: tuple[str, str]) -> AsyncIterator[Backend]:
+    """Another schema on the same server, for comparing two stores."""
+    name, url = pg_server
+    async for ready in _postgres_backend(url, name):
         yield ready
 
 
@@ -132,7 +148,7 @@ async def test_functions_replace_the_statements_exactly(
     assert not await function_exists(second_pg_backend.engine, APPEND_V1)
 
     with_functions = await play(pg_backend.engine, create_tables=True)
-    assert await function_exists(pg_backend.engine, APPEND_V2)
+    assert await function_exists(pg_backend.engine, APPEND_NEWEST)
     without_functions = await play(second_pg_backend.engine, create_tables=False)
 
     assert with_functions == without_functions
@@ -156,7 +172,7 @@ async def test_sessions_call_the_functions(pg_backend: Backend) -> None:
     session = pg_backend.session()
     await session.add_items(turn("first"))
     # The next append must go through the newest version.
-    await replace_with_refusal(pg_backend.engine, APPEND_V4)
+    await replace_with_refusal(pg_backend.engine, APPEND_NEWEST)
     # Database errors come out as StorageError; the database's own error stays attached.
     with pytest.raises(StorageError, match=r"add_items failed .* \[P0001\]") as raised:
         await session.add_items(turn("second"))
@@ -198,7 +214,11 @@ async def test_a_database_before_the_turn_models_table_calls_version_3(
     assert any("turnstore_turn_models" in message for message in messages)
     assert (await session.get_session_usage() or {})["total_turns"] == 1
     assert await session.get_turn_models(branch_id="main") == {}
-    await migrate.upgrade(pg_backend.engine)
+    if pg_backend.name == "citus":
+        # A coordinator's tables holding rows are distributed only when asked to.
+        await migrate.distribute(pg_backend.engine)
+    else:
+        await migrate.upgrade(pg_backend.engine)
     # A process started after the upgrade (an engine of its own) records them.
     engine = pg_backend.new_engine()
     try:
@@ -254,10 +274,25 @@ async def test_database_without_the_functions_warns_and_works(
         "total_turns": 1,
     }
 
-    # Upgrading adds them; a new engine (a restarted process) finds and uses them.
-    await migrate.upgrade(pg_backend.engine)
-    assert await function_exists(pg_backend.engine, APPEND_V1)
-    assert await function_exists(pg_backend.engine, APPEND_V2)
+    # Upgrading adds them; a new engine (a restarted process) finds and uses them. On a
+    # Citus coordinator, where moving the rows into shards is a step of its own, only the
+    # versions that run on distributed tables are kept.
+    older = pg_backend.name != "citus"
+    if older:
+        await migrate.upgrade(pg_backend.engine)
+    else:
+        await migrate.distribute(pg_backend.engine)
+    assert await function_exists(pg_backend.engine, APPEND_V1) == older
+    assert await function_exists(pg_backend.engine, APPEND_V2) == older
+    assert await function_exists(pg_backend.engine, APPEND_NEWEST)
+    engine = pg_backend.new_engine()
+    try:
+        restarted = AdvancedSession(session_id=session.session_id, engine=engine)
+        await restarted.add_items(turn("after upgrading"))
+        assert len(await restarted.get_items()) == 4
+        await restarted.aclose()
+    finally:
+        await engine.dispose()
 
 
 async def test_custom_tables_get_functions_of_their_own(pg_backend: Backend) -> None:
@@ -270,7 +305,9 @@ async def test_custom_tables_get_functions_of_their_own(pg_backend: Backend) -> 
         )
         assert routines.append_name != f"turnstore_append_v{version}"
         signature = f"{routines.append_name}{append_arguments(version)}"
-        assert await function_exists(pg_backend.engine, signature)
+        # A Citus coordinator keeps only the versions that run on distributed tables.
+        kept = pg_backend.name != "citus" or routines.distributable
+        assert await function_exists(pg_backend.engine, signature) == kept
     assert not await function_exists(pg_backend.engine, APPEND_V1)
     assert not await function_exists(pg_backend.engine, APPEND_V2)
     assert not await function_exists(pg_backend.engine, APPEND_V3)
@@ -325,8 +362,11 @@ async def test_unversioned_tables_get_the_functions_when_completed(pg_backend: B
     assert not await function_exists(pg_backend.engine, APPEND_V1)
     session = pg_backend.session(create_tables=True)
     await session.add_items(turn("adopted"))
-    assert await function_exists(pg_backend.engine, APPEND_V1)
-    assert await function_exists(pg_backend.engine, APPEND_V2)
+    # A Citus coordinator keeps only the versions that run on distributed tables.
+    older = pg_backend.name != "citus"
+    assert await function_exists(pg_backend.engine, APPEND_V1) == older
+    assert await function_exists(pg_backend.engine, APPEND_V2) == older
+    assert await function_exists(pg_backend.engine, APPEND_NEWEST)
     assert await migrate.current(pg_backend.engine) == (migrate.head(),)
 
 

@@ -138,7 +138,11 @@ async def test_migration_0005_up_and_down_with_data(backend: Backend) -> None:
     again = backend.session("before-0005", create_tables=False)
     assert await again.get_items() == [*expected, *turn("written at 0005")]
 
-    await migrate.upgrade(backend.engine)
+    if backend.name == "citus":
+        # A coordinator's tables holding rows are distributed only when asked to.
+        await migrate.distribute(backend.engine)
+    else:
+        await migrate.upgrade(backend.engine)
     async with backend.engine.connect() as conn:
         rows = await conn.scalar(select(func.count()).select_from(DEFAULT_TABLES.info))
     assert rows == 1

@@ -21,17 +21,8 @@ from turnstore import InvalidArgumentError, Removed, Store
 from turnstore.persistence.models import DEFAULT_TABLES
 
 T = DEFAULT_TABLES
-TABLES = (
-    T.sessions,
-    T.messages,
-    T.structure,
-    T.usage,
-    T.reservations,
-    T.generations,
-    T.info,
-    T.turn_models,
-    T.lineage,
-)
+# Every table that holds rows of a session: deleting a session must empty each of them.
+TABLES = tuple(table for table in T.metadata.sorted_tables if "session_id" in table.c)
 OLD = datetime(2020, 1, 1, tzinfo=UTC)
 MARKER = re.compile(r"\[(\d+)\]")
 
@@ -82,7 +73,7 @@ async def rich_session(store: Store, session_id: str, **info: Any) -> None:
         await session.add_items(turn(f"question {n}"))
         await session.store_run_usage(run_result())
     await session.create_branch_from_turn(2, "alt")
-    await session.add_items(turn("on alt"))
+    await session.add_items(turn("on alt"), idempotency_key="retry-safe-1")
     await session.store_run_usage(run_result())
 
 

@@ -189,6 +189,14 @@ class ForeignDatabaseError(MigrationError):
     """The database holds tables that are neither turnstore's nor the Agents SDK's."""
 
 
+class DistributionError(MigrationError):
+    """The database cannot be distributed as asked.
+
+    No Citus extension, a worker node instead of the coordinator, or undistributed tables
+    holding data where only ``turnstore db distribute`` may move it.
+    """
+
+
 class ConfirmationRequiredError(TurnstoreError, RuntimeError):
     """A destructive command was neither confirmed with ``--yes`` nor on a terminal."""
 

@@ -60,6 +60,7 @@ from turnstore.persistence.repository import (
 from turnstore.persistence.store_queries import StoreQueries
 from turnstore.persistence.validation import check_identifier, check_int
 from turnstore.redaction import identifier, log_failure
+from turnstore.schema.distribution import distribute_store
 from turnstore.schema.startup import at_head, bring_to_head_when_needed
 from turnstore.sdk.items import (
     DEFAULT_MAX_ITEM_BYTES,
@@ -449,6 +450,7 @@ class AdvancedSession(WrapperHooks):
             create=self._create_tables,
             migrate_default=bring_to_head_when_needed,
             default_is_current=at_head,
+            distribute=distribute_store,
         )
         if self._info_defaults.given and not store.has_info_table:
             # Writes of this session need the table; reads do not.

@@ -50,6 +50,7 @@ from turnstore.persistence.models import (
 from turnstore.persistence.repository import ConversationRepository
 from turnstore.persistence.rollups import Owners
 from turnstore.persistence.store_queries import Selection, StoreQueries, track_untracked
+from turnstore.schema.distribution import distribute_store
 from turnstore.schema.startup import at_head, bring_to_head_when_needed
 from turnstore.search import SearchPage
 from turnstore.session import AdvancedSession, ContextRouter
@@ -162,6 +163,7 @@ class Store(StoreMoving):
             create=self._create_tables,
             migrate_default=bring_to_head_when_needed,
             default_is_current=at_head,
+            distribute=distribute_store,
         )
         await repository.ensure_info_table()
         return StoreQueries(handle, self._tables)

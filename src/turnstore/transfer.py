@@ -44,6 +44,7 @@ from turnstore.persistence.models import StoreTables
 from turnstore.persistence.moving import (
     DEFAULT_BATCH_SIZE,
     Batch,
+    ExtraRow,
     MessageRow,
     OnConflict,
     SessionCounts,
@@ -239,7 +240,7 @@ async def _session_records(reader: SessionReader, session_id: str) -> AsyncItera
 def _data_records(data: SessionData) -> Iterator[Record]:
     """The records of a session read whole."""
     yield session_record(data.head)
-    for rows in (data.messages, data.structure, data.usage):
+    for rows in (data.messages, data.structure, data.usage, data.extras):
         yield from batch_records(rows)
     yield session_end_record(data.head.session_id, data.counts)
 
@@ -298,7 +299,12 @@ async def export_records(
                 async for record in _session_records(reader, session_id):
                     if record["record"] == "session_end":
                         done(
-                            SessionCounts(record["messages"], record["structure"], record["usage"]),
+                            SessionCounts(
+                                record["messages"],
+                                record["structure"],
+                                record["usage"],
+                                record["rows"],
+                            ),
                             session_id,
                         )
                     yield record
@@ -424,15 +430,17 @@ def _extend(data: SessionData, batch: Batch) -> None:
         data.messages.extend(cast(list[MessageRow], batch))
     elif isinstance(first, StructureRow):
         data.structure.extend(cast(list[StructureRow], batch))
-    else:
+    elif isinstance(first, UsageRow):
         data.usage.extend(cast(list[UsageRow], batch))
+    else:
+        data.extras.extend(cast(list[ExtraRow], batch))
 
 
 async def _chain(
     data: SessionData, overflow: Batch, rest: AsyncIterator[Batch]
 ) -> AsyncIterator[Batch]:
     """The batches of a session read partly already, then the rest of them."""
-    for kept in (data.messages, data.structure, data.usage):
+    for kept in (data.messages, data.structure, data.usage, data.extras):
         if kept:
             yield kept
     yield overflow
@@ -649,7 +657,9 @@ def _counts(batch: Batch) -> SessionCounts:
         return SessionCounts(messages=len(batch))
     if isinstance(batch[0], StructureRow):
         return SessionCounts(structure=len(batch))
-    return SessionCounts(usage=len(batch))
+    if isinstance(batch[0], UsageRow):
+        return SessionCounts(usage=len(batch))
+    return SessionCounts(extras=len(batch))
 
 
 # -- the target of a copy ---------------------------------------------------------------------

@@ -4,7 +4,9 @@ JSON shapes (``--json``), stable: ``upgrade``/``downgrade``/``stamp`` print
 ``{"before": [rev...], "after": [rev...], "head": rev, "changed": bool}``; ``current`` prints
 ``{"revisions": [rev...], "head": rev, "at_head": bool}``; ``adopt`` prints
 ``{"found": "empty"|"sdk"|"turnstore", "other_tables": [...], "after": [rev...],
-"head": rev}``; ``history`` prints a list of
+"head": rev}``; ``distribute`` prints ``{"citus_version": str, "tables": [...],
+"reference_tables": [...], "functions": [...], "moved_data": [...], "changed": bool}`` (what was
+distributed now); ``history`` prints a list of
 ``{"revision", "down_revision", "description", "is_head"}``.
 
 Tables of other applications in the same database are left alone by every command (upgrade,
@@ -114,12 +116,23 @@ def upgrade(
             help="With --sql: the revision the database is already at. Example: --from 0002",
         ),
     ] = None,
+    citus: Annotated[
+        bool,
+        typer.Option(
+            "--citus",
+            help=(
+                "Refuse unless the database is a Citus coordinator (on one, the tables are "
+                "distributed with or without this). Example: --citus"
+            ),
+        ),
+    ] = False,
     as_json: common.JsonOption = False,
 ) -> None:
     """Upgrade the database to a revision (default: head); safe to run concurrently.
 
     A database with the Agents SDK's tables but no turnstore version is refused: adopt it
-    first (turnstore db adopt). Other applications' tables are left alone.
+    first (turnstore db adopt). Other applications' tables are left alone. On a Citus
+    coordinator the tables are created distributed by session_id.
     """
     target = common.resolve_url(url)
     if sql:
@@ -127,7 +140,7 @@ def upgrade(
         return
     if from_revision is not None:
         raise InvalidArgumentError("--from only applies together with --sql")
-    move = asyncio.run(migrate.upgrade(target, revision))
+    move = asyncio.run(migrate.upgrade(target, revision, require_citus=citus))
     text = (
         f"upgraded {_hidden(target)} from {_revisions(move.before)} to {_revisions(move.after)}"
         if move.changed
@@ -205,6 +218,38 @@ def stamp(
     common.emit(
         _move_data(move), f"stamped {_hidden(target)} at {_revisions(after)}", as_json=as_json
     )
+
+
+@db.command()
+def distribute(url: common.UrlOption = None, as_json: common.JsonOption = False) -> None:
+    """Distribute a database on a Citus coordinator by session_id, in place; idempotent.
+
+    Upgrades the schema to head, then hash-distributes every turnstore table by session_id
+    (co-located), copying the rows already stored into shards, makes the version table a
+    reference table and distributes the server functions, in one transaction. Tables are
+    locked while their rows are copied. Refused on a server without the citus extension.
+    """
+    target = common.resolve_url(url)
+    report = asyncio.run(migrate.distribute(target))
+    data = {
+        "citus_version": report.node.version,
+        "tables": list(report.tables),
+        "reference_tables": list(report.reference_tables),
+        "functions": list(report.functions),
+        "moved_data": list(report.moved_data),
+        "changed": report.changed,
+    }
+    if report.changed:
+        moved = f", moving the rows of {len(report.moved_data)}" if report.moved_data else ""
+        text = (
+            f"distributed {_hidden(target)} (Citus {report.node.version}): "
+            f"{len(report.tables)} table(s) by session_id{moved}, "
+            f"{len(report.reference_tables)} reference table(s), "
+            f"{len(report.functions)} function(s)"
+        )
+    else:
+        text = f"{_hidden(target)} is already distributed; nothing to do"
+    common.emit(data, text, as_json=as_json)
 
 
 _FOUND = {

@@ -60,7 +60,7 @@ from sqlalchemy.sql.dml import Insert
 from sqlalchemy.util import await_only
 
 from turnstore.errors import MigrationError, SchemaLockTimeoutError
-from turnstore.persistence import server_routines
+from turnstore.persistence import citus, server_routines
 from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.prepared import PreparedStatement
 from turnstore.persistence.server_routines import ServerRoutines
@@ -118,6 +118,8 @@ class DialectProfile:
             writer (SQLite), so nothing read can change before the transaction ends. Not on
             servers: a statement that waited for a row lock still reads with the snapshot it
             took before waiting, and would miss what the lock holder committed.
+        session_scoped_keys: Whether the tables take the server key layout, ``session_id`` in
+            every key (see :mod:`turnstore.persistence.models`); SQLite keeps the SDK's.
         runs_prepared_statements_directly: Whether the per-turn statements may run as compiled
             SQL on the driver's cursor (see :mod:`turnstore.persistence.prepared`). True where the
             driver
@@ -131,6 +133,7 @@ class DialectProfile:
     lock_statement_may_read: ClassVar[bool] = False
     read_execution_options: ClassVar[Mapping[str, Any]] = {}
     max_identifier_length: ClassVar[int | None] = None
+    session_scoped_keys: ClassVar[bool] = False
     # The asyncio drivers turnstore supports, first the recommended one, each with the
     # turnstore extra that installs it (None: a core dependency, or no extra ships it).
     async_drivers: ClassVar[Mapping[str, str | None]] = {}
@@ -181,8 +184,19 @@ class DialectProfile:
             take_new_values: Columns of an existing row to overwrite with the new row's values.
             keep_greater: Columns of an existing row to set to the greater of its value and
                 the new row's.
+        Only the new row's values and the existing row's columns appear in the assignments:
+        Citus refuses functions that are not immutable there (``CURRENT_TIMESTAMP`` and the
+        like), so any time must come in through ``values``.
         """
         raise NotImplementedError
+
+    def later_of(self, new: ColumnElement[Any], stored: ColumnElement[Any]) -> ColumnElement[Any]:
+        """The greater of two values (``GREATEST``), as an expression Citus accepts anywhere.
+
+        Citus refuses functions that are not immutable inside ``CASE``, so "the later time"
+        is spelled with the dialect's own greatest-of function.
+        """
+        return func.greatest(new, stored)
 
     def insert_if_absent(self, table: Table, conflict_columns: Sequence[str]) -> Insert:
         """INSERT that silently skips rows whose ``conflict_columns`` already exist."""
@@ -212,7 +226,7 @@ class DialectProfile:
         """The INSERT that :meth:`insert_returning_ids` runs on ``table``; build it once.
 
         Args:
-            table: A table whose primary key is a single autoincrement column.
+            table: A table whose primary key has an autoincrement column.
         """
         return insert(table).returning(_row_id_column(table), sort_by_parameter_order=True)
 
@@ -280,6 +294,10 @@ class DialectProfile:
 
     def lock_schema(self, conn: Connection) -> None:
         """Serialize schema changes across processes for the rest of the transaction."""
+
+    def cluster_node(self, conn: Connection) -> citus.CitusNode | None:
+        """The distributed-database node ``conn`` is on (Citus), or ``None`` on a plain server."""
+        return None
 
     def server_routines(self, tables: StoreTables) -> tuple[ServerRoutines, ...]:
         """Server-side functions doing an append or a usage write in one call, if any.
@@ -627,6 +645,10 @@ class SQLiteProfile(_OnConflictProfile):
         directory = Path(url.database).expanduser().resolve().parent
         return None if directory.is_dir() else f"directory {directory} does not exist"
 
+    def later_of(self, new: ColumnElement[Any], stored: ColumnElement[Any]) -> ColumnElement[Any]:
+        """SQLite's many-argument ``max()`` is its greatest-of function."""
+        return func.max(new, stored)
+
     def in_ids(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
         """The ids as a JSON array text, unpacked by ``json_each``."""
         members = func.json_each(bindparam(name, type_=String())).table_valued("value")
@@ -752,6 +774,7 @@ class PostgresProfile(_OnConflictProfile):
     """PostgreSQL: row locks serialize writers of one session; readers never block."""
 
     name = "postgresql"
+    session_scoped_keys = True
     async_drivers: ClassVar[Mapping[str, str | None]] = {"asyncpg": "postgres"}
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
     # Any fixed 64-bit key; shared by every turnstore process touching the schema.
@@ -836,8 +859,19 @@ class PostgresProfile(_OnConflictProfile):
         conn.exec_driver_sql("SET LOCAL jit = off")
 
     def lock_schema(self, conn: Connection) -> None:
-        """Transaction-scoped advisory lock, released by COMMIT or ROLLBACK."""
+        """Transaction-scoped advisory lock, released by COMMIT or ROLLBACK.
+
+        On a Citus coordinator the rest of the transaction also runs its distributed DDL
+        sequentially, so that migrations may change several distributed tables and functions
+        in one transaction.
+        """
         conn.execute(func.pg_advisory_xact_lock(self.schema_lock_key).select())
+        if self.cluster_node(conn) is not None:
+            citus.allow_schema_changes_in_one_transaction(conn)
+
+    def cluster_node(self, conn: Connection) -> citus.CitusNode | None:
+        """The Citus node ``conn`` is on, where the database has the extension."""
+        return citus.detect(conn)
 
     def server_routines(self, tables: StoreTables) -> tuple[ServerRoutines, ...]:
         """PL/pgSQL functions for the append and the usage write (one round trip each)."""
@@ -900,8 +934,12 @@ class PostgresProfile(_OnConflictProfile):
         return column == any_(bindparam(name, type_=postgresql.ARRAY(String())))
 
     def now_micros(self) -> ColumnElement[int]:
-        """``clock_timestamp()``: the time of the statement, not of the transaction's start."""
-        return self.epoch_micros(func.clock_timestamp())
+        """``statement_timestamp()``: the time of the statement, not of the transaction's start.
+
+        Not ``clock_timestamp()``: Citus refuses volatile functions in an UPDATE of a
+        distributed table, and evaluates stable ones like this on the coordinator.
+        """
+        return self.epoch_micros(func.statement_timestamp())
 
     def epoch_micros(self, timestamp: ColumnElement[Any]) -> ColumnElement[int]:
         """``EXTRACT(EPOCH ...)`` is exact (numeric) for timestamps with time zone."""
@@ -955,6 +993,7 @@ class MySQLProfile(DialectProfile):
     """
 
     name = "mysql"
+    session_scoped_keys = True
     async_drivers: ClassVar[Mapping[str, str | None]] = {"asyncmy": "mysql", "aiomysql": None}
     read_execution_options: ClassVar[Mapping[str, Any]] = {"isolation_level": "AUTOCOMMIT"}
     schema_lock_timeout_seconds: ClassVar[int] = 300
@@ -1407,14 +1446,14 @@ def _greater(new: ColumnElement[Any], stored: ColumnElement[Any]) -> ColumnEleme
 
 
 def _row_id_column(table: Table) -> Column[Any]:
-    """The single autoincrement primary key column of ``table``."""
-    key = list(table.primary_key.columns)
-    if len(key) != 1:
+    """The autoincrement column of ``table``'s primary key (alone or beside ``session_id``)."""
+    column = table.autoincrement_column
+    if column is None:
         raise ValueError(
-            f"{table.name} needs a single-column autoincrement primary key to return new ids; "
-            f"its primary key is {[column.name for column in key]}"
+            f"{table.name} needs an autoincrement column in its primary key to return new ids; "
+            f"its primary key is {[column.name for column in table.primary_key.columns]}"
         )
-    return key[0]
+    return column
 
 
 _MYSQL_PROFILE = MySQLProfile()

@@ -92,6 +92,7 @@ class _Statements:
             tables.messages,
             tables.reservations,
             tables.generations,
+            tables.append_keys,
             tables.info,
             tables.sessions,
         )
@@ -205,10 +206,19 @@ class Eraser:
         picked = self._q.pick(shape).scalars(conn, {**params, "limit": limit})
         if not picked:
             return Removed(), 0
-        ids = self._ids(picked)
-        self._q.lock_sessions.rows(conn, ids)
-        # Under the locks: a session written since it was picked no longer matches.
-        confirmed = self._q.confirm(shape).scalars(conn, {**params, **ids})
+        if self._handle.distributed:
+            # Citus locks rows of one shard per statement only: one session at a time, in
+            # the order the other databases lock them in.
+            confirmed = []
+            for session_id in sorted(picked):
+                one = self._ids([session_id])
+                self._q.lock_sessions.rows(conn, one)
+                confirmed += self._q.confirm(shape).scalars(conn, {**params, **one})
+        else:
+            ids = self._ids(picked)
+            self._q.lock_sessions.rows(conn, ids)
+            # Under the locks: a session written since it was picked no longer matches.
+            confirmed = self._q.confirm(shape).scalars(conn, {**params, **ids})
         removed = self._delete(conn, confirmed) if confirmed else Removed()
         return removed, len(picked)
 

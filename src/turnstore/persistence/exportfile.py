@@ -28,8 +28,10 @@ from typing import IO, Any
 
 from turnstore.errors import ExportFileError, InvalidArgumentError
 from turnstore.persistence import jsoncodec
+from turnstore.persistence.models import APPEND_KEYS_TABLE, LINEAGE_TABLE, TURN_MODELS_TABLE
 from turnstore.persistence.moving import (
     Batch,
+    ExtraRow,
     MessageRow,
     SessionCounts,
     SessionHead,
@@ -96,6 +98,12 @@ def batch_records(batch: Batch) -> list[Record]:
     """The records of a batch of rows."""
     if not batch:
         return []
+    if isinstance(batch[0], ExtraRow):
+        return [
+            {"record": "row", "table": row.table, "values": row.values}
+            for row in batch
+            if isinstance(row, ExtraRow)
+        ]
     if isinstance(batch[0], MessageRow):
         return [
             {"record": "message", "id": row.id, "created_at": row.created_at, "data": row.data}
@@ -144,6 +152,7 @@ def session_end_record(session_id: str, counts: SessionCounts) -> Record:
         "messages": counts.messages,
         "structure": counts.structure,
         "usage": counts.usage,
+        "rows": counts.extras,
     }
 
 
@@ -265,9 +274,12 @@ _USAGE_KEYS = {
     "output_tokens_details",
     "created_at",
 }
-_SESSION_END_KEYS = {"record", "session_id", "messages", "structure", "usage"}
+_SESSION_END_KEYS = {"record", "session_id", "messages", "structure", "usage", "rows"}
+_ROW_KEYS = {"record", "table", "values"}
+#: turnstore's own per-session tables whose rows an export carries as ``row`` records.
+ROW_TABLES = frozenset({TURN_MODELS_TABLE, LINEAGE_TABLE, APPEND_KEYS_TABLE})
 _HEADER_KEYS = {"record", "format", "version", "exported_at", "producer", "source"}
-_KIND_ORDER = {"message": 0, "structure": 1, "usage": 2}
+_KIND_ORDER = {"message": 0, "structure": 1, "usage": 2, "row": 3}
 
 
 class _Checker:
@@ -536,7 +548,7 @@ class RecordDecoder:
             if rank is None:
                 raise ExportFileError(
                     line,
-                    f"expected a message, structure, usage or session_end record inside "
+                    f"expected a message, structure, usage, row or session_end record inside "
                     f"session {session.session_id!r}; got {kind!r} (is the session_end "
                     "record missing?)",
                 )
@@ -565,9 +577,20 @@ class RecordDecoder:
                 f"closes session {record['session_id']!r}, but session "
                 f"{session.session_id!r} is open"
             )
-        seen = {"messages": state.messages, "structure": state.structure, "usage": state.usage}
+        seen = {
+            "messages": state.messages,
+            "structure": state.structure,
+            "usage": state.usage,
+            "rows": state.extras,
+        }
         for key, count in seen.items():
-            declared = check.integer(key, stored=False)
+            # ``rows`` came with the row records; an end without it declares none.
+            declared = (
+                check.integer(key, optional=True, stored=False)
+                if key == "rows"
+                else check.integer(key, stored=False)
+            )
+            declared = declared or 0
             if declared != count:
                 raise check.fail(
                     f"the session should have {declared} {key} records but has {count}: "
@@ -577,7 +600,7 @@ class RecordDecoder:
     _state: _SessionState
 
 
-_ORDER_NAMES = {0: "message", 1: "structure", 2: "usage"}
+_ORDER_NAMES = {0: "message", 1: "structure", 2: "usage", 3: "row"}
 
 
 class _SessionState:
@@ -586,16 +609,33 @@ class _SessionState:
     8 bytes a message (its id), and the (branch, turn) pairs that have usage.
     """
 
-    __slots__ = ("ids", "messages", "rank", "structure", "usage", "usage_keys")
+    __slots__ = ("extras", "ids", "messages", "rank", "structure", "usage", "usage_keys")
 
     def __init__(self) -> None:
         self.ids = array("q")
         self.rank = 0
-        self.messages = self.structure = self.usage = 0
+        self.messages = self.structure = self.usage = self.extras = 0
         self.usage_keys: set[tuple[str, int]] = set()
 
-    def row(self, line: int, record: Mapping[str, Any]) -> MessageRow | StructureRow | UsageRow:
+    def row(
+        self, line: int, record: Mapping[str, Any]
+    ) -> MessageRow | StructureRow | UsageRow | ExtraRow:
         kind = record["record"]
+        if kind == "row":
+            check = _Checker(line, record, _ROW_KEYS)
+            table = check.text("table")
+            if table not in ROW_TABLES:
+                raise check.fail(
+                    f"unknown table {table!r}; rows may be of {', '.join(sorted(ROW_TABLES))}"
+                )
+            values = check._get("values", False)
+            if not isinstance(values, dict) or "session_id" in values:
+                raise check.fail("'values' must be an object of the row's columns but session_id")
+            for name, value in values.items():
+                if value is not None and not isinstance(value, str | int | float | bool):
+                    raise check.fail(f"'values.{name}' must be a string, number, boolean or null")
+            self.extras += 1
+            return ExtraRow(table, values)
         if kind == "message":
             check = _Checker(line, record, _MESSAGE_KEYS)
             message_id = check.integer("id", stored=False)

@@ -12,6 +12,13 @@ activity, which the store lists and expires sessions by (see :mod:`turnstore.sto
 Like the SDK, the two base tables may be renamed per session (``sessions_table`` /
 ``messages_table``); :func:`tables_for` builds the table set for such a pair. The declarative
 classes map the default names, which is what the migrations manage.
+
+Every table exists in two key layouts. The SDK's (SQLite) keys ``agent_messages``,
+``message_structure`` and ``turn_usage`` by ``id`` alone, as the SDK's own class reads and writes
+those files. The server layout (Postgres, MariaDB/MySQL; migration 0008) puts ``session_id`` in
+every primary key, unique constraint and foreign key, which is what distributing the tables by
+session on Citus requires, and drops the indexes that the new keys make duplicates. Queries are
+the same on both; only the DDL differs.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ from sqlalchemy import (
     BigInteger,
     Column,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     Table,
     Text,
     UniqueConstraint,
@@ -41,6 +50,7 @@ from turnstore.persistence.types import (
     DOCUMENT,
     IDENTIFIER,
     ROW_ID,
+    ROW_ID_NEEDS_OWN_INDEX,
     TABLE_OPTIONS,
     TIMESTAMP_UTC,
     JSONDocument,
@@ -101,6 +111,19 @@ class StoreTables:
     lineage: Table
 
     @property
+    def session_scoped_keys(self) -> bool:
+        """Whether these tables have the server layout (``session_id`` in every key)."""
+        return len(self.messages.primary_key.columns) > 1
+
+    def with_keys(self, session_scoped_keys: bool) -> StoreTables:
+        """The same tables (same names) in the given key layout."""
+        if session_scoped_keys == self.session_scoped_keys:
+            return self
+        return tables_for(
+            self.sessions.name, self.messages.name, session_scoped_keys=session_scoped_keys
+        )
+
+    @property
     def metadata(self) -> MetaData:
         """The metadata holding these tables."""
         return self.sessions.metadata
@@ -158,8 +181,37 @@ def define_tables(
     metadata: MetaData,
     sessions_table: str = DEFAULT_SESSIONS_TABLE,
     messages_table: str = DEFAULT_MESSAGES_TABLE,
+    *,
+    session_scoped_keys: bool = False,
 ) -> StoreTables:
-    """Define the store's tables on ``metadata``, with the given base-table names."""
+    """Define the store's tables on ``metadata``, with the given base-table names.
+
+    Args:
+        metadata: Where the tables go.
+        sessions_table: The sessions table's name.
+        messages_table: The messages table's name.
+        session_scoped_keys: The server layout: ``session_id`` leads every primary key and
+            foreign key (distributable by session); otherwise the SDK's layout.
+    """
+    scoped = session_scoped_keys
+
+    def row_keys(table: str) -> list[Any]:
+        """Primary key of a table with an ``id`` column, and the key InnoDB needs beside it.
+
+        InnoDB wants an AUTO_INCREMENT column to lead an index and checks that in CREATE
+        TABLE, so that key must be a constraint (rendered inside CREATE TABLE), not an index.
+        """
+        if not scoped:
+            return []
+        return [
+            PrimaryKeyConstraint("session_id", "id"),
+            # SQLAlchemy takes a tuple of dialect names here; its annotation says str only.
+            UniqueConstraint("id").ddl_if(dialect=ROW_ID_NEEDS_OWN_INDEX),  # type: ignore[arg-type]
+        ]
+
+    def row_id() -> Column[int]:
+        return Column("id", ROW_ID, primary_key=not scoped, autoincrement=True)
+
     sessions = Table(
         sessions_table,
         metadata,
@@ -168,38 +220,51 @@ def define_tables(
         Column("updated_at", TIMESTAMP_UTC, server_default=_NOW),
         **TABLE_OPTIONS,
     )
+    session_reference = ForeignKey(sessions.c.session_id, ondelete="CASCADE")
     messages = Table(
         messages_table,
         metadata,
-        Column("id", ROW_ID, primary_key=True, autoincrement=True),
-        Column(
-            "session_id",
-            IDENTIFIER,
-            ForeignKey(sessions.c.session_id, ondelete="CASCADE"),
-            nullable=False,
-        ),
+        row_id(),
+        Column("session_id", IDENTIFIER, session_reference, nullable=False),
         Column("message_data", DOCUMENT, nullable=False),
         Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
-        Index(f"idx_{messages_table}_session_id", "session_id", "id"),
+        # With the server layout the primary key is this index.
+        *([] if scoped else [Index(f"idx_{messages_table}_session_id", "session_id", "id")]),
+        *row_keys(messages_table),
         sqlite_autoincrement=True,
         **TABLE_OPTIONS,
     )
+    if scoped:
+        message_reference: list[Any] = [
+            ForeignKeyConstraint(
+                ["session_id", "message_id"],
+                [messages.c.session_id, messages.c.id],
+                ondelete="CASCADE",
+            ),
+        ]
+        message_id = Column("message_id", ROW_ID, nullable=False)
+        # Leads with the foreign key's columns, as InnoDB wants for the reference.
+        message_index = Index("idx_structure_message_session", "session_id", "message_id")
+    else:
+        message_reference = []
+        message_id = Column(
+            "message_id", ROW_ID, ForeignKey(messages.c.id, ondelete="CASCADE"), nullable=False
+        )
+        # Not in the SDK: lets ON DELETE CASCADE (by message alone) and "is this message
+        # still on another branch?" (by message and session) find structure rows without
+        # scanning the session.
+        message_index = Index("idx_structure_message_session", "message_id", "session_id")
     structure = Table(
         STRUCTURE_TABLE,
         metadata,
-        Column("id", ROW_ID, primary_key=True, autoincrement=True),
+        row_id(),
         Column(
             "session_id",
             IDENTIFIER,
             ForeignKey(sessions.c.session_id, ondelete="CASCADE"),
             nullable=False,
         ),
-        Column(
-            "message_id",
-            ROW_ID,
-            ForeignKey(messages.c.id, ondelete="CASCADE"),
-            nullable=False,
-        ),
+        message_id,
         Column("branch_id", IDENTIFIER, nullable=False, server_default="main"),
         Column("message_type", Text, nullable=False),
         Column("sequence_number", Integer, nullable=False),
@@ -208,20 +273,20 @@ def define_tables(
         Column("tool_name", Text),
         Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
         Index("idx_structure_session_seq", "session_id", "sequence_number"),
-        Index("idx_structure_branch", "session_id", "branch_id"),
+        # A prefix of the two below; servers do without it.
+        *([] if scoped else [Index("idx_structure_branch", "session_id", "branch_id")]),
         Index("idx_structure_turn", "session_id", "branch_id", "user_turn_number"),
         Index("idx_structure_branch_seq", "session_id", "branch_id", "sequence_number"),
-        # Not in the SDK: lets ON DELETE CASCADE (by message alone) and "is this message
-        # still on another branch?" (by message and session) find structure rows without
-        # scanning the session.
-        Index("idx_structure_message_session", "message_id", "session_id"),
+        message_index,
+        *message_reference,
+        *row_keys(STRUCTURE_TABLE),
         sqlite_autoincrement=True,
         **TABLE_OPTIONS,
     )
     usage = Table(
         USAGE_TABLE,
         metadata,
-        Column("id", ROW_ID, primary_key=True, autoincrement=True),
+        row_id(),
         Column(
             "session_id",
             IDENTIFIER,
@@ -238,10 +303,18 @@ def define_tables(
         Column("output_tokens_details", JSONDocument()),
         Column("created_at", TIMESTAMP_UTC, server_default=_NOW),
         UniqueConstraint("session_id", "branch_id", "user_turn_number"),
-        Index("idx_turn_usage_session_turn", "session_id", "branch_id", "user_turn_number"),
+        # The SDK's; the unique constraint's own index already serves it, so servers drop it.
+        *(
+            []
+            if scoped
+            else [
+                Index("idx_turn_usage_session_turn", "session_id", "branch_id", "user_turn_number")
+            ]
+        ),
         # Not in the SDK (migration 0007): store-wide usage rollups read a time range of
         # turns through it instead of scanning the table.
         Index("idx_turn_usage_created_at", "created_at"),
+        *row_keys(USAGE_TABLE),
         sqlite_autoincrement=True,
         **TABLE_OPTIONS,
     )
@@ -344,6 +417,19 @@ def define_tables(
     )
 
 
+def created_on(item: object, dialect_name: str) -> bool:
+    """Whether the DDL for a constraint or index of the models is emitted on a dialect.
+
+    For tools that compare the models with a database (Alembic's autogenerate), which do not
+    read ``ddl_if`` themselves.
+    """
+    condition = getattr(item, "_ddl_if", None)
+    wanted = None if condition is None else condition.dialect
+    if wanted is None:
+        return True
+    return dialect_name in ((wanted,) if isinstance(wanted, str) else tuple(wanted))
+
+
 def validate_table_name(name: object, argument: str) -> str:
     """Return ``name`` if it is a plain SQL identifier that turnstore may use as a table name.
 
@@ -368,6 +454,10 @@ class Base(DeclarativeBase):
 
 
 DEFAULT_TABLES = define_tables(Base.metadata)
+#: The default tables in the server layout (``session_id`` in every key).
+DEFAULT_SERVER_TABLES = define_tables(
+    MetaData(naming_convention=NAMING_CONVENTION), session_scoped_keys=True
+)
 
 
 class AgentSession(Base):
@@ -485,9 +575,15 @@ class BranchLineage(Base):
     created_at: Mapped[datetime | None]
 
 
-@cache
-def tables_for(sessions_table: str, messages_table: str) -> StoreTables:
+def tables_for(
+    sessions_table: str, messages_table: str, *, session_scoped_keys: bool = False
+) -> StoreTables:
     """Return the table set for a pair of base-table names (the default set for the defaults).
+
+    Args:
+        sessions_table: The sessions table's name.
+        messages_table: The messages table's name.
+        session_scoped_keys: The server layout instead of the SDK's (see the module docstring).
 
     Raises:
         InvalidArgumentError: A name is not a plain identifier, or the two names are equal.
@@ -496,8 +592,16 @@ def tables_for(sessions_table: str, messages_table: str) -> StoreTables:
     validate_table_name(messages_table, "messages_table")
     if sessions_table.lower() == messages_table.lower():
         raise InvalidArgumentError("sessions_table and messages_table must differ")
+    return _tables_for(sessions_table, messages_table, session_scoped_keys)
+
+
+@cache
+def _tables_for(sessions_table: str, messages_table: str, session_scoped_keys: bool) -> StoreTables:
     if (sessions_table, messages_table) == (DEFAULT_SESSIONS_TABLE, DEFAULT_MESSAGES_TABLE):
-        return DEFAULT_TABLES
+        return DEFAULT_SERVER_TABLES if session_scoped_keys else DEFAULT_TABLES
     return define_tables(
-        MetaData(naming_convention=NAMING_CONVENTION), sessions_table, messages_table
+        MetaData(naming_convention=NAMING_CONVENTION),
+        sessions_table,
+        messages_table,
+        session_scoped_keys=session_scoped_keys,
     )

@@ -30,6 +30,7 @@ from turnstore.persistence.moving_queries import moving_queries, probe_missing
 from turnstore.persistence.moving_rows import (
     DEFAULT_BATCH_SIZE,
     Batch,
+    ExtraRow,
     MessageIdMap,
     MessageRow,
     OnConflict,
@@ -47,6 +48,7 @@ from turnstore.persistence.types import parse_timestamp, stored_timestamp
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "Batch",
+    "ExtraRow",
     "MessageIdMap",
     "MessageRow",
     "OnConflict",
@@ -97,7 +99,7 @@ class SessionReader:
     async def _missing_tables(self) -> frozenset[str]:
         """Bookkeeping tables the store lacks (a file of an older SDK release has neither)."""
         if self._missing is None:
-            self._missing = await probe_missing(self._handle, self._q.bookkeeping)
+            self._missing = await probe_missing(self._handle, self._q.optional)
         return self._missing
 
     async def session_ids(self, after: str | None, limit: int) -> list[str]:
@@ -155,6 +157,12 @@ class SessionReader:
                     if len(rows) < size:
                         break
                     after = int(rows[-1][0])
+            for name, extra in q.extra_reads.items():
+                if name in missing:
+                    continue
+                found = await steps.run(_mappings, extra, {"sid": session_id})
+                if found:
+                    yield [ExtraRow(name, _extra_values(row)) for row in found]
 
     async def sizes(self, session_ids: Sequence[str]) -> dict[str, int]:
         """Rows (messages, structure and usage together) of each of the given sessions."""
@@ -200,6 +208,13 @@ class SessionReader:
         for row in conn.execute(q.group_usage, params):
             if row[0] in data:
                 data[row[0]].usage.append(_usage(row))
+        for name, statement in q.extra_group_reads.items():
+            if name in missing:
+                continue
+            for values in _mappings(conn, statement, params):
+                sid = values.pop("session_id")
+                if sid in data:
+                    data[sid].extras.append(ExtraRow(name, _extra_values(values)))
         return list(data.values())
 
     def _head(
@@ -291,6 +306,21 @@ def _micros(text: str | None) -> int:
     return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
+def _mappings(conn: Connection, statement: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
+    # Column names are SQLAlchemy's quoted_name (a str subclass): plain strings for encoders.
+    return [
+        {str(key): value for key, value in row.items()}
+        for row in conn.execute(statement, params).mappings()
+    ]
+
+
+def _extra_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A per-session table's row for an export: its creation time as export text."""
+    if "created_at" in values:
+        values = {**values, "created_at": export_timestamp(values["created_at"])}
+    return values
+
+
 def _json_value(value: Any) -> Any:
     """A JSON column's value; text a driver did not decode is decoded (invalid: ``None``)."""
     if isinstance(value, str):
@@ -334,7 +364,7 @@ class SessionWriter:
     async def _missing_tables(self) -> frozenset[str]:
         """Tables of turnstore's the target lacks (it predates them); probed once."""
         if self._missing is None:
-            self._missing = await probe_missing(self._handle, self._q.bookkeeping)
+            self._missing = await probe_missing(self._handle, self._q.optional)
         return self._missing
 
     async def exists(self, session_id: str) -> bool:
@@ -367,7 +397,7 @@ class SessionWriter:
                 if replaced is None:
                     return WriteOutcome(False, False, SessionCounts())
                 ids = MessageIdMap()
-                messages = structure = usage = 0
+                messages = structure = usage = extra = 0
                 async for batch in batches:
                     if not batch:
                         continue
@@ -380,10 +410,16 @@ class SessionWriter:
                         links = cast(list[StructureRow], batch)
                         await steps.run(self._structure, head.session_id, links, ids)
                         structure += len(batch)
-                    else:
+                    elif isinstance(first, UsageRow):
                         await steps.run(self._usage, head.session_id, cast(list[UsageRow], batch))
                         usage += len(batch)
-                return WriteOutcome(True, replaced, SessionCounts(messages, structure, usage))
+                    else:
+                        extras = [(head.session_id, row) for row in cast(list[ExtraRow], batch)]
+                        await steps.run(self._extras, extras, missing)
+                        extra += len(batch)
+                return WriteOutcome(
+                    True, replaced, SessionCounts(messages, structure, usage, extra)
+                )
         finally:
             # A source that reads from a snapshot ends it here, even when nothing was read.
             close = getattr(batches, "aclose", None)
@@ -480,7 +516,20 @@ class SessionWriter:
         ]
         self._load(conn, q.insert_structure, t.structure, structure)
         self._load(conn, q.insert_usage, t.usage, usage)
+        self._extras(conn, [(d.head.session_id, row) for d in chosen for row in d.extras], missing)
         return outcomes
+
+    def _extras(
+        self, conn: Connection, rows: list[tuple[str, ExtraRow]], missing: frozenset[str]
+    ) -> None:
+        """Rows of turnstore's own per-session tables, by table (none where the target lacks
+        the table, which only a target behind the schema can)."""  # noqa: D205, D209
+        by_table: dict[str, list[dict[str, Any]]] = {}
+        for session_id, row in rows:
+            by_table.setdefault(row.table, []).append({"sid": session_id, **row.values})
+        for name, values in by_table.items():
+            if name not in missing:
+                conn.execute(self._q.extra_inserts[name], values)
 
     def _load(
         self,

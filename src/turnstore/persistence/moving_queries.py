@@ -112,6 +112,14 @@ class MovingQueries:
         # Tables whose rows make a session known, besides the sessions table.
         self.knowing = (g, i)
         self.bookkeeping = (r.name, g.name, i.name)
+        self.optional = (
+            r.name,
+            g.name,
+            i.name,
+            t.turn_models.name,
+            t.lineage.name,
+            t.append_keys.name,
+        )
 
         # -- groups of whole sessions (IN lists; small sessions read and written together)
         ids: BindParameter[list[str]] = bindparam("ids", expanding=True)
@@ -183,9 +191,38 @@ class MovingQueries:
         )
         self.group_erase = [
             (table.name, delete(table).where(table.c.session_id.in_(ids)))
-            for table in (s, u, m, r, g, sessions, i)
+            for table in (t.turn_models, t.lineage, t.append_keys, s, u, m, r, g, sessions, i)
         ]
         self.tables = t
+
+        # turnstore's own per-session tables, carried row by row (no message ids in them).
+        self.extra_tables = {
+            str(table.name): table for table in (t.turn_models, t.lineage, t.append_keys)
+        }
+        self.extra_reads = {}
+        self.extra_group_reads = {}
+        self.extra_inserts = {}
+        for name, table in self.extra_tables.items():
+            columns = [c for c in table.columns if c.name != "session_id"]
+            shown = [
+                type_coerce(c, Text).label(c.name) if c.name == "created_at" else c for c in columns
+            ]
+            keys = [c for c in table.primary_key.columns if c.name != "session_id"]
+            self.extra_reads[name] = select(*shown).where(table.c.session_id == sid).order_by(*keys)
+            self.extra_group_reads[name] = (
+                select(table.c.session_id, *shown)
+                .where(table.c.session_id.in_(bindparam("ids", expanding=True)))
+                .order_by(table.c.session_id, *keys)
+            )
+            self.extra_inserts[name] = insert(table).values(
+                session_id=bindparam("sid", type_=table.c.session_id.type),
+                **{
+                    c.name: bindparam(
+                        c.name, type_=ExchangedTimestamp() if c.name == "created_at" else c.type
+                    )
+                    for c in columns
+                },
+            )
 
         # -- writing
         def stamped(name: str = "created_at") -> BindParameter[Any]:

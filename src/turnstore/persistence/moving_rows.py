@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -92,7 +92,16 @@ class UsageRow:
 
 #: A batch of one kind of row. A session's batches come messages first, then structure rows,
 #: then usage rows.
-Batch = list[MessageRow] | list[StructureRow] | list[UsageRow]
+@dataclass(frozen=True, slots=True)
+class ExtraRow:
+    """A row of one of turnstore's own per-session tables (turn models, branch lineage,
+    append keys): every column but ``session_id``, timestamps in export text form."""  # noqa: D205, D209
+
+    table: str
+    values: dict[str, Any]
+
+
+Batch = list[MessageRow] | list[StructureRow] | list[UsageRow] | list[ExtraRow]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +111,7 @@ class SessionCounts:
     messages: int = 0
     structure: int = 0
     usage: int = 0
+    extras: int = 0
 
     @property
     def items(self) -> int:
@@ -113,6 +123,7 @@ class SessionCounts:
             self.messages + other.messages,
             self.structure + other.structure,
             self.usage + other.usage,
+            self.extras + other.extras,
         )
 
 
@@ -124,11 +135,14 @@ class SessionData:
     messages: list[MessageRow]
     structure: list[StructureRow]
     usage: list[UsageRow]
+    extras: list[ExtraRow] = field(default_factory=list)
 
     @property
     def counts(self) -> SessionCounts:
         """How many rows of each kind it has."""
-        return SessionCounts(len(self.messages), len(self.structure), len(self.usage))
+        return SessionCounts(
+            len(self.messages), len(self.structure), len(self.usage), len(self.extras)
+        )
 
 
 def export_timestamp(value: object) -> str | None:

@@ -51,11 +51,11 @@ from turnstore.errors import (
     TurnNotFoundError,
 )
 from turnstore.persistence import rewrite, server_routines
-from turnstore.persistence.dialects import DialectProfile, utc_now
+from turnstore.persistence.dialects import DialectProfile
 from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.jsoncodec import loads_or_none
-from turnstore.persistence.models import DEFAULT_TABLES, StoreTables
+from turnstore.persistence.models import StoreTables
 from turnstore.persistence.prepared import PreparedStatement
 from turnstore.persistence.server_routines import ServerRoutines
 from turnstore.persistence.types import INTEGER_MAX
@@ -340,11 +340,10 @@ class _Statements:
             .order_by(s.c.sequence_number)
             .limit(bindparam("limit", type_=Integer))
         )
+        # Upserts set only the new row's own values (here the column default), never a
+        # function: Citus refuses non-immutable functions in DO UPDATE SET.
         touch_session = profile.upsert(
-            tables.sessions,
-            {"session_id": sid},
-            ["session_id"],
-            {"updated_at": utc_now()},
+            tables.sessions, {"session_id": sid}, ["session_id"], take_new_values=["updated_at"]
         )
         self.touch_session = prepared(touch_session)
         # The session's info: created by a write when missing (with the writer's defaults),
@@ -369,7 +368,7 @@ class _Statements:
         self.bump_info = prepared(
             update(i)
             .where(i.c.session_id == sid)
-            .values(last_activity_us=_later(now, i.c.last_activity_us))
+            .values(last_activity_us=profile.later_of(now, i.c.last_activity_us))
         )
         self.lock_session = prepared(
             select(tables.sessions.c.session_id)
@@ -528,8 +527,7 @@ class _Statements:
                     **{name: bindparam(name, type_=u.c[name].type) for name in usage_columns},
                 },
                 ["session_id", "branch_id", "user_turn_number"],
-                {"created_at": utc_now()},
-                take_new_values=usage_columns,
+                take_new_values=[*usage_columns, "created_at"],
             )
         )
 
@@ -568,7 +566,10 @@ class _Statements:
             )
             .where(s.c.session_id == sid)
             .group_by(s.c.branch_id)
-            .order_by(created, func.min(s.c.id))
+            # Ties (one timestamp) go by the first sequence number: a fork numbers its rows
+            # after every row the session had, and ids need not grow (on Citus they come
+            # from per-node ranges).
+            .order_by(created, func.min(s.c.sequence_number))
         )
         self.branch_structure = prepared(
             select(s.c.user_turn_number, s.c.message_type, s.c.tool_name)
@@ -605,8 +606,9 @@ class ConversationRepository:
     ) -> None:
         self._handle = handle
         self._profile = handle.profile
-        self._t = tables
-        self._q = _statements(tables, handle.profile)
+        # Callers name the tables; the database's dialect decides their key layout.
+        self._t = tables.with_keys(handle.profile.session_scoped_keys)
+        self._q = _statements(self._t, handle.profile)
         self._info = info
         self._info_params = {
             "owner": info.user_id,
@@ -679,8 +681,9 @@ class ConversationRepository:
         self,
         *,
         create: bool,
-        migrate_default: Callable[[Connection], None] | None = None,
+        migrate_default: Callable[[Connection], object] | None = None,
         default_is_current: Callable[[Connection], bool] | None = None,
+        distribute: Callable[[Connection, StoreTables], object] | None = None,
     ) -> None:
         """Create missing tables and indexes, or check that they exist (once per engine).
 
@@ -695,6 +698,9 @@ class ConversationRepository:
             default_is_current: A cheap read-only check that the default table set is at the
                 newest migration; when it says so, nothing is locked or created. It keeps the
                 first call of a short-lived process fast.
+            distribute: Distributes a table set that was created without the migrations, in
+                the same transaction, where the database is distributed (Citus); supplied by
+                the caller like ``migrate_default``.
 
         Raises:
             SchemaMissingError: ``create`` is false and tables are missing.
@@ -709,14 +715,16 @@ class ConversationRepository:
             if create:
                 self._check_schema_names()
             current = (
-                self._t is DEFAULT_TABLES
+                self._t.is_default
                 and default_is_current is not None
                 and await handle.read(default_is_current)
             )
             # At the newest migration, the default set is complete: nothing to inspect.
             missing = [] if current else await handle.read(self._missing_parts, default_is_current)
             if missing and create:
-                await handle.write(lambda conn: self._create_missing(conn, migrate_default))
+                await handle.write(
+                    lambda conn: self._create_missing(conn, migrate_default, distribute)
+                )
                 missing = []
             required = [n for n in missing if n in self._t.names and n not in self._t.optional]
             if required:
@@ -743,6 +751,9 @@ class ConversationRepository:
                     ", ".join(sorted(own)),
                 )
             await self._find_routines()
+            handle.distributed = await handle.read(
+                lambda conn: self._profile.cluster_node(conn) is not None
+            )
             handle.ready_schemas.add(key)
 
     async def _find_routines(self) -> None:
@@ -814,7 +825,7 @@ class ConversationRepository:
         missing = [name for name in self._t.names if name not in present]
         if missing:
             return missing
-        if self._t is DEFAULT_TABLES and default_is_current is not None:
+        if self._t.is_default and default_is_current is not None:
             return [] if default_is_current(conn) else ["the newest migration"]
         for table in self._t.metadata.sorted_tables:
             indexes = {index["name"] for index in inspector.get_indexes(table.name)}
@@ -856,13 +867,16 @@ class ConversationRepository:
                     )
 
     def _create_missing(
-        self, conn: Connection, migrate_default: Callable[[Connection], None] | None
+        self,
+        conn: Connection,
+        migrate_default: Callable[[Connection], object] | None,
+        distribute: Callable[[Connection, StoreTables], object] | None,
     ) -> None:
         self._profile.prepare_ddl(conn)
         self._profile.lock_schema(conn)
         inspector = inspect(conn)
         self._refuse_other_table_set(inspector, set(inspector.get_table_names()))
-        if self._t is DEFAULT_TABLES and migrate_default is not None:
+        if self._t.is_default and migrate_default is not None:
             # The migrations own the default table set: create through them (and stamp), so a
             # database made here can be upgraded later like any other.
             migrate_default(conn)
@@ -878,6 +892,8 @@ class ConversationRepository:
             for index in table.indexes:
                 if index.name not in present:
                     index.create(conn, checkfirst=True)
+        if distribute is not None:
+            distribute(conn, self._t)
 
     def check_identifier(self, value: object, what: str) -> str:
         """Refuse an id no backend can store exactly (see :mod:`.validation`), before any SQL.
@@ -1770,11 +1786,6 @@ class ConversationRepository:
         )
         rows = await self._handle.read(_all_rows, stmt)
         return [(name, int(count), turn) for name, count, turn in rows]
-
-
-def _later(now: ColumnElement[int], stored: ColumnElement[int]) -> ColumnElement[int]:
-    """The later of two times; a writer that waited for the lock may read an earlier clock."""
-    return case((now > stored, now), else_=stored)
 
 
 def _escaped_for_like(text: str) -> str:

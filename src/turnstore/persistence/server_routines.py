@@ -21,6 +21,12 @@ index, newest first" instead of ``max()``. Both read one index entry when the pl
 statistics; on a table it has not analyzed yet (a new database, or one autovacuum has not
 reached), Postgres may plan ``max()`` as an aggregate over every row of the branch, which made
 each append and usage write cost more as the history grew.
+
+Version 5 (migration 0008) is version 4 with upserts that set only the new row's values
+(``SET updated_at = EXCLUDED.updated_at``) instead of calling ``CURRENT_TIMESTAMP``: Citus
+refuses non-immutable functions in ``DO UPDATE SET`` on distributed tables. It is the first
+version that runs on Citus (:data:`FIRST_DISTRIBUTABLE_VERSION`), where it is distributed by its
+session argument so that a call runs on the worker holding the session.
 """
 
 from __future__ import annotations
@@ -31,9 +37,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-VERSION = 4
+VERSION = 5
 #: Every released version, newest first.
-VERSIONS = (4, 3, 2, 1)
+VERSIONS = (5, 4, 3, 2, 1)
+#: The oldest version whose bodies run on Citus's distributed tables.
+FIRST_DISTRIBUTABLE_VERSION = 5
+#: The argument the functions are distributed by on Citus (the session id).
+DISTRIBUTION_ARGUMENT = "p_session"
 
 # Argument types, in order; also the signature ``to_regprocedure`` looks up. Version 3 adds
 # the session info a write creates when the session has none: owner, title, metadata.
@@ -75,16 +85,32 @@ class ServerRoutines:
 
     @property
     def append_call(self) -> str:
-        """SQL calling the append function; one row ``(branch_id, generation)``."""
-        return (
-            f"SELECT * FROM {self.append_name}({_placeholders(10 if self.maintains_info else 7)})"
-        )
+        """SQL calling the append function; one row ``(branch_id, generation)``.
+
+        The user-message flags travel as ``text[]`` (``t``/``f``): asyncpg has no built-in
+        codec for ``boolean[]`` and looks its type up on every new connection, a catalog query
+        that takes over a second on a Citus coordinator.
+        """
+        arguments = _placeholders(10 if self.maintains_info else 7)
+        flags = arguments.replace("$6,", "$6::text[]::boolean[],", 1)
+        return f"SELECT * FROM {self.append_name}({flags})"
 
     @property
     def usage_call(self) -> str:
         """SQL calling the usage function; one value, the turn written or NULL."""
         count = 9 + (3 if self.maintains_info else 0) + (7 if self.records_models else 0)
         return f"SELECT {self.usage_name}({_placeholders(count)})"
+
+    @property
+    def signatures(self) -> tuple[str, str]:
+        """``name(argument types)`` of both functions, as ``regprocedure`` reads them."""
+        append, usage = _signatures(self.version)
+        return f"{self.append_name}({append})", f"{self.usage_name}({usage})"
+
+    @property
+    def distributable(self) -> bool:
+        """Whether this version's bodies run on Citus's distributed tables."""
+        return self.version >= FIRST_DISTRIBUTABLE_VERSION
 
     @property
     def presence_query(self) -> str:
@@ -166,7 +192,11 @@ def routine_ddl(
         return _version_2_ddl(routines, **tables)
     if routines.version == 3:
         return _version_3_ddl(routines, **tables, info_table=info_table)
-    return _version_4_ddl(
+    if routines.version == 4:
+        return _version_4_ddl(
+            routines, **tables, info_table=info_table, turn_models_table=turn_models_table
+        )
+    return _version_5_ddl(
         routines, **tables, info_table=info_table, turn_models_table=turn_models_table
     )
 
@@ -550,6 +580,50 @@ END""",
     return [append, usage]
 
 
+def _version_5_ddl(
+    routines: ServerRoutines,
+    *,
+    sessions_table: str,
+    messages_table: str,
+    structure_table: str,
+    usage_table: str,
+    generations_table: str,
+    info_table: str,
+    turn_models_table: str,
+) -> list[str]:
+    """Version 5, as migration 0008 creates it: version 4 with immutable upsert assignments.
+
+    Built from version 4's (frozen) text, so the two differ only where shown; the frozen-digest
+    test pins the result like every released version.
+    """
+    statements = _version_4_ddl(
+        routines,
+        sessions_table=sessions_table,
+        messages_table=messages_table,
+        structure_table=structure_table,
+        usage_table=usage_table,
+        generations_table=generations_table,
+        info_table=info_table,
+        turn_models_table=turn_models_table,
+    )
+    changes = (
+        (
+            "DO UPDATE SET updated_at = CURRENT_TIMESTAMP;",
+            "DO UPDATE SET updated_at = EXCLUDED.updated_at;",
+        ),
+        (
+            "            created_at = CURRENT_TIMESTAMP;",
+            "            created_at = EXCLUDED.created_at;",
+        ),
+    )
+    changed = []
+    for statement, (before, after) in zip(statements, changes, strict=True):
+        if statement.count(before) != 1:
+            raise RuntimeError("version 4 is frozen; version 5 changes it only as shown")
+        changed.append(statement.replace(before, after))
+    return changed
+
+
 def drop_ddl(routines: ServerRoutines) -> list[str]:
     """``DROP FUNCTION`` statements for both functions."""
     append, usage = _signatures(routines.version)
@@ -579,7 +653,7 @@ def append_arguments(
         generation,
         [data for data, _, _, _ in messages],
         [kind for _, kind, _, _ in messages],
-        [is_user for _, _, is_user, _ in messages],
+        ["t" if is_user else "f" for _, _, is_user, _ in messages],
         [tool for _, _, _, tool in messages],
     )
 

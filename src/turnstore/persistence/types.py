@@ -168,6 +168,11 @@ class JSONDocument(TypeDecorator[Any]):
         return jsoncodec.loads_or_none(value, "token-details")
 
 
+# Dialects whose autoincrement column must lead an index of its own: InnoDB refuses an
+# AUTO_INCREMENT column that is only the second column of a composite primary key.
+ROW_ID_NEEDS_OWN_INDEX: tuple[str, ...] = _MYSQL_NAMES
+
+
 # -- values moving between databases ---------------------------------------------------------
 #
 # An export carries timestamps as text ("YYYY-MM-DD HH:MM:SS", with ".ffffff" where the source

@@ -39,7 +39,7 @@ from turnstore.errors import (
     UnknownRevisionError,
 )
 from turnstore.persistence.dialects import DialectProfile, profile_for
-from turnstore.schema import adoption
+from turnstore.schema import adoption, distribution
 from turnstore.schema.check import VERSION_TABLE, script_location
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "bring_to_head",
     "current",
     "data_dropping_steps",
+    "distribute",
     "downgrade",
     "head",
     "history",
@@ -62,6 +63,8 @@ __all__ = [
 ]
 
 URL_VARIABLE = "TURNSTORE_DATABASE_URL"
+# The revision that gives server tables session-scoped keys (see persistence.models).
+SERVER_KEYS_REVISION = "0008"
 
 Target = str | URL | AsyncEngine
 _T = TypeVar("_T")
@@ -278,25 +281,47 @@ def _check_recorded_known(connection: Connection) -> tuple[str, ...]:
     return recorded
 
 
-def _alembic(action: Callable[[Config], None], connection: Connection) -> None:
+def _alembic(
+    action: Callable[[Config], None], connection: Connection, *, move_data: bool = False
+) -> distribution.DistributionReport | None:
+    """Run an Alembic command on ``connection``; on a Citus coordinator, what it distributed.
+
+    Args:
+        action: The command, given the config.
+        connection: A connection in the caller's (schema-locked) transaction.
+        move_data: Let the distribution that follows a migration to head move tables that
+            hold rows into shards (see :func:`turnstore.schema.distribution.distribute_store`).
+    """
+    config = alembic_config(connection=connection)
+    config.attributes["move_data"] = move_data
     try:
-        action(alembic_config(connection=connection))
+        action(config)
     except CommandError as exc:
         raise MigrationError(_one_line(exc)) from exc
+    report = config.attributes.get("distribution")
+    return report if isinstance(report, distribution.DistributionReport) else None
 
 
 # -- public API ----------------------------------------------------------------------------
 
 
-async def upgrade(target: Target, revision: str = "head") -> Move:
+async def upgrade(target: Target, revision: str = "head", *, require_citus: bool = False) -> Move:
     """Upgrade the database to ``revision`` (serialized against concurrent upgrades).
 
     Tables of other applications in the same database are left alone. A database holding the
     Agents SDK's tables without turnstore's version record is refused: :func:`adopt` it first.
 
+    On a Citus coordinator (a database with the ``citus`` extension), an upgrade to head
+    also distributes every turnstore table by ``session_id``, makes the version table a
+    reference table and distributes the server functions (see
+    :mod:`turnstore.schema.distribution`). Undistributed tables holding rows are refused
+    there: moving data is :func:`distribute`'s job.
+
     Args:
         target: Database URL or an ``AsyncEngine`` you own (left open).
         revision: Target revision; ``head`` for the newest.
+        require_citus: Refuse unless the database is a Citus coordinator (so a deployment
+            meant for a cluster never creates single-server tables by mistake).
 
     Returns:
         The revisions before and after.
@@ -305,11 +330,41 @@ async def upgrade(target: Target, revision: str = "head") -> Move:
         InvalidArgumentError: The URL is malformed or names an unsupported driver.
         DatabaseUnavailableError: The database cannot be reached.
         UnknownRevisionError: ``revision``, or the database's recorded revision, is unknown.
+        DistributionError: ``require_citus`` on a database without Citus; a Citus worker;
+            undistributed tables with rows on a coordinator.
         ForeignDatabaseError: The database holds SDK tables not yet adopted, or store tables
             turnstore cannot use; nothing was changed.
         MigrationError: A migration failed.
     """
-    return await _move(target, revision, command.upgrade, "upgrade")
+    return await _move(target, revision, command.upgrade, "upgrade", require_citus=require_citus)
+
+
+async def distribute(target: Target) -> distribution.DistributionReport:
+    """Turn a database on a Citus coordinator into a distributed store, in place.
+
+    Brings the schema to head first, then distributes every turnstore table by
+    ``session_id`` (co-located), copying the rows the tables hold into shards and removing
+    them from the coordinator, all in one transaction. Idempotent: a distributed store is
+    left as it is.
+
+    Returns:
+        What was distributed now (nothing, when it already was).
+
+    Raises:
+        InvalidArgumentError: The URL is malformed or names an unsupported driver.
+        DatabaseUnavailableError: The database cannot be reached.
+        UnknownRevisionError: The database's recorded revision is unknown.
+        DistributionError: The database has no Citus extension, or this is a worker node.
+        ForeignDatabaseError: A store table lacks columns turnstore needs.
+        MigrationError: A migration failed.
+    """
+
+    def work(connection: Connection) -> distribution.DistributionReport:
+        node = distribution.require_coordinator(connection)
+        report = bring_to_head(connection, move_data=True)
+        return report if report is not None else distribution.DistributionReport(node=node)
+
+    return await _run(target, work)
 
 
 async def downgrade(target: Target, revision: str) -> Move:
@@ -328,12 +383,19 @@ async def downgrade(target: Target, revision: str) -> Move:
 
 
 async def _move(
-    target: Target, revision: str, move: Callable[[Config, str], None], verb: str
+    target: Target,
+    revision: str,
+    move: Callable[[Config, str], None],
+    verb: str,
+    *,
+    require_citus: bool = False,
 ) -> Move:
     """Run Alembic's upgrade or downgrade to ``revision`` after checking both revisions."""
     _check_revision_exists(revision)
 
     def work(connection: Connection) -> Move:
+        if require_citus:
+            distribution.require_coordinator(connection)
         before = _check_recorded_known(connection)
         if verb == "upgrade" and not before:
             _refuse_unversioned_store(connection)
@@ -509,12 +571,22 @@ async def adopt(target: Target) -> adoption.Inspection:
     return await _run(target, work)
 
 
-def bring_to_head(connection: Connection) -> None:
+def bring_to_head(
+    connection: Connection, *, move_data: bool = False
+) -> distribution.DistributionReport | None:
     """Bring the default table set to head on ``connection`` (caller holds the schema lock).
 
     Versioned databases are upgraded; databases with some store tables but no version (written
     by the SDK, or by turnstore before migrations) are completed in place and stamped; others
-    get the migrations from scratch. Unrelated tables are ignored.
+    get the migrations from scratch. Unrelated tables are ignored. On a Citus coordinator
+    the store is then distributed.
+
+    Args:
+        connection: A connection in the caller's transaction.
+        move_data: On a Citus coordinator, let tables that hold rows be distributed.
+
+    Returns:
+        On a Citus coordinator, what was distributed; ``None`` elsewhere.
 
     Raises:
         UnknownRevisionError: The database is at a revision turnstore does not know.
@@ -527,6 +599,11 @@ def bring_to_head(connection: Connection) -> None:
         raise ForeignDatabaseError(f"Cannot use this database: {found.reason}")
     elif found.store_tables:
         adoption.complete_schema(connection)
-        _alembic(lambda config: command.stamp(config, "head"), connection)
-        return
-    _alembic(lambda config: command.upgrade(config, "head"), connection)
+        if profile_for(connection.dialect.name).session_scoped_keys:
+            # The tables have the SDK's keys: record the revision before the server keys,
+            # and let the migrations re-key them.
+            before = _scripts().get_revision(SERVER_KEYS_REVISION).down_revision
+            _alembic(lambda config: command.stamp(config, str(before)), connection)
+        else:
+            return _alembic(lambda config: command.stamp(config, "head"), connection)
+    return _alembic(lambda config: command.upgrade(config, "head"), connection, move_data=move_data)
