@@ -278,6 +278,8 @@ _SESSION_END_KEYS = {"record", "session_id", "messages", "structure", "usage", "
 _ROW_KEYS = {"record", "table", "values"}
 #: turnstore's own per-session tables whose rows an export carries as ``row`` records.
 ROW_TABLES = frozenset({TURN_MODELS_TABLE, LINEAGE_TABLE, APPEND_KEYS_TABLE})
+# The row tables' id columns (VARCHAR(255) with an exact collation on MariaDB).
+_ID_COLUMNS = frozenset({"branch_id", "parent_branch_id", "model", "append_key"})
 _HEADER_KEYS = {"record", "format", "version", "exported_at", "producer", "source"}
 _KIND_ORDER = {"message": 0, "structure": 1, "usage": 2, "row": 3}
 
@@ -634,6 +636,18 @@ class _SessionState:
             for name, value in values.items():
                 if value is not None and not isinstance(value, str | int | float | bool):
                     raise check.fail(f"'values.{name}' must be a string, number, boolean or null")
+                # The same rules as the other records, so MariaDB and Postgres do not refuse
+                # with a driver error what SQLite took.
+                if isinstance(value, int) and not isinstance(value, bool):
+                    if not fits_integer_column(value):
+                        raise check.fail(
+                            f"'values.{name}' is {value}, beyond what the INTEGER columns hold"
+                        )
+                elif name in _ID_COLUMNS and isinstance(value, str):
+                    try:
+                        check_identifier(value, f"'values.{name}'")
+                    except InvalidArgumentError as exc:
+                        raise check.fail(str(exc)) from None
             self.extras += 1
             return ExtraRow(table, values)
         if kind == "message":
