@@ -314,3 +314,26 @@ def test_a_terminal_gets_a_table_with_bars_and_a_drawn_tree(
     assert tree.exit_code == 0, tree.stderr
     assert "└── " in tree.stdout
     assert "weather_focus · forked before turn 2" in tree.stdout
+
+
+async def test_hostile_content_prints_safely(tmp_path: Path) -> None:
+    # Item content may hold unpaired surrogates and terminal escapes (both round-trip in an
+    # item). sessions/show/search crashed with UnicodeEncodeError on the surrogate (plain
+    # and --json), and passed ESC through raw to the reader's terminal.
+    path = tmp_path / "hostile.db"
+    text = "evil \ud800 \x1b]0;owned\x07 end"
+    async with AdvancedSQLiteSession(session_id="h", db_path=path, create_tables=True) as session:
+        await session.add_items(turn(text))
+    await dispose_engines()
+    env = {common.URL_VARIABLE: f"sqlite+aiosqlite:///{path}"}
+    for args in (["sessions"], ["show", "h"], ["search", "evil"], ["tree", "h"]):
+        plain = run_cli(args, **env)
+        assert plain.returncode == 0, plain.stderr
+        assert "\x1b" not in plain.stdout
+        assert "\x07" not in plain.stdout
+        shown = run_cli([*args, "--json"], **env)
+        assert shown.returncode == 0, shown.stderr
+        json.loads(shown.stdout)
+    assert "evil \ufffd \\x1b]0;owned\\x07 end" in run_cli(["show", "h"], **env).stdout
+    listed = json.loads(run_cli(["sessions", "--json"], **env).stdout)
+    assert listed["sessions"][0]["preview"] == text  # --json keeps the text exact

@@ -136,7 +136,44 @@ def test_as_a_real_subprocess(url: str) -> None:
         ("2w3d", timedelta(weeks=2, days=3)),
         ("90m", timedelta(minutes=90)),
         ("45s", timedelta(seconds=45)),
+        # Past what a timedelta holds: was an "unexpected OverflowError", exit code 1.
+        ("99999999999d", timedelta.max),
+        ("99999999999w99999999999d", timedelta.max),
     ],
 )
 def test_durations(text: str, expected: timedelta) -> None:
     assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sessions"],
+        ["prune", "--inactive-for", "1d", "--yes"],
+        ["erase-user", "bob", "--yes"],
+        ["rm", "x", "--yes"],
+    ],
+)
+def test_a_missing_file_is_not_created(tmp_path: Path, args: list[str]) -> None:
+    # These commands used to open the store on a mistyped path, creating an empty file
+    # and then failing with "lacks turnstore's tables" (exit code 5).
+    missing = tmp_path / "typo.db"
+    result = invoke([*args, "--url", f"sqlite+aiosqlite:///{missing}"])
+    assert result.exit_code == 3, result.stderr
+    assert "does not exist" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not missing.exists()
+
+
+def test_an_unreachable_database_is_exit_code_3(tmp_path: Path) -> None:
+    # A driver error used to come out as "unexpected OperationalError" with exit code 1.
+    url = f"sqlite+aiosqlite:///{tmp_path}/no-such-dir/x.db"
+    result = invoke(["sessions", "--url", url])
+    assert result.exit_code == 3, result.stderr
+    assert "unexpected" not in result.stderr
+
+
+def test_an_endless_duration_prunes_nothing(url: str) -> None:
+    result = invoke(["prune", "--url", url, "--inactive-for", "99999999999d", "--yes", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["sessions"] == 0

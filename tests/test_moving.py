@@ -27,7 +27,7 @@ from turnstore import AdvancedSession, AdvancedSQLiteSession, transfer
 from turnstore.errors import ExportFileError, SessionExistsError
 from turnstore.persistence import engines
 from turnstore.persistence.engines import EngineHandle
-from turnstore.persistence.models import DEFAULT_TABLES
+from turnstore.persistence.models import DEFAULT_TABLES, LINEAGE_TABLE
 from turnstore.persistence.moving import OnConflict
 from turnstore.persistence.repository import ConversationRepository
 from turnstore.schema import migrate
@@ -228,6 +228,22 @@ def _spoil(records: list[dict[str, Any]], how: str) -> tuple[bytes, int]:
     if how == "wrong type":
         records[body[0]]["sequence_number"] = "3"
         return encode(records), body[0] + 1
+    # Ids and numbers no backend stores alike: these imported on SQLite and Postgres and
+    # failed on MariaDB with a driver error ("Data too long"), or the reverse for numbers.
+    if how == "long branch id":
+        records[body[0]]["branch_id"] = "b" * 256
+        return encode(records), body[0] + 1
+    if how == "NUL in session id":
+        records[second]["session_id"] = "b-second\x00"
+        return encode(records), second + 1
+    if how == "long id in a row record":
+        at = next(i for i in range(second, starts[2]) if records[i]["record"] == "session_end")
+        lineage = {"branch_id": "b" * 256, "parent_branch_id": "main", "fork_turn": 1}
+        records.insert(at, {"record": "row", "table": LINEAGE_TABLE, "values": lineage})
+        return encode(records), at + 1
+    if how == "number past INTEGER":
+        records[body[0]]["sequence_number"] = 2**31
+        return encode(records), body[0] + 1
     raise AssertionError(how)
 
 
@@ -240,6 +256,10 @@ def _spoil(records: list[dict[str, Any]], how: str) -> tuple[bytes, int]:
         ("unknown message id", "refers to message id 999999, which this session does not define"),
         ("missing record", "should have 8 structure records but has 7"),
         ("wrong type", "'sequence_number' must be an integer; got str"),
+        ("long branch id", "'branch_id' must be at most 255 characters"),
+        ("NUL in session id", "'session_id' contains a NUL character"),
+        ("number past INTEGER", "'sequence_number' is 2147483648, beyond what the INTEGER"),
+        ("long id in a row record", "'values.branch_id' must be at most 255 characters"),
     ],
 )
 async def test_a_bad_file_is_refused_at_its_line_and_the_session_left_out(

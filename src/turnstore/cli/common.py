@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -177,14 +178,40 @@ def _style(text: str, stream: TextIO, **style: Any) -> str:
 
 # -- output --------------------------------------------------------------------------------
 
+# Item content may hold unpaired surrogates (they round-trip in the JSON of an item), which
+# no UTF-8 stream can carry: writing one raised UnicodeEncodeError mid-output. Content and
+# ids are other people's text: a raw ESC in them would drive the reader's terminal.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _shown(found: re.Match[str]) -> str:
+    char = found.group()
+    return "\ufffd" if "\ud800" <= char <= "\udfff" else f"\\x{ord(char):02x}"
+
+
+def printable(text: str) -> str:
+    """``text`` safe for any UTF-8 terminal (tabs and newlines stay).
+
+    Control characters become a visible backslash-x escape, unpaired surrogates U+FFFD.
+    """
+    return _UNPRINTABLE.sub(_shown, text)
+
+
+def json_text(data: Any) -> str:
+    """``data`` as one JSON document; unpaired surrogates stay exact as JSON escapes."""
+    text = json.dumps(data, ensure_ascii=False, sort_keys=True, default=str)
+    return _SURROGATE.sub(lambda found: f"\\u{ord(found.group()):04x}", text)
+
 
 def line(text: str) -> None:
     """Print one line of plain output on stdout."""
-    typer.echo(text, color=_colour(sys.stdout))
+    typer.echo(printable(text), color=_colour(sys.stdout))
 
 
 def success(text: str) -> None:
     """Print a command's success line on stdout (a check mark only on a terminal)."""
+    text = printable(text)
     if is_terminal(sys.stdout):
         text = _style("✓ ", sys.stdout, fg="green") + text
     typer.echo(text, color=_colour(sys.stdout))
@@ -201,7 +228,7 @@ def emit(
         as_json: Whether ``--json`` was given.
     """
     if as_json:
-        typer.echo(json.dumps(data, ensure_ascii=False, sort_keys=True, default=str))
+        typer.echo(json_text(data))
     elif callable(text):
         text()
     else:

@@ -286,7 +286,7 @@ def _text_of(content: Any) -> str:
 
 
 def _flat(text: str) -> str:
-    return " ".join(text.split())
+    return common.printable(" ".join(text.split()))
 
 
 # -- tree ----------------------------------------------------------------------------------
@@ -343,7 +343,7 @@ def _node_label(node: BranchNode) -> str:
         parts.append(f"[{node.note}]")
     if node.is_current:
         parts.append("(current)")
-    return " · ".join(parts)
+    return common.printable(" · ".join(parts))
 
 
 def _print_tree(session_id: str, roots: list[BranchNode]) -> None:
@@ -351,7 +351,7 @@ def _print_tree(session_id: str, roots: list[BranchNode]) -> None:
         from rich.markup import escape
         from rich.tree import Tree
 
-        top = Tree(f"[bold]{escape(session_id)}[/bold]")
+        top = Tree(f"[bold]{escape(common.printable(session_id))}[/bold]")
 
         def add(parent: Any, node: BranchNode) -> None:
             label = escape(_node_label(node))

@@ -17,9 +17,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import typer
+from sqlalchemy.exc import DBAPIError
 
 from turnstore.cli import common
-from turnstore.errors import InvalidArgumentError, TurnstoreError
+from turnstore.cli.db import _require_existing_sqlite_file
+from turnstore.errors import (
+    DatabaseUnavailableError,
+    InvalidArgumentError,
+    MissingExtraError,
+    TurnstoreError,
+)
 from turnstore.info import SessionSummary
 from turnstore.store import DEFAULT_BATCH_SIZE, Removed, SessionPage, Store
 
@@ -81,17 +88,40 @@ def parse_duration(value: str) -> timedelta:
         raise InvalidArgumentError(
             f"--inactive-for takes a duration like 30d, 12h, 2w3d or 90m; got {value!r}"
         )
-    return sum((timedelta(**{_UNITS[unit]: int(amount)}) for amount, unit in parts), timedelta())
+    try:
+        return sum(
+            (timedelta(**{_UNITS[unit]: int(amount)}) for amount, unit in parts), timedelta()
+        )
+    except OverflowError:
+        # Longer than a timedelta holds: older than any session can be, as prune() clamps.
+        return timedelta.max
 
 
 def _run(url: str | None, work: Callable[[Store], Awaitable[T]]) -> T:
     target = common.resolve_url(url)
+    # Listing, and a prune or erasure with nothing to remove, must not leave an empty
+    # database file behind a mistyped path (SQLite creates the file on connect).
+    _require_existing_sqlite_file(target)
 
     async def go() -> T:
         async with Store(url=target) as store:
             return await work(store)
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except ImportError as exc:
+        if isinstance(exc, TurnstoreError):
+            raise
+        raise MissingExtraError(
+            f"The driver for this URL is not installed ({exc.name}): install turnstore's "
+            "extra for the database, e.g. pip install 'turnstore[postgres]'"
+        ) from exc
+    except (OSError, DBAPIError, TimeoutError) as exc:
+        # Unreachable server or missing database: exit code 3, as `show` and `db` say.
+        raise DatabaseUnavailableError(
+            f"Cannot reach the database: {common.one_line(exc)}; check the URL and that the "
+            "database is running and reachable"
+        ) from exc
 
 
 def summary_data(summary: SessionSummary) -> dict[str, Any]:

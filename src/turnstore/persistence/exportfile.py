@@ -26,7 +26,7 @@ from collections.abc import (
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from turnstore.errors import ExportFileError
+from turnstore.errors import ExportFileError, InvalidArgumentError
 from turnstore.persistence import jsoncodec
 from turnstore.persistence.models import APPEND_KEYS_TABLE, LINEAGE_TABLE, TURN_MODELS_TABLE
 from turnstore.persistence.moving import (
@@ -39,6 +39,7 @@ from turnstore.persistence.moving import (
     UsageRow,
 )
 from turnstore.persistence.types import parse_timestamp
+from turnstore.persistence.validation import check_identifier, fits_integer_column
 
 FORMAT_NAME = "turnstore-export"
 #: The version this turnstore writes. It reads every version up to this one.
@@ -277,6 +278,8 @@ _SESSION_END_KEYS = {"record", "session_id", "messages", "structure", "usage", "
 _ROW_KEYS = {"record", "table", "values"}
 #: turnstore's own per-session tables whose rows an export carries as ``row`` records.
 ROW_TABLES = frozenset({TURN_MODELS_TABLE, LINEAGE_TABLE, APPEND_KEYS_TABLE})
+# The row tables' id columns (VARCHAR(255) with an exact collation on MariaDB).
+_ID_COLUMNS = frozenset({"branch_id", "parent_branch_id", "model", "append_key"})
 _HEADER_KEYS = {"record", "format", "version", "exported_at", "producer", "source"}
 _KIND_ORDER = {"message": 0, "structure": 1, "usage": 2, "row": 3}
 
@@ -313,12 +316,28 @@ class _Checker:
             raise self.fail(f"{key!r} must be a string; got {_kind(value)}")
         return value
 
-    def integer(self, key: str, *, optional: bool = False) -> Any:
+    def identifier(self, key: str) -> str:
+        """A session or branch id, held to the rules every write applies.
+
+        Without this a file could carry ids no backend stores alike: MariaDB refused a
+        300-character branch id with a driver error while SQLite and Postgres took it.
+        """
+        value = self.text(key)
+        try:
+            return check_identifier(value, repr(key))
+        except InvalidArgumentError as exc:
+            raise self.fail(str(exc)) from None
+
+    def integer(self, key: str, *, optional: bool = False, stored: bool = True) -> Any:
         value = self._get(key, optional)
         if value is None and optional:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(f"{key!r} must be an integer; got {_kind(value)}")
+        # A value that goes into an INTEGER column must fit it on every backend (Postgres and
+        # MariaDB refuse past 32 bits with a driver error, SQLite takes it).
+        if stored and not fits_integer_column(value):
+            raise self.fail(f"{key!r} is {value}, beyond what the INTEGER columns hold")
         return value
 
     def timestamp(self, key: str) -> str | None:
@@ -432,7 +451,7 @@ class RecordDecoder:
                 line, f"not a turnstore export: expected a header record of format {FORMAT_NAME!r}"
             )
         check = _Checker(line, record, _HEADER_KEYS)
-        version = check.integer("version")
+        version = check.integer("version", stored=False)
         if version > FORMAT_VERSION:
             raise ExportFileError(
                 line,
@@ -459,7 +478,7 @@ class RecordDecoder:
             kind = record["record"]
             if kind == "end":
                 check = _Checker(line, record, {"record", "sessions"})
-                declared = check.integer("sessions")
+                declared = check.integer("sessions", stored=False)
                 if declared != count:
                     raise check.fail(
                         f"the file says it holds {declared} sessions, but {count} came before "
@@ -479,13 +498,18 @@ class RecordDecoder:
 
     def _head(self, line: int, record: Mapping[str, Any]) -> SessionHead:
         check = _Checker(line, record, _SESSION_KEYS)
-        session_id = check.text("session_id")
+        session_id = check.identifier("session_id")
         has_row = check._get("has_session_row", False)
         if not isinstance(has_row, bool):
             raise check.fail(f"'has_session_row' must be true or false; got {_kind(has_row)}")
         reserved = check._get("reserved_branches", False)
         if not isinstance(reserved, list) or not all(isinstance(n, str) for n in reserved):
             raise check.fail("'reserved_branches' must be a list of strings")
+        for name in reserved:
+            try:
+                check_identifier(name, "a reserved branch name")
+            except InvalidArgumentError as exc:
+                raise check.fail(str(exc)) from None
         info = check._get("info", True)
         if info is not None:
             info = _checked_info(check, info)
@@ -563,7 +587,11 @@ class RecordDecoder:
         }
         for key, count in seen.items():
             # ``rows`` came with the row records; an end without it declares none.
-            declared = check.integer(key, optional=True) if key == "rows" else check.integer(key)
+            declared = (
+                check.integer(key, optional=True, stored=False)
+                if key == "rows"
+                else check.integer(key, stored=False)
+            )
             declared = declared or 0
             if declared != count:
                 raise check.fail(
@@ -608,11 +636,23 @@ class _SessionState:
             for name, value in values.items():
                 if value is not None and not isinstance(value, str | int | float | bool):
                     raise check.fail(f"'values.{name}' must be a string, number, boolean or null")
+                # The same rules as the other records, so MariaDB and Postgres do not refuse
+                # with a driver error what SQLite took.
+                if isinstance(value, int) and not isinstance(value, bool):
+                    if not fits_integer_column(value):
+                        raise check.fail(
+                            f"'values.{name}' is {value}, beyond what the INTEGER columns hold"
+                        )
+                elif name in _ID_COLUMNS and isinstance(value, str):
+                    try:
+                        check_identifier(value, f"'values.{name}'")
+                    except InvalidArgumentError as exc:
+                        raise check.fail(str(exc)) from None
             self.extras += 1
             return ExtraRow(table, values)
         if kind == "message":
             check = _Checker(line, record, _MESSAGE_KEYS)
-            message_id = check.integer("id")
+            message_id = check.integer("id", stored=False)
             if self.ids and message_id <= self.ids[-1]:
                 raise check.fail(
                     f"message ids must increase within a session; {message_id} follows "
@@ -623,7 +663,7 @@ class _SessionState:
             return MessageRow(message_id, check.timestamp("created_at"), check.text("data"))
         if kind == "structure":
             check = _Checker(line, record, _STRUCTURE_KEYS)
-            message_id = check.integer("message_id")
+            message_id = check.integer("message_id", stored=False)
             at = bisect.bisect_left(self.ids, message_id)
             if at == len(self.ids) or self.ids[at] != message_id:
                 raise check.fail(
@@ -632,7 +672,7 @@ class _SessionState:
             self.structure += 1
             return StructureRow(
                 message_id,
-                check.text("branch_id"),
+                check.identifier("branch_id"),
                 check.text("message_type"),
                 check.integer("sequence_number"),
                 check.integer("user_turn_number", optional=True),
@@ -641,7 +681,7 @@ class _SessionState:
                 check.timestamp("created_at"),
             )
         check = _Checker(line, record, _USAGE_KEYS)
-        key = (check.text("branch_id"), check.integer("user_turn_number"))
+        key = (check.identifier("branch_id"), check.integer("user_turn_number"))
         if key in self.usage_keys:
             raise check.fail(f"a second usage record for turn {key[1]} of branch {key[0]!r}")
         self.usage_keys.add(key)
