@@ -75,8 +75,9 @@ class EngineHandle:
         routines: Server functions known to exist, by table set (see
             :mod:`turnstore.persistence.server_routines`).
         distributed: Whether the database distributes its tables over several nodes (a
-            Citus coordinator), known once a schema is ready: statements that lock rows of
-            several sessions at once must then lock one session at a time.
+            Citus coordinator): statements that lock rows of several sessions at once must
+            then lock one session at a time. ``None`` until the first such statement asks
+           , so a process that never erases never pays the lookup.
         without_info: Table sets whose database predates the session info table (migration
             0005): sessions work, the store's features refuse.
         driver_calls: Runs single statements on the driver itself, where the engine's
@@ -96,7 +97,7 @@ class EngineHandle:
     ready_schemas: set[Hashable] = field(default_factory=set)
     routines: dict[Hashable, ServerRoutines] = field(default_factory=dict)
     without_info: set[Hashable] = field(default_factory=set)
-    distributed: bool = False
+    distributed: bool | None = None
     driver_calls: AsyncpgCalls | None = None
     schema_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     statement_size_limit: int | None = None

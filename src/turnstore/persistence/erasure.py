@@ -206,6 +206,8 @@ class Eraser:
         picked = self._q.pick(shape).scalars(conn, {**params, "limit": limit})
         if not picked:
             return Removed(), 0
+        if self._handle.distributed is None:
+            self._handle.distributed = self._handle.profile.cluster_node(conn) is not None
         if self._handle.distributed:
             # Citus locks rows of one shard per statement only: one session at a time, in
             # the order the other databases lock them in.

@@ -751,9 +751,6 @@ class ConversationRepository:
                     ", ".join(sorted(own)),
                 )
             await self._find_routines()
-            handle.distributed = await handle.read(
-                lambda conn: self._profile.cluster_node(conn) is not None
-            )
             handle.ready_schemas.add(key)
 
     async def _find_routines(self) -> None:
