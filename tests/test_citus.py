@@ -233,7 +233,11 @@ async def test_turn_path_statements_run_on_one_shard(citus: Backend) -> None:
         ),
         "usage": (
             routines.usage_call,
-            (sid, "main", 0, 1, 2, 3, 5, None, None, None, None, None),
+            (
+                *(sid, "main", 0, 1, 2, 3, 5, None, None, None, None, None),
+                # The models that served the turn (version 4 on): names, then six counts.
+                *(["gpt-4o"], *([1] for _ in range(6))),
+            )[: routines.usage_call.count("$")],
         ),
     }
     raw = await citus.engine.raw_connection()
