@@ -1560,7 +1560,7 @@ class ConversationRepository:
         copied = q.copy_branch.execute(
             conn, {**source_params, "new_branch": new_branch, "after": after}
         )
-        fork_preview = preview(fork_message)
+        fork_preview = _display_text(preview(fork_message))
         if self._has(self._t.lineage):
             q.record_lineage.execute(
                 conn, {**source_params, "new_branch": new_branch, "preview": fork_preview}
@@ -1811,3 +1811,15 @@ def _all_rows(
 
 def _one_row(conn: Connection, stmt: Executable, params: Mapping[str, Any] | None = None) -> Any:
     return conn.execute(stmt, params).one()
+
+
+def _display_text(text: str | None) -> str | None:
+    """``text`` as every database can store it in a text column: a preview, so lossy is fine.
+
+    Items keep NULs and lone surrogates exactly (escaped inside their JSON), but a preview is
+    plain text: Postgres refuses NUL there and no driver encodes a lone surrogate.
+    """
+    if text is None:
+        return None
+    cleaned = text.replace("\x00", "\ufffd")
+    return cleaned.encode("utf-8", "replace").decode("utf-8")
