@@ -1085,24 +1085,9 @@ class ConversationRepository:
             {"session_id": session_id},
             max_statement_bytes=self._handle.statement_size_limit,
         )
-        sequence, turn = max_sequence or 0, turn or 0
-        rows = []
-        for message, message_id in zip(messages, message_ids, strict=True):
-            sequence += 1
-            if message.is_user_message:
-                turn += 1
-            rows.append(
-                {
-                    "session_id": session_id,
-                    "message_id": message_id,
-                    "branch_id": branch_id,
-                    "message_type": message.message_type,
-                    "sequence_number": sequence,
-                    "user_turn_number": turn,
-                    "branch_turn_number": turn,
-                    "tool_name": message.tool_name,
-                }
-            )
+        rows = rewrite.structure_rows(
+            session_id, branch_id, messages, message_ids, max_sequence or 0, turn or 0
+        )
         q.insert_structure.execute_many(conn, rows)
         self._touch_info(conn, session_id)
         return BranchPointer(branch_id, generation)

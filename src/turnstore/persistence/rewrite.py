@@ -193,6 +193,41 @@ def delete_branch_rows(
     conn.execute(delete(s).where(s.c.session_id == session_id, s.c.branch_id == branch_id))
 
 
+def structure_rows(
+    session_id: str,
+    branch_id: str,
+    messages: Sequence[Numbered],
+    message_ids: Sequence[int],
+    last_sequence: int,
+    last_turn: int,
+) -> list[dict[str, Any]]:
+    """The ``message_structure`` rows that append stored messages to the end of a branch.
+
+    Every append numbers the same way (an SDK append, a suffix replace, a copy), so the rule
+    lives here once: sequence numbers continue the session's newest (``last_sequence``), and
+    each user message opens the branch's next turn after ``last_turn``.
+    """
+    sequence, turn = last_sequence, last_turn
+    rows = []
+    for message, message_id in zip(messages, message_ids, strict=True):
+        sequence += 1
+        if message.is_user_message:
+            turn += 1
+        rows.append(
+            {
+                "session_id": session_id,
+                "message_id": message_id,
+                "branch_id": branch_id,
+                "message_type": message.message_type,
+                "sequence_number": sequence,
+                "user_turn_number": turn,
+                "branch_turn_number": turn,
+                "tool_name": message.tool_name,
+            }
+        )
+    return rows
+
+
 def append_numbered(
     conn: Connection,
     tables: StoreTables,
@@ -227,21 +262,4 @@ def append_numbered(
         [{"session_id": session_id, "message_data": m.data} for m in messages],
         {"session_id": session_id},
     )
-    rows = []
-    for message, message_id in zip(messages, ids, strict=True):
-        sequence += 1
-        if message.is_user_message:
-            turn += 1
-        rows.append(
-            {
-                "session_id": session_id,
-                "message_id": message_id,
-                "branch_id": branch_id,
-                "message_type": message.message_type,
-                "sequence_number": sequence,
-                "user_turn_number": turn,
-                "branch_turn_number": turn,
-                "tool_name": message.tool_name,
-            }
-        )
-    conn.execute(s.insert(), rows)
+    conn.execute(s.insert(), structure_rows(session_id, branch_id, messages, ids, sequence, turn))
