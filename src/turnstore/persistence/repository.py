@@ -306,6 +306,9 @@ def format_timestamp(value: object) -> str | None:
     return None if value is None else str(value)
 
 
+#: Server functions' versions and whether each exists in the database.
+_RoutinesPresent = tuple[tuple[ServerRoutines, ...], list[bool]]
+
 # A literal LIMIT, not a bound one: Postgres plans a prepared statement's bound LIMIT without
 # knowing it is 1.
 _ONE = literal_column("1", Integer)
@@ -897,11 +900,9 @@ class ConversationRepository:
                 return
             if create:
                 self._check_schema_names()
-            current = (
-                self._t.is_default
-                and default_is_current is not None
-                and await handle.read(default_is_current)
-            )
+            current, routines_present = False, None
+            if self._t.is_default and default_is_current is not None:
+                current, routines_present = await handle.read(self._first_look, default_is_current)
             # At the newest migration, the default set is complete: nothing to inspect.
             missing = [] if current else await handle.read(self._missing_parts, default_is_current)
             if missing and create:
@@ -933,25 +934,70 @@ class ConversationRepository:
                     "upgrade) to add them.",
                     ", ".join(sorted(own)),
                 )
-            await self._find_routines()
+            await self._find_routines(routines_present)
             handle.ready_schemas.add(key)
 
-    async def _find_routines(self) -> None:
-        """Use the newest server functions the database has for appends and usage, if any."""
-        released = self._profile.server_routines(self._t)
-        versions = released
+    def _first_look(
+        self, conn: Connection, default_is_current: Callable[[Connection], bool]
+    ) -> tuple[bool, _RoutinesPresent | None]:
+        """Whether the default table set is at the newest migration, in one read.
+
+        At the newest migration, nothing is missing, and the rest of the preparation (the
+        server's limits, which server functions exist) is read on the same connection: a
+        fresh process's first call then takes one connection checkout and transaction, not
+        three.
+
+        Returns:
+            Whether the tables are current, and which server functions exist (see
+            :meth:`_find_routines`; ``None`` when they are not current or there are none).
+        """
+        if not default_is_current(conn):
+            return False, None
+        self._handle.read_limits_on(conn)
+        # Nothing is missing at the newest migration, so the versions asked about are those
+        # _find_routines will look for, unless another session of the handle marked a table
+        # absent meanwhile (it then asks again).
+        versions = self._routine_versions(nothing_absent=True)
+        if not versions:
+            return True, None
+        return True, (versions, self._routines_present(conn, versions))
+
+    def _routine_versions(self, *, nothing_absent: bool = False) -> tuple[ServerRoutines, ...]:
+        """The server functions' versions this store could use, newest first."""
+        if self._handle.driver_calls is None:
+            return ()
+        versions = self._profile.server_routines(self._t)
+        if nothing_absent:
+            return versions
         if not self.has_info_table:
             # Functions that keep the info table cannot run without it.
             versions = tuple(routines for routines in versions if not routines.maintains_info)
         if not self._has(self._t.turn_models):
             # Nor can functions that record a turn's models without their table.
             versions = tuple(routines for routines in versions if not routines.records_models)
-        if not versions or self._handle.driver_calls is None:
-            return
+        return versions
+
+    @staticmethod
+    def _routines_present(conn: Connection, versions: Sequence[ServerRoutines]) -> list[bool]:
+        """Whether each version's functions exist, in one query."""
         presence = ", ".join(f"({routines.presence_query})" for routines in versions)
-        present = await self._handle.read(
-            lambda conn: conn.exec_driver_sql(f"SELECT {presence}").one()
-        )
+        return [bool(here) for here in conn.exec_driver_sql(f"SELECT {presence}").one()]
+
+    async def _find_routines(self, known: _RoutinesPresent | None = None) -> None:
+        """Use the newest server functions the database has for appends and usage, if any.
+
+        Args:
+            known: Presence already read (by :meth:`_first_look`), used if it answers for
+                the versions this store can use now.
+        """
+        released = self._profile.server_routines(self._t)
+        versions = self._routine_versions()
+        if not versions:
+            return
+        if known is not None and known[0] == versions:
+            present = known[1]
+        else:
+            present = await self._handle.read(self._routines_present, versions)
         found = [routines for routines, here in zip(versions, present, strict=True) if here]
         if found:
             self._handle.routines[self._t.metadata] = found[0]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import re
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,10 @@ def script_location() -> Path:
     Raises:
         MigrationError: Neither copy exists (a broken installation).
     """
-    packaged = resources.files("turnstore") / "migrations"
-    candidates = [Path(str(packaged)), Path(__file__).resolve().parents[3] / "migrations"]
+    # The package's own folder, found from this file: ``importlib.resources`` would answer
+    # the same for an installed package, and cost a fresh process's first call a few imports.
+    here = Path(__file__).resolve()
+    candidates = [here.parents[1] / "migrations", here.parents[3] / "migrations"]
     for candidate in candidates:
         if (candidate / "env.py").is_file():
             return candidate
