@@ -320,9 +320,10 @@ class _Statements:
     The per-turn path, branch creation and the session's listings: building a statement
     costs as much as running most of them, so each is kept. Each is built when first asked
     for, not all up front: a short-lived process (a CLI, a serverless handler) uses a few of
-    them, and building the forty or so took it 10-25 ms. Once built, a statement is a plain
-    instance attribute (``cached_property`` stores it in the instance), as fast to reach as
-    one set in ``__init__``; two threads asking at once at worst build it twice, equally.
+    them, and building all forty or so cost its first call 4-5 ms of CPU. Once built, one is
+    a plain instance attribute (``cached_property`` stores it in the instance), as fast to
+    reach as one set in ``__init__``; two threads asking at once at worst build it twice,
+    equally.
     """
 
     def __init__(self, tables: StoreTables, profile: DialectProfile) -> None:
