@@ -183,12 +183,16 @@ async def test_cold_start_script_reports_first_and_warm_calls(backend: Backend) 
     assert set(report) == {backend.name}
     assert set(report[backend.name]) == {"create_tables", "no_create_tables", "sqlalchemy_floor"}
     for case, figures in report[backend.name].items():
-        for name in ("import_ms", "first_ms", "warm_ms", "process_ms"):
+        for name in ("import_ms", "first_ms", "warm_ms", "first_cpu_ms", "warm_cpu_ms"):
             assert is_positive_number(figures[name]), (case, name)
+        assert is_positive_number(figures["process_ms"]), case
         if case != "sqlalchemy_floor":
             assert is_positive_number(figures["driver_import_ms"]), case
         assert figures["first_minus_warm_ms"] == pytest.approx(
             figures["first_ms"] - figures["warm_ms"], abs=0.02
+        )
+        assert figures["first_minus_warm_cpu_ms"] == pytest.approx(
+            figures["first_cpu_ms"] - figures["warm_cpu_ms"], abs=0.02
         )
         # Nothing in the measured program involves SDK objects, so the SDK stays unimported.
         assert figures["sdk_imported"] is False, case

@@ -8,6 +8,7 @@ no planner settings. The figures are in ``benchmarks/cold_start.py``.
 
 from __future__ import annotations
 
+import ast
 import logging
 import subprocess
 import sys
@@ -92,6 +93,19 @@ print("agents" in sys.modules, "alembic" in sys.modules)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_importing_turnstore_does_not_import_alembic() -> None:
+    # Alembic (with Mako and Pygments) costs a few hundred milliseconds of every process's
+    # start; only schema changes need it.
+    code = "import sys, turnstore; print(sorted({n.split('.')[0] for n in sys.modules}))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    imported = set(ast.literal_eval(result.stdout.strip()))
+    assert "turnstore" in imported
+    assert imported.isdisjoint({"alembic", "mako", "pygments", "agents"})
 
 
 async def test_first_schema_creation_on_mysql_logs_no_driver_warning(

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from turnstore.errors import (
     ExportFileError,
@@ -55,8 +55,10 @@ from turnstore.persistence.moving import (
     StructureRow,
     UsageRow,
 )
-from turnstore.schema import migrate
 from turnstore.schema.adoption import DatabaseKind
+
+if TYPE_CHECKING:
+    from turnstore.schema import migrate
 
 
 @dataclass(frozen=True)
@@ -681,6 +683,10 @@ async def prepare_target(target: migrate.Target, *, migrate_schema: bool, where:
         SchemaMissingError: The target is behind and ``migrate_schema`` is false.
         ForeignDatabaseError: The target holds tables turnstore cannot use.
     """
+    # Imported here: Alembic costs every process that imports turnstore a few hundred ms,
+    # and only schema changes need it.
+    from turnstore.schema import migrate
+
     found, recorded = await migrate.inspect_target(target)
     head = migrate.head()
     if found.kind is DatabaseKind.EMPTY:

@@ -106,10 +106,14 @@ class EngineHandle:
 
     async def read_limits(self) -> None:
         """Read the server's limits once per engine (``max_allowed_packet`` on MySQL)."""
-        if self._limits_read:
-            return
-        self.statement_size_limit = await self.read(self.profile.statement_size_limit)
-        self._limits_read = True
+        if not self._limits_read:
+            await self.read(self.read_limits_on)
+
+    def read_limits_on(self, conn: Connection) -> None:
+        """:meth:`read_limits` on a connection the caller holds (inside one of its reads)."""
+        if not self._limits_read:
+            self.statement_size_limit = self.profile.statement_size_limit(conn)
+            self._limits_read = True
 
     @property
     def engine(self) -> object:

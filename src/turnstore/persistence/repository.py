@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, cached_property
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -39,7 +39,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import Executable, Select
+from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
+from sqlalchemy.sql.selectable import ScalarSelect
 
 from turnstore.errors import (
     BranchNameTakenError,
@@ -304,57 +306,100 @@ def format_timestamp(value: object) -> str | None:
     return None if value is None else str(value)
 
 
+#: Server functions' versions and whether each exists in the database.
+_RoutinesPresent = tuple[tuple[ServerRoutines, ...], list[bool]]
+
 # A literal LIMIT, not a bound one: Postgres plans a prepared statement's bound LIMIT without
 # knowing it is 1.
 _ONE = literal_column("1", Integer)
 
 
 class _Statements:
-    """Statements built once per table set and dialect.
+    """Statements built once per table set and dialect, each on its first use.
 
     The per-turn path, branch creation and the session's listings: building a statement
-    costs as much as running most of them.
+    costs as much as running most of them, so each is kept. Each is built when first asked
+    for, not all up front: a short-lived process (a CLI, a serverless handler) uses a few of
+    them, and building all forty or so cost its first call 4-5 ms of CPU. Once built, one is
+    a plain instance attribute (``cached_property`` stores it in the instance), as fast to
+    reach as one set in ``__init__``; two threads asking at once at worst build it twice,
+    equally.
     """
 
     def __init__(self, tables: StoreTables, profile: DialectProfile) -> None:
-        s, m, g = tables.structure, tables.messages, tables.generations
-        direct = profile.runs_prepared_statements_directly
+        self._tables = tables
+        self._profile = profile
+        self._direct = profile.runs_prepared_statements_directly
+        s = tables.structure
+        self._sid: BindParameter[str] = bindparam("sid", type_=s.c.session_id.type)
+        self._bid: BindParameter[str] = bindparam("bid", type_=s.c.branch_id.type)
+        self._turn: BindParameter[int] = bindparam("turn", type_=Integer)
 
-        def prepared(statement: Executable, **options: Any) -> PreparedStatement:
-            return PreparedStatement(statement, direct=direct, **options)
+    def _prepared(self, statement: Executable, **options: Any) -> PreparedStatement:
+        return PreparedStatement(statement, direct=self._direct, **options)
 
-        sid: BindParameter[str] = bindparam("sid", type_=s.c.session_id.type)
-        bid: BindParameter[str] = bindparam("bid", type_=s.c.branch_id.type)
-        history = (
+    # -- history reads -------------------------------------------------------------------
+
+    @cached_property
+    def _history(self) -> Select[Any]:
+        s, m = self._tables.structure, self._tables.messages
+        return (
             select(m.c.message_data)
             .join_from(s, m, and_(s.c.message_id == m.c.id, m.c.session_id == s.c.session_id))
-            .where(s.c.session_id == sid, s.c.branch_id == bid)
+            .where(s.c.session_id == self._sid, s.c.branch_id == self._bid)
         )
-        self.history = prepared(history.order_by(s.c.sequence_number))
-        self.latest = prepared(
-            history.order_by(s.c.sequence_number.desc()).limit(bindparam("limit", type_=Integer))
+
+    @cached_property
+    def history(self) -> PreparedStatement:
+        return self._prepared(self._history.order_by(self._tables.structure.c.sequence_number))
+
+    @cached_property
+    def latest(self) -> PreparedStatement:
+        s = self._tables.structure
+        return self._prepared(
+            self._history.order_by(s.c.sequence_number.desc()).limit(
+                bindparam("limit", type_=Integer)
+            )
         )
-        self.page = prepared(
-            history.add_columns(s.c.sequence_number)
+
+    @cached_property
+    def page(self) -> PreparedStatement:
+        s = self._tables.structure
+        return self._prepared(
+            self._history.add_columns(s.c.sequence_number)
             .where(s.c.sequence_number > bindparam("after", type_=Integer))
             .order_by(s.c.sequence_number)
             .limit(bindparam("limit", type_=Integer))
         )
+
+    # -- the session row and its info ----------------------------------------------------
+
+    @cached_property
+    def _touch_session(self) -> Insert:
         # Upserts set only the new row's own values (here the column default), never a
         # function: Citus refuses non-immutable functions in DO UPDATE SET.
-        touch_session = profile.upsert(
-            tables.sessions, {"session_id": sid}, ["session_id"], take_new_values=["updated_at"]
+        return self._profile.upsert(
+            self._tables.sessions,
+            {"session_id": self._sid},
+            ["session_id"],
+            take_new_values=["updated_at"],
         )
-        self.touch_session = prepared(touch_session)
+
+    @cached_property
+    def touch_session(self) -> PreparedStatement:
+        return self._prepared(self._touch_session)
+
+    @cached_property
+    def touch_info(self) -> PreparedStatement:
         # The session's info: created by a write when missing (with the writer's defaults),
         # its last activity moved forward, never back, by every write.
-        i = tables.info
+        i, profile = self._tables.info, self._profile
         now = profile.now_micros()
-        self.touch_info = prepared(
+        return self._prepared(
             profile.upsert(
                 i,
                 {
-                    "session_id": sid,
+                    "session_id": self._sid,
                     "user_id": bindparam("owner", type_=i.c.user_id.type),
                     "title": bindparam("title", type_=i.c.title.type),
                     "metadata": bindparam("metadata", type_=i.c["metadata"].type),
@@ -365,94 +410,155 @@ class _Statements:
                 keep_greater=["last_activity_us"],
             )
         )
-        self.bump_info = prepared(
+
+    @cached_property
+    def bump_info(self) -> PreparedStatement:
+        i, profile = self._tables.info, self._profile
+        return self._prepared(
             update(i)
-            .where(i.c.session_id == sid)
-            .values(last_activity_us=profile.later_of(now, i.c.last_activity_us))
+            .where(i.c.session_id == self._sid)
+            .values(last_activity_us=profile.later_of(profile.now_micros(), i.c.last_activity_us))
         )
-        self.lock_session = prepared(
-            select(tables.sessions.c.session_id)
-            .where(tables.sessions.c.session_id == sid)
+
+    @cached_property
+    def lock_session(self) -> PreparedStatement:
+        sessions = self._tables.sessions
+        return self._prepared(
+            select(sessions.c.session_id)
+            .where(sessions.c.session_id == self._sid)
             .with_for_update()
         )
+
+    # -- counters ------------------------------------------------------------------------
+
+    @cached_property
+    def max_turn(self) -> ScalarSelect[Any]:
         # "The newest index entry" rather than max(): the same single entry where the planner
         # knows the table, but Postgres may plan max() over a table it has no statistics for
         # yet as an aggregate over the whole branch, whose cost grows with the history.
-        self.max_turn = (
+        s = self._tables.structure
+        return (
             select(s.c.user_turn_number)
-            .where(s.c.session_id == sid, s.c.branch_id == bid, s.c.user_turn_number.is_not(None))
+            .where(
+                s.c.session_id == self._sid,
+                s.c.branch_id == self._bid,
+                s.c.user_turn_number.is_not(None),
+            )
             .order_by(s.c.user_turn_number.desc())
             .limit(_ONE)
             .scalar_subquery()
         )
-        self.max_sequence = (
+
+    @cached_property
+    def max_sequence(self) -> ScalarSelect[Any]:
+        s = self._tables.structure
+        return (
             select(s.c.sequence_number)
-            .where(s.c.session_id == sid)
+            .where(s.c.session_id == self._sid)
             .order_by(s.c.sequence_number.desc())
             .limit(_ONE)
             .scalar_subquery()
         )
-        self.generation = select(g.c.generation).where(g.c.session_id == sid).scalar_subquery()
-        self.append_counters = prepared(
+
+    @cached_property
+    def generation(self) -> ScalarSelect[Any]:
+        g = self._tables.generations
+        return select(g.c.generation).where(g.c.session_id == self._sid).scalar_subquery()
+
+    @cached_property
+    def append_counters(self) -> PreparedStatement:
+        return self._prepared(
             select(
                 self.max_sequence.label("max_sequence"),
                 self.max_turn.label("max_turn"),
                 self.generation.label("generation"),
             )
         )
-        self.branch_max_turn = prepared(select(self.max_turn))
-        self.insert_structure = prepared(insert(s), column_keys=STRUCTURE_COLUMNS)
-        self.insert_messages = profile.returning_insert(tables.messages)
-        self.usage_counters = prepared(select(self.max_turn, self.generation))
+
+    @cached_property
+    def branch_max_turn(self) -> PreparedStatement:
+        return self._prepared(select(self.max_turn))
+
+    @cached_property
+    def insert_structure(self) -> PreparedStatement:
+        return self._prepared(insert(self._tables.structure), column_keys=STRUCTURE_COLUMNS)
+
+    @cached_property
+    def insert_messages(self) -> Insert:
+        return self._profile.returning_insert(self._tables.messages)
+
+    @cached_property
+    def usage_counters(self) -> PreparedStatement:
+        return self._prepared(select(self.max_turn, self.generation))
+
+    @cached_property
+    def touch_returning_counters(self) -> PreparedStatement | None:
         # Where the write lock is database-wide, lock and read in one statement each.
-        self.touch_returning_counters = (
-            prepared(
-                touch_session.returning(
-                    self.max_sequence.label("max_sequence"),
-                    self.max_turn.label("max_turn"),
-                    self.generation.label("generation"),
-                )
+        if not self._profile.lock_statement_may_read:
+            return None
+        return self._prepared(
+            self._touch_session.returning(
+                self.max_sequence.label("max_sequence"),
+                self.max_turn.label("max_turn"),
+                self.generation.label("generation"),
             )
-            if profile.lock_statement_may_read
-            else None
         )
-        self.lock_returning_usage_counters = (
-            prepared(
-                select(tables.sessions.c.session_id, self.max_turn, self.generation).where(
-                    tables.sessions.c.session_id == sid
-                )
+
+    @cached_property
+    def lock_returning_usage_counters(self) -> PreparedStatement | None:
+        if not self._profile.lock_statement_may_read:
+            return None
+        sessions = self._tables.sessions
+        return self._prepared(
+            select(sessions.c.session_id, self.max_turn, self.generation).where(
+                sessions.c.session_id == self._sid
             )
-            if profile.lock_statement_may_read
-            else None
         )
-        self.current_generation = prepared(select(self.generation))
-        # Branch creation: short sessions fork in about a millisecond, about what building
-        # these statements afresh would cost.
-        turn: BindParameter[int] = bindparam("turn", type_=Integer)
-        self.fork_message = prepared(
+
+    @cached_property
+    def current_generation(self) -> PreparedStatement:
+        return self._prepared(select(self.generation))
+
+    @cached_property
+    def latest_sequence(self) -> PreparedStatement:
+        return self._prepared(select(self.max_sequence))
+
+    # -- branch creation -----------------------------------------------------------------
+    # Short sessions fork in about a millisecond, about what building these statements
+    # afresh would cost.
+
+    @cached_property
+    def fork_message(self) -> PreparedStatement:
+        s, m = self._tables.structure, self._tables.messages
+        return self._prepared(
             select(m.c.message_data)
             .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
             .where(
-                s.c.session_id == sid,
-                s.c.branch_id == bid,
-                s.c.branch_turn_number == turn,
+                s.c.session_id == self._sid,
+                s.c.branch_id == self._bid,
+                s.c.branch_turn_number == self._turn,
                 s.c.message_type == "user",
             )
             .order_by(s.c.sequence_number)
             .limit(_ONE)
         )
-        lineage = tables.lineage
-        self.record_lineage = prepared(
+
+    @cached_property
+    def record_lineage(self) -> PreparedStatement:
+        lineage = self._tables.lineage
+        return self._prepared(
             insert(lineage).values(
-                session_id=sid,
+                session_id=self._sid,
                 branch_id=bindparam("new_branch", type_=lineage.c.branch_id.type),
-                parent_branch_id=bid,
-                fork_turn=turn,
+                parent_branch_id=self._bid,
+                fork_turn=self._turn,
                 fork_preview=bindparam("preview", type_=Text),
             )
         )
-        self.latest_sequence = prepared(select(self.max_sequence))
-        r = tables.reservations
+
+    @cached_property
+    def names_taken(self) -> PreparedStatement:
+        r, s, sid = self._tables.reservations, self._tables.structure, self._sid
         name = bindparam("name", type_=r.c.branch_id.type)
         # Names in use: reserved ones, plus branches written before reservations existed.
         names_in_use = (
@@ -465,19 +571,40 @@ class _Statements:
         )
         in_use = names_in_use.selected_columns[0]
         # ``pattern`` (LIKE, escaped with "/") also finds generated names; NULL matches none.
-        self.names_taken = prepared(
+        return self._prepared(
             names_in_use.where(
                 or_(in_use == name, in_use.like(bindparam("pattern", type_=Text), escape="/"))
             )
         )
-        self.reserve_name = prepared(insert(r).values(session_id=sid, branch_id=name))
-        k = tables.append_keys
-        append_key = bindparam("key", type_=k.c.append_key.type)
-        self.append_key_stored = prepared(
-            select(k.c.session_id).where(k.c.session_id == sid, k.c.append_key == append_key)
+
+    @cached_property
+    def reserve_name(self) -> PreparedStatement:
+        r = self._tables.reservations
+        name = bindparam("name", type_=r.c.branch_id.type)
+        return self._prepared(insert(r).values(session_id=self._sid, branch_id=name))
+
+    @cached_property
+    def _append_key(self) -> BindParameter[str]:
+        return bindparam("key", type_=self._tables.append_keys.c.append_key.type)
+
+    @cached_property
+    def append_key_stored(self) -> PreparedStatement:
+        k = self._tables.append_keys
+        return self._prepared(
+            select(k.c.session_id).where(
+                k.c.session_id == self._sid, k.c.append_key == self._append_key
+            )
         )
-        self.store_append_key = prepared(insert(k).values(session_id=sid, append_key=append_key))
-        self.copy_branch = prepared(
+
+    @cached_property
+    def store_append_key(self) -> PreparedStatement:
+        k = self._tables.append_keys
+        return self._prepared(insert(k).values(session_id=self._sid, append_key=self._append_key))
+
+    @cached_property
+    def copy_branch(self) -> PreparedStatement:
+        s = self._tables.structure
+        return self._prepared(
             insert(s).from_select(
                 STRUCTURE_COLUMNS,
                 select(
@@ -490,13 +617,22 @@ class _Statements:
                     s.c.user_turn_number,
                     s.c.branch_turn_number,
                     s.c.tool_name,
-                ).where(s.c.session_id == sid, s.c.branch_id == bid, s.c.branch_turn_number < turn),
+                ).where(
+                    s.c.session_id == self._sid,
+                    s.c.branch_id == self._bid,
+                    s.c.branch_turn_number < self._turn,
+                ),
             )
         )
-        u = tables.usage
+
+    # -- usage and the models of each turn -----------------------------------------------
+
+    @cached_property
+    def _turn_usage(self) -> Select[Any]:
+        u = self._tables.usage
         # Token details read as the stored JSON text (every driver returns it as text under
         # a Text type) and are decoded by the repository, so the statement can run directly.
-        turn_usage = (
+        return (
             select(
                 u.c.user_turn_number,
                 u.c.requests,
@@ -506,24 +642,35 @@ class _Statements:
                 type_coerce(u.c.input_tokens_details, Text),
                 type_coerce(u.c.output_tokens_details, Text),
             )
-            .where(u.c.session_id == sid, u.c.branch_id == bid)
+            .where(u.c.session_id == self._sid, u.c.branch_id == self._bid)
             .order_by(u.c.user_turn_number)
         )
-        self.turn_usage = prepared(turn_usage)
-        self.one_turn_usage = prepared(
-            turn_usage.where(u.c.user_turn_number == bindparam("turn", type_=Integer))
+
+    @cached_property
+    def turn_usage(self) -> PreparedStatement:
+        return self._prepared(self._turn_usage)
+
+    @cached_property
+    def one_turn_usage(self) -> PreparedStatement:
+        u = self._tables.usage
+        return self._prepared(
+            self._turn_usage.where(u.c.user_turn_number == bindparam("turn", type_=Integer))
         )
+
+    @cached_property
+    def upsert_usage(self) -> PreparedStatement:
+        u = self._tables.usage
         usage_columns = [
             c.name
             for c in u.columns
             if c.name not in ("id", "session_id", "branch_id", "created_at")
         ]
-        self.upsert_usage = prepared(
-            profile.upsert(
+        return self._prepared(
+            self._profile.upsert(
                 u,
                 {
-                    "session_id": sid,
-                    "branch_id": bid,
+                    "session_id": self._sid,
+                    "branch_id": self._bid,
                     **{name: bindparam(name, type_=u.c[name].type) for name in usage_columns},
                 },
                 ["session_id", "branch_id", "user_turn_number"],
@@ -531,61 +678,101 @@ class _Statements:
             )
         )
 
-        tm = tables.turn_models
-        self.delete_turn_models = prepared(
+    @cached_property
+    def delete_turn_models(self) -> PreparedStatement:
+        tm = self._tables.turn_models
+        return self._prepared(
             delete(tm).where(
-                tm.c.session_id == sid,
-                tm.c.branch_id == bid,
+                tm.c.session_id == self._sid,
+                tm.c.branch_id == self._bid,
                 tm.c.user_turn_number == bindparam("turn", type_=Integer),
             )
         )
-        self.insert_turn_models = prepared(insert(tm), column_keys=TURN_MODEL_COLUMNS)
-        self.turn_models = prepared(
+
+    @cached_property
+    def insert_turn_models(self) -> PreparedStatement:
+        return self._prepared(insert(self._tables.turn_models), column_keys=TURN_MODEL_COLUMNS)
+
+    @cached_property
+    def turn_models(self) -> PreparedStatement:
+        tm = self._tables.turn_models
+        return self._prepared(
             select(*(tm.c[name] for name in TURN_MODEL_COLUMNS[1:]))
-            .where(tm.c.session_id == sid)
+            .where(tm.c.session_id == self._sid)
             .order_by(tm.c.branch_id, tm.c.user_turn_number, tm.c.position)
         )
 
-        # Analytics: whole-session and per-branch listings.
-        usage_totals = select(
+    # -- analytics: whole-session and per-branch listings --------------------------------
+
+    @cached_property
+    def _usage_totals(self) -> Select[Any, Any, Any, Any, int]:
+        u = self._tables.usage
+        return select(
             func.sum(u.c.requests),
             func.sum(u.c.input_tokens),
             func.sum(u.c.output_tokens),
             func.sum(u.c.total_tokens),
             func.count(),
-        ).where(u.c.session_id == sid)
-        self.session_usage = prepared(usage_totals)
-        self.branch_usage = prepared(usage_totals.where(u.c.branch_id == bid))
+        ).where(u.c.session_id == self._sid)
+
+    @cached_property
+    def session_usage(self) -> PreparedStatement:
+        return self._prepared(self._usage_totals)
+
+    @cached_property
+    def branch_usage(self) -> PreparedStatement:
+        return self._prepared(self._usage_totals.where(self._tables.usage.c.branch_id == self._bid))
+
+    @cached_property
+    def branches(self) -> PreparedStatement:
+        s = self._tables.structure
         created = func.min(_as_stored(s.c.created_at))
-        self.branches = prepared(
+        return self._prepared(
             select(
                 s.c.branch_id,
                 func.count(),
                 func.sum(case((s.c.message_type == "user", 1), else_=0)),
                 created,
             )
-            .where(s.c.session_id == sid)
+            .where(s.c.session_id == self._sid)
             .group_by(s.c.branch_id)
             # Ties (one timestamp) go by the first sequence number: a fork numbers its rows
             # after every row the session had, and ids need not grow (on Citus they come
             # from per-node ranges).
             .order_by(created, func.min(s.c.sequence_number))
         )
-        self.branch_structure = prepared(
+
+    @cached_property
+    def branch_structure(self) -> PreparedStatement:
+        s = self._tables.structure
+        return self._prepared(
             select(s.c.user_turn_number, s.c.message_type, s.c.tool_name)
-            .where(s.c.session_id == sid, s.c.branch_id == bid)
+            .where(s.c.session_id == self._sid, s.c.branch_id == self._bid)
             .order_by(s.c.sequence_number)
         )
-        user_turns = (
+
+    @cached_property
+    def _user_turns(self) -> Select[Any]:
+        s, m = self._tables.structure, self._tables.messages
+        return (
             select(s.c.branch_turn_number, m.c.message_data, _as_stored(s.c.created_at))
             .join_from(s, m, and_(m.c.id == s.c.message_id, m.c.session_id == s.c.session_id))
-            .where(s.c.session_id == sid, s.c.branch_id == bid, s.c.message_type == "user")
+            .where(
+                s.c.session_id == self._sid, s.c.branch_id == self._bid, s.c.message_type == "user"
+            )
             .order_by(s.c.branch_turn_number, s.c.sequence_number)
         )
-        self.user_turns = prepared(user_turns)
+
+    @cached_property
+    def user_turns(self) -> PreparedStatement:
+        return self._prepared(self._user_turns)
+
+    @cached_property
+    def user_turns_containing(self) -> PreparedStatement:
+        m = self._tables.messages
         # As icontains(autoescape=True) matches: both sides lowered by the database.
-        self.user_turns_containing = prepared(
-            user_turns.where(
+        return self._prepared(
+            self._user_turns.where(
                 func.lower(m.c.message_data).like(
                     func.lower(bindparam("pattern", type_=Text)), escape="/"
                 )
@@ -714,11 +901,9 @@ class ConversationRepository:
                 return
             if create:
                 self._check_schema_names()
-            current = (
-                self._t.is_default
-                and default_is_current is not None
-                and await handle.read(default_is_current)
-            )
+            current, routines_present = False, None
+            if self._t.is_default and default_is_current is not None:
+                current, routines_present = await handle.read(self._first_look, default_is_current)
             # At the newest migration, the default set is complete: nothing to inspect.
             missing = [] if current else await handle.read(self._missing_parts, default_is_current)
             if missing and create:
@@ -750,25 +935,70 @@ class ConversationRepository:
                     "upgrade) to add them.",
                     ", ".join(sorted(own)),
                 )
-            await self._find_routines()
+            await self._find_routines(routines_present)
             handle.ready_schemas.add(key)
 
-    async def _find_routines(self) -> None:
-        """Use the newest server functions the database has for appends and usage, if any."""
-        released = self._profile.server_routines(self._t)
-        versions = released
+    def _first_look(
+        self, conn: Connection, default_is_current: Callable[[Connection], bool]
+    ) -> tuple[bool, _RoutinesPresent | None]:
+        """Whether the default table set is at the newest migration, in one read.
+
+        At the newest migration, nothing is missing, and the rest of the preparation (the
+        server's limits, which server functions exist) is read on the same connection: a
+        fresh process's first call then takes one connection checkout and transaction, not
+        three.
+
+        Returns:
+            Whether the tables are current, and which server functions exist (see
+            :meth:`_find_routines`; ``None`` when they are not current or there are none).
+        """
+        if not default_is_current(conn):
+            return False, None
+        self._handle.read_limits_on(conn)
+        # Nothing is missing at the newest migration, so the versions asked about are those
+        # _find_routines will look for, unless another session of the handle marked a table
+        # absent meanwhile (it then asks again).
+        versions = self._routine_versions(nothing_absent=True)
+        if not versions:
+            return True, None
+        return True, (versions, self._routines_present(conn, versions))
+
+    def _routine_versions(self, *, nothing_absent: bool = False) -> tuple[ServerRoutines, ...]:
+        """The server functions' versions this store could use, newest first."""
+        if self._handle.driver_calls is None:
+            return ()
+        versions = self._profile.server_routines(self._t)
+        if nothing_absent:
+            return versions
         if not self.has_info_table:
             # Functions that keep the info table cannot run without it.
             versions = tuple(routines for routines in versions if not routines.maintains_info)
         if not self._has(self._t.turn_models):
             # Nor can functions that record a turn's models without their table.
             versions = tuple(routines for routines in versions if not routines.records_models)
-        if not versions or self._handle.driver_calls is None:
-            return
+        return versions
+
+    @staticmethod
+    def _routines_present(conn: Connection, versions: Sequence[ServerRoutines]) -> list[bool]:
+        """Whether each version's functions exist, in one query."""
         presence = ", ".join(f"({routines.presence_query})" for routines in versions)
-        present = await self._handle.read(
-            lambda conn: conn.exec_driver_sql(f"SELECT {presence}").one()
-        )
+        return [bool(here) for here in conn.exec_driver_sql(f"SELECT {presence}").one()]
+
+    async def _find_routines(self, known: _RoutinesPresent | None = None) -> None:
+        """Use the newest server functions the database has for appends and usage, if any.
+
+        Args:
+            known: Presence already read (by :meth:`_first_look`), used if it answers for
+                the versions this store can use now.
+        """
+        released = self._profile.server_routines(self._t)
+        versions = self._routine_versions()
+        if not versions:
+            return
+        if known is not None and known[0] == versions:
+            present = known[1]
+        else:
+            present = await self._handle.read(self._routines_present, versions)
         found = [routines for routines, here in zip(versions, present, strict=True) if here]
         if found:
             self._handle.routines[self._t.metadata] = found[0]
