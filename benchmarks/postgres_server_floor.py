@@ -50,7 +50,7 @@ from run import run_result, turn_items  # noqa: E402  # the items the main bench
 from turnstore.persistence import server_routines  # noqa: E402
 from turnstore.persistence.dialects import profile_for  # noqa: E402
 from turnstore.persistence.models import DEFAULT_TABLES  # noqa: E402
-from turnstore.persistence.repository import _statements  # noqa: E402
+from turnstore.persistence.statements import _statements  # noqa: E402
 from turnstore.schema import migrate  # noqa: E402
 from turnstore.sdk.items import to_new_messages  # noqa: E402
 from turnstore.sdk.usage import usage_from_result  # noqa: E402

@@ -136,7 +136,7 @@ async def stored_rows(engine: AsyncEngine, session_id: str) -> dict[str, Any]:
     from sqlalchemy import and_, select
 
     from turnstore.persistence.models import DEFAULT_TABLES as T
-    from turnstore.persistence.repository import format_timestamp
+    from turnstore.persistence.records import format_timestamp
 
     s, m, u = T.structure, T.messages, T.usage
     async with engine.connect() as conn:

@@ -25,7 +25,7 @@ from turnstore.errors import DistributionError
 from turnstore.persistence import server_routines
 from turnstore.persistence.dialects import profile_for
 from turnstore.persistence.models import DEFAULT_SERVER_TABLES
-from turnstore.persistence.repository import _statements
+from turnstore.persistence.statements import _statements
 from turnstore.schema import migrate
 
 # The revision before the server keys: tables Citus cannot distribute yet.

@@ -15,7 +15,7 @@ from tests.helpers import turn
 from tests.read_counters import grow_to, keep_postgres_from_analyzing, reads_by
 from turnstore.persistence.dialects import profile_for
 from turnstore.persistence.models import DEFAULT_TABLES
-from turnstore.persistence.repository import _statements
+from turnstore.persistence.statements import _statements
 
 SMALL, LARGE = 20, 300  # turns of two items each
 

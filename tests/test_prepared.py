@@ -166,7 +166,7 @@ def test_the_per_turn_statements_run_directly_on_sqlite() -> None:
 
     from turnstore.persistence.dialects import profile_for
     from turnstore.persistence.models import DEFAULT_TABLES
-    from turnstore.persistence.repository import _statements
+    from turnstore.persistence.statements import _statements
 
     statements = _statements(DEFAULT_TABLES, profile_for("sqlite"))
     # Each statement is built on first use (a cached property of the class).

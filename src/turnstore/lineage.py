@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from turnstore.persistence.repository import MAIN_BRANCH, BranchSummary, StoredLineage
+from turnstore.persistence.records import MAIN_BRANCH, BranchSummary, StoredLineage
 
 Origin = Literal["root", "recorded", "inferred", "unknown"]
 

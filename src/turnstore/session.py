@@ -48,15 +48,15 @@ from turnstore.lineage import BranchNode, build_tree
 from turnstore.persistence import engines
 from turnstore.persistence.failures import translated
 from turnstore.persistence.models import DEFAULT_MESSAGES_TABLE, DEFAULT_SESSIONS_TABLE, tables_for
-from turnstore.persistence.repository import (
+from turnstore.persistence.records import (
     MAIN_BRANCH,
     NO_INFO,
     BranchPointer,
-    ConversationRepository,
     InfoDefaults,
     ModelShare,
     UserTurn,
 )
+from turnstore.persistence.repository import ConversationRepository
 from turnstore.persistence.store_queries import StoreQueries
 from turnstore.persistence.validation import check_identifier, check_int
 from turnstore.redaction import identifier, log_failure

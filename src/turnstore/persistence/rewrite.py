@@ -20,7 +20,7 @@ from turnstore.persistence.models import StoreTables
 
 
 class Numbered(Protocol):
-    """An item to store, serialized and classified (``repository.NewMessage``)."""
+    """An item to store, serialized and classified (``records.NewMessage``)."""
 
     @property
     def data(self) -> str:  # noqa: D102

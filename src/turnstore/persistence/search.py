@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
-from turnstore.persistence.repository import format_timestamp
+from turnstore.persistence.records import format_timestamp
 from turnstore.persistence.rollups import Owners
 
 

@@ -2,7 +2,7 @@
 
 Items are the Responses-API input items the SDK's Runner hands to a session (dicts with a
 ``role`` or a ``type``). This module turns them into
-:class:`~turnstore.persistence.repository.NewMessage`
+:class:`~turnstore.persistence.records.NewMessage`
 records for the repository and back; the repository itself never looks inside an item.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from turnstore.errors import InvalidItemError
 from turnstore.persistence import jsoncodec
-from turnstore.persistence.repository import NewMessage, ToolCountRule
+from turnstore.persistence.records import NewMessage, ToolCountRule
 from turnstore.persistence.validation import text_problem
 from turnstore.redaction import model_data
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from turnstore.persistence.repository import ModelShare, UsageRecord
+from turnstore.persistence.records import ModelShare, UsageRecord
 
 
 def usage_from_result(

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from turnstore.sdk.items import decode, to_new_messages
 
 if TYPE_CHECKING:
-    from turnstore.persistence.repository import BranchPointer, ConversationRepository
+    from turnstore.persistence.records import BranchPointer
+    from turnstore.persistence.repository import ConversationRepository
 
 #: openai-agents versions whose wrappers were run against these hooks.
 SDK_VERSIONS_CHECKED = ("0.24.0",)
