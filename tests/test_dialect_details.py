@@ -20,7 +20,8 @@ from tests.conftest import Backend, fresh_mysql_backend
 from tests.helpers import assistant, function_call, function_output, turn, user
 from turnstore import AdvancedSession, BranchNameTakenError
 from turnstore.errors import SchemaLockTimeoutError
-from turnstore.persistence.dialects import MySQLProfile, profile_for
+from turnstore.persistence.dialects import profile_for
+from turnstore.persistence.dialects.mysql import MySQLProfile
 
 WIDE_TEXT = "emoji 🚀👩‍💻 CJK 東京 漢字 한국어 𠜎 and astral 🀄"
 

@@ -28,7 +28,10 @@ from turnstore import (
     InvalidItemError,
     StorageError,
 )
-from turnstore.persistence import dialects, repository
+from turnstore.persistence import repository
+from turnstore.persistence.dialects.base import DialectProfile
+from turnstore.persistence.dialects.mysql import MySQLProfile
+from turnstore.persistence.dialects.sqlite import SQLiteProfile
 
 # Searched for in error text and logs; the name SECRET itself shows in tracebacks' source lines.
 SECRET = "the launch code is " + "zq" * 3 + "-7734"
@@ -100,7 +103,7 @@ async def test_an_item_longer_than_a_statement_may_be_is_refused(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every backend pretends to have MariaDB's limit on statements, at 1 MB.
-    for profile in (dialects.DialectProfile, dialects.MySQLProfile):
+    for profile in (DialectProfile, MySQLProfile):
         monkeypatch.setattr(profile, "statement_size_limit", lambda self, conn: 1_000_000)
     session = backend.session(backend_session_id := f"s-{uuid.uuid4().hex[:8]}")
     await session.add_items(turn("before"))
@@ -186,7 +189,7 @@ async def test_engines_turnstore_creates_hide_statement_parameters(backend: Back
 async def short_lock_wait_engine(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> AsyncEngine:
     """A new engine on the backend whose writes give up on a lock after well under a second."""
     if backend.name == "sqlite":
-        monkeypatch.setattr(dialects.SQLiteProfile, "busy_timeout_seconds", 0.3)
+        monkeypatch.setattr(SQLiteProfile, "busy_timeout_seconds", 0.3)
         return backend.new_engine()
     if backend.name == "postgres":
         options = dict(backend.engine_options)

@@ -25,7 +25,7 @@ from tests.migration_helpers import (
     usage_result,
 )
 from turnstore.errors import DistributionError, UnknownRevisionError
-from turnstore.persistence.dialects import PostgresProfile
+from turnstore.persistence.dialects.postgres import PostgresProfile
 from turnstore.persistence.models import DEFAULT_TABLES
 from turnstore.schema import migrate
 

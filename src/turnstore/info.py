@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from turnstore.errors import InvalidArgumentError
-from turnstore.persistence.dialects import JSONScalar
+from turnstore.persistence.dialects.base import JSONScalar
 from turnstore.persistence.jsoncodec import loads_or_none
 from turnstore.persistence.models import MAX_TITLE_LENGTH
 from turnstore.persistence.store_queries import SessionRow

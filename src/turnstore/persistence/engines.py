@@ -37,7 +37,8 @@ from sqlalchemy.pool import StaticPool
 
 from turnstore.errors import InvalidArgumentError, MissingExtraError, connection_lost
 from turnstore.persistence.batching import GroupRunner, Job, Outcome
-from turnstore.persistence.dialects import DialectProfile, profile_for
+from turnstore.persistence.dialects import profile_for
+from turnstore.persistence.dialects.base import DialectProfile
 from turnstore.persistence.driver_calls import AsyncpgCalls
 from turnstore.persistence.server_routines import ServerRoutines
 

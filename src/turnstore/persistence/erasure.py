@@ -22,7 +22,7 @@ from sqlalchemy import BigInteger, Integer, bindparam, delete, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from turnstore.persistence.dialects import DialectProfile
+from turnstore.persistence.dialects.base import DialectProfile
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
 from turnstore.persistence.prepared import PreparedStatement

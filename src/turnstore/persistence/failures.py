@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from turnstore.errors import ReadOnlyDatabaseError, StorageError
-from turnstore.persistence.dialects import DialectProfile
+from turnstore.persistence.dialects.base import DialectProfile
 from turnstore.redaction import dont_log_model_data
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy import and_, case, delete, exists, func, select, update
 from sqlalchemy.engine import Connection
 
-from turnstore.persistence.dialects import DialectProfile, utc_now
+from turnstore.persistence.dialects.base import DialectProfile, utc_now
 from turnstore.persistence.models import StoreTables
 
 

@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import ColumnElement, Select
 
-from turnstore.persistence.dialects import DialectProfile
+from turnstore.persistence.dialects.base import DialectProfile
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
 

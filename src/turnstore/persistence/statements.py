@@ -31,7 +31,7 @@ from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 from sqlalchemy.sql.selectable import ScalarSelect
 
-from turnstore.persistence.dialects import DialectProfile
+from turnstore.persistence.dialects.base import DialectProfile
 from turnstore.persistence.models import StoreTables
 from turnstore.persistence.prepared import PreparedStatement
 

@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from turnstore.persistence.dialects import DialectProfile, JSONScalar
+from turnstore.persistence.dialects.base import DialectProfile, JSONScalar
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
 from turnstore.persistence.prepared import PreparedStatement

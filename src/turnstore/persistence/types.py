@@ -2,7 +2,7 @@
 
 They live apart from the dialect profiles so that the table definitions need only the types,
 and the profiles, which take table sets, need nothing from the models at import time. Together
-with ``dialects.py`` this is the one place that knows what each database calls things.
+with the ``dialects`` package this is the one place that knows what each database calls things.
 """
 
 from __future__ import annotations

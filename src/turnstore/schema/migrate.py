@@ -1,11 +1,10 @@
 """Run turnstore's schema migrations from code: upgrade, downgrade, stamp, inspect, adopt.
 
 Every function that changes the schema opens one transaction, takes the dialect's schema lock
-(:meth:`turnstore.persistence.dialects.DialectProfile.lock_schema`) and only then lets Alembic read
-the
-version table, so processes that upgrade at the same time run one after the other: the first
-migrates, the rest find the database at head and do nothing. That makes :func:`upgrade` safe to
-await at application start-up.
+(:meth:`turnstore.persistence.dialects.base.DialectProfile.lock_schema`) and only then lets
+Alembic read the version table, so processes that upgrade at the same time run one after the
+other: the first migrates, the rest find the database at head and do nothing. That makes
+:func:`upgrade` safe to await at application start-up.
 
 The Alembic scripts ship inside the package (``turnstore/migrations``) and are found there
 first, then in a source checkout's top-level ``migrations/`` folder.
@@ -38,7 +37,8 @@ from turnstore.errors import (
     MissingExtraError,
     UnknownRevisionError,
 )
-from turnstore.persistence.dialects import DialectProfile, profile_for
+from turnstore.persistence.dialects import profile_for
+from turnstore.persistence.dialects.base import DialectProfile
 from turnstore.schema import adoption, distribution
 from turnstore.schema.check import VERSION_TABLE, script_location
 
