@@ -1,6 +1,6 @@
 """Citus (distributed Postgres): recognise a coordinator and call its distribution functions.
 
-Postgres-only; :class:`turnstore.persistence.dialects.PostgresProfile` uses it. What to
+Postgres-only; :class:`turnstore.persistence.dialects.postgres.PostgresProfile` uses it. What to
 distribute, and how, is decided in :mod:`turnstore.schema.distribution`; this module only
 knows Citus's catalog and functions. Every query here is scoped to the connection's current
 schema (``current_schema()``), the schema turnstore's unqualified table names resolve to.

@@ -213,3 +213,8 @@ def format_timestamp(value: object) -> str | None:
             value = value.astimezone(UTC).replace(tzinfo=None)
         return value.strftime("%Y-%m-%d %H:%M:%S")
     return None if value is None else str(value)
+
+
+def escaped_for_like(text: str) -> str:
+    """``text`` as a literal inside a LIKE pattern whose escape character is ``/``."""
+    return text.replace("/", "//").replace("%", "/%").replace("_", "/_")

@@ -19,12 +19,12 @@ from turnstore.persistence.records import (
     CreatedBranch,
     DeletedBranch,
     StoredLineage,
+    escaped_for_like,
     format_timestamp,
 )
 from turnstore.persistence.repository_core import (
     RepositoryCore,
     all_rows,
-    escaped_for_like,
     one_row,
 )
 from turnstore.persistence.statements import as_stored

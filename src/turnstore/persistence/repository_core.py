@@ -99,11 +99,6 @@ class RepositoryCore:
         return table.name not in self._handle.absent_tables.get(self._t.metadata, frozenset())
 
 
-def escaped_for_like(text: str) -> str:
-    """``text`` as a literal inside a LIKE pattern whose escape character is ``/``."""
-    return text.replace("/", "//").replace("%", "/%").replace("_", "/_")
-
-
 # Units of work shared by the read paths: run one statement, shape its result.
 
 

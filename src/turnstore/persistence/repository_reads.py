@@ -20,9 +20,10 @@ from turnstore.persistence.records import (
     StoredTurnUsage,
     ToolCountRule,
     UserTurn,
+    escaped_for_like,
     format_timestamp,
 )
-from turnstore.persistence.repository_core import RepositoryCore, all_rows, escaped_for_like
+from turnstore.persistence.repository_core import RepositoryCore, all_rows
 from turnstore.persistence.statements import as_stored
 from turnstore.persistence.types import INTEGER_MAX
 from turnstore.persistence.validation import fits_integer_column

@@ -18,13 +18,8 @@ from sqlalchemy.engine import Connection
 
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
-from turnstore.persistence.records import format_timestamp
+from turnstore.persistence.records import escaped_for_like, format_timestamp
 from turnstore.persistence.rollups import Owners
-
-
-def escaped_for_like(text: str) -> str:
-    """``text`` as a literal inside a LIKE pattern whose escape character is ``/``."""
-    return text.replace("/", "//").replace("%", "/%").replace("_", "/_")
 
 
 async def candidates(
