@@ -235,3 +235,77 @@ def test_demo_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     assert shell.returncode == 3
     one_error_line(shell.stderr, "does not exist")
     assert not path.parent.exists()
+
+
+# Every command that opens the store, with arguments that need no particular session.
+STORE_COMMANDS = (
+    ["sessions"],
+    ["show", "s1"],
+    ["tree", "s1"],
+    ["search", "hi"],
+    ["usage"],
+    ["rm", "s1", "--yes"],
+    ["prune", "--inactive-for", "1d", "--yes"],
+    ["erase-user", "bob", "--yes"],
+)
+# Those that need the session info table (migration 0005), which an SDK file and a database
+# upgraded before 0005 lack; the others read such databases as they are.
+INFO_COMMANDS = (
+    ["sessions"],
+    ["search", "hi", "--user", "bob"],
+    ["usage", "--by", "user"],
+    ["rm", "s1", "--yes"],
+    ["prune", "--inactive-for", "1d", "--yes"],
+    ["erase-user", "bob", "--yes"],
+)
+
+
+def test_a_database_without_the_schema_names_the_exact_fix(tmp_path: Path) -> None:
+    # These said "Pass create_tables=True to create them, or run the migrations first"
+    # (advice for Python code, naming no command), and usage/search by user was a usage
+    # error (exit code 2) on a schema that is behind.
+    never = tmp_path / "never upgraded.db"
+    with sqlite3.connect(never) as connection:
+        connection.execute("CREATE TABLE other_app (x INTEGER)")
+    behind = tmp_path / "behind.db"
+    asyncio.run(migrate.upgrade(url_of(behind), "0004"))
+    sdk = tmp_path / "sdk.db"
+    asyncio.run(build_sdk_database(sdk))
+    # The path with a space is quoted, so that the command pastes into a shell.
+    cases = (
+        (never, STORE_COMMANDS, "has no turnstore schema", f"upgrade --url '{url_of(never)}'"),
+        (behind, INFO_COMMANDS, "is at revision 0004, behind", f"upgrade --url {url_of(behind)}"),
+        (sdk, INFO_COMMANDS, "not adopted", f"adopt --url {url_of(sdk)}"),
+    )
+    for path, commands, why, fix in cases:
+        for args in commands:
+            result = invoke(*args, "--url", url_of(path))
+            assert result.exit_code == common.ExitCode.REFUSED, (path, args, result.stderr)
+            assert result.stdout == ""
+            one_error_line(result.stderr, why)
+            assert result.stderr.endswith(f"; run `turnstore db {fix}`\n"), result.stderr
+    # The fix works.
+    shell = run_cli(["sessions", "--url", url_of(never)])
+    assert shell.returncode == common.ExitCode.REFUSED
+    assert "turnstore db upgrade --url" in shell.stderr
+    assert run_cli(["db", "upgrade", "--url", url_of(never)]).returncode == 0
+    assert invoke("sessions", "--url", url_of(never)).exit_code == 0
+
+
+async def test_the_fix_for_a_server_database_masks_its_password(
+    postgres_url: str,
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    from tests.migration_helpers import fresh_postgres_database
+
+    async with fresh_postgres_database(postgres_url) as plain:
+        parsed = make_url(plain)
+        password = parsed.password or "s3cret-pw"  # a server trusting local logins ignores it
+        url = parsed.set(password=password).render_as_string(hide_password=False)
+        result = await asyncio.to_thread(invoke, "sessions", "--url", url)
+        assert result.exit_code == common.ExitCode.REFUSED, result.stderr
+        masked = make_url(url).render_as_string(hide_password=True)
+        assert ":***@" in masked
+        one_error_line(result.stderr, f"; run `turnstore db upgrade --url '{masked}'`")
+        assert str(password) not in result.stderr

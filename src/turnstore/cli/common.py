@@ -24,6 +24,7 @@ import enum
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from turnstore.errors import (
     ConfirmationRequiredError,
     DatabaseUnavailableError,
     DistributionError,
+    ExportFileError,
     ForeignDatabaseError,
     InvalidArgumentError,
     MigrationError,
@@ -72,6 +74,9 @@ class ExitCode(enum.IntEnum):
     """A destructive command was not confirmed (pass ``--yes``)."""
     NOT_FOUND = 7
     """A named session, branch or turn does not exist."""
+    BAD_FILE = 8
+    """An input file is not a valid turnstore export (corrupt, truncated, items that are not
+    JSON objects); nothing of it was written."""
     INTERRUPTED = 130
     """Interrupted (Ctrl-C)."""
 
@@ -79,12 +84,14 @@ class ExitCode(enum.IntEnum):
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 operation failed; 2 bad usage, URL or missing extra; "
     "3 database unreachable; 4 unknown revision; 5 database refused (the error names the "
-    "command that fixes it); 6 not confirmed (pass --yes); 7 not found; 130 interrupted."
+    "command that fixes it); 6 not confirmed (pass --yes); 7 not found; 8 invalid export "
+    "file (nothing imported); 130 interrupted."
 )
 
 # Most specific first: the first matching class decides the exit code.
 _EXIT_CODES: tuple[tuple[type[TurnstoreError], ExitCode], ...] = (
     (ConfirmationRequiredError, ExitCode.NOT_CONFIRMED),
+    (ExportFileError, ExitCode.BAD_FILE),
     (InvalidArgumentError, ExitCode.USAGE),
     (MissingExtraError, ExitCode.USAGE),
     (DatabaseUnavailableError, ExitCode.UNAVAILABLE),
@@ -198,6 +205,49 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(_shown, text)
 
 
+# An id is shown bare only when nothing about it can be misread: no whitespace (which would
+# vanish at either end, or blur into the columns around it), nothing unprintable (control
+# characters, bidirectional overrides, unpaired surrogates), not empty, and not starting with
+# a quote (which would pass for the quoting below).
+def shown_id(value: str) -> str:
+    r"""A session, user or branch id as the command line prints it: unambiguous.
+
+    Ids are identities, stored exactly and never trimmed, so ``" chat"`` and ``"chat"`` are
+    different sessions. An id printed bare could hide that; any id with whitespace, a
+    character that is not printable, a leading quote, or no characters at all is printed as a
+    Python string literal instead (``' chat'``, ``'a\x00b'``, ``'\u202eevil'``, ``''``), whose
+    escapes spell out every character that is not printable. Ids are printed as text, never
+    as rich markup (``[bold]`` in an id stays as it is).
+    """
+    if value and value.isprintable() and not _SPACE.search(value) and value[0] not in "'\"":
+        return value
+    return repr(value)
+
+
+_SPACE = re.compile(r"\s")
+
+
+def hidden_url(url: str) -> str:
+    """``url`` as messages show it: the password masked (``***``)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # a malformed URL is reported by the command itself
+        return url
+
+
+def db_fix(command: str, url: str) -> str:
+    """The ``turnstore db`` command that fixes a database's schema, ready to paste.
+
+    Args:
+        command: ``"upgrade"`` or ``"adopt"``.
+        url: The URL the user gave (its password is masked; a URL with characters a shell
+            would interpret is quoted).
+    """
+    return f"turnstore db {command} --url {shlex.quote(hidden_url(url))}"
+
+
 def json_text(data: Any) -> str:
     """``data`` as one JSON document; unpaired surrogates stay exact as JSON escapes."""
     text = json.dumps(data, ensure_ascii=False, sort_keys=True, default=str)
@@ -249,8 +299,16 @@ def exit_code_for(exc: TurnstoreError) -> ExitCode:
 
 
 def one_line(text: object) -> str:
-    """``text`` with every run of whitespace (newlines included) folded to one space."""
-    return " ".join(str(text).split())
+    """``text`` on one line, surrounding whitespace gone.
+
+    Every run of whitespace holding a line break or another whitespace control character
+    folds to one space; runs of plain spaces stay, so an id quoted in a message keeps its
+    spaces.
+    """
+    return _BREAKS.sub(" ", str(text)).strip()
+
+
+_BREAKS = re.compile(r"[ ]*[^\S ]\s*")
 
 
 def error_line(command: str, exc: BaseException) -> str:
@@ -270,7 +328,8 @@ def error_line(command: str, exc: BaseException) -> str:
 
 def fail(command: str, exc: BaseException) -> ExitCode:
     """Print ``exc`` as one line on stderr; returns the exit code to end with."""
-    text = error_line(command, exc)
+    # Messages may quote a URL, a path or a driver's words: never a raw control character.
+    text = printable(error_line(command, exc))
     head, sep, rest = text.partition(": error: ")
     if sep:
         text = head + _style(sep, sys.stderr, fg="red", bold=True) + rest
