@@ -309,3 +309,50 @@ async def test_the_fix_for_a_server_database_masks_its_password(
         assert ":***@" in masked
         one_error_line(result.stderr, f"; run `turnstore db upgrade --url '{masked}'`")
         assert str(password) not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgres://app@db/app", "does not support the 'postgres' dialect"),
+        ("http://example.com/x", "does not support the 'http' dialect"),
+        ("not a url", "Not a database URL"),
+        ("sqlite+aiosqlite://", "An in-memory SQLite database starts empty in every command"),
+        ("sqlite+aiosqlite:///:memory:", "An in-memory SQLite database starts empty"),
+    ],
+)
+def test_urls_no_command_can_use_are_usage_errors(url: str, message: str) -> None:
+    # postgres:// was "unexpected NotImplementedError" (exit code 1); an in-memory database
+    # was "no turnstore schema; run `turnstore db upgrade --url sqlite+aiosqlite://`", a fix
+    # that cannot work for a database gone when the command ends.
+    for args in (["sessions"], ["show", "x"], ["db", "current"], ["rm", "x", "--yes"]):
+        result = invoke(*args, "--url", url)
+        assert result.exit_code == common.ExitCode.USAGE, (args, result.stderr)
+        one_error_line(result.stderr, message)
+
+
+def test_a_file_that_is_no_database_is_one_clean_line(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database, not at all")
+    result = invoke("sessions", "--url", url_of(junk))
+    assert result.exit_code == common.ExitCode.UNAVAILABLE
+    one_error_line(result.stderr, "file is not a database")
+    assert "Background on this error" not in result.stderr  # SQLAlchemy's link: noise
+
+
+def test_a_closed_output_pipe_ends_quietly(tmp_path: Path) -> None:
+    # `turnstore show demo | head -1` printed "unexpected BrokenPipeError" (exit code 1)
+    # once the reader had gone.
+    path = tmp_path / "demo.db"
+    assert run_cli(["demo", "--db", str(path)]).returncode == 0
+    child = subprocess.Popen(
+        [sys.executable, "-m", "turnstore.cli", "show", "demo", "--url", url_of(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+    )
+    assert child.stdout is not None
+    child.stdout.close()  # long before the child has started up and written anything
+    _, stderr = child.communicate()
+    assert child.returncode == common.ExitCode.BROKEN_PIPE
+    assert stderr == b""

@@ -130,6 +130,15 @@ async def test_errors_are_one_line_with_the_documented_exit_code(
     # Nothing is left that looks like an export.
     assert not await asyncio.to_thread(lambda: list(tmp_path.glob("unfinished.jsonl*")))
 
+    # A folder, or a file in a folder that does not exist: refused before reading, nothing
+    # left behind (was "unexpected IsADirectoryError" with the .partial file left).
+    for output, problem in ((tmp_path, "is a folder"), (tmp_path / "no" / "x.jsonl", "does not")):
+        unwritable = await invoke(["export", "--url", url, "-o", str(output)])
+        assert unwritable.exit_code == common.ExitCode.USAGE, unwritable.stderr
+        assert problem in unwritable.stderr
+        assert unwritable.stderr.count("\n") == 1
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("*.partial")))
+
     both = await invoke(["export", "--url", url, "--session", "a", "--user", "b"])
     assert both.exit_code == common.ExitCode.USAGE
     assert "not both" in both.stderr

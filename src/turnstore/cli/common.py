@@ -79,13 +79,16 @@ class ExitCode(enum.IntEnum):
     JSON objects); nothing of it was written."""
     INTERRUPTED = 130
     """Interrupted (Ctrl-C)."""
+    BROKEN_PIPE = 141
+    """The reader of the output went away (``turnstore sessions | head -1``), as for any
+    command a shell's pipe stops (128 + SIGPIPE); nothing is printed."""
 
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 operation failed; 2 bad usage, URL or missing extra; "
     "3 database unreachable; 4 unknown revision; 5 database refused (the error names the "
     "command that fixes it); 6 not confirmed (pass --yes); 7 not found; 8 invalid export "
-    "file (nothing imported); 130 interrupted."
+    "file (nothing imported); 130 interrupted; 141 output pipe closed."
 )
 
 # Most specific first: the first matching class decides the exit code.
@@ -143,18 +146,43 @@ YesOption = Annotated[
 def resolve_url(url: str | None) -> str:
     """The database URL a command uses: ``--url``, else ``$TURNSTORE_DATABASE_URL``.
 
-    Typer already falls back to the variable for :data:`UrlOption`; this only refuses the
-    case where neither is set.
+    Typer already falls back to the variable for :data:`UrlOption`; this refuses the case
+    where neither is set, and a URL that is malformed or names a database turnstore does not
+    support (``postgres://`` was an "unexpected NotImplementedError", exit code 1).
 
     Raises:
-        InvalidArgumentError: Neither is set.
+        InvalidArgumentError: Neither is set, or the URL is not one turnstore can use.
     """
-    if url:
-        return url
-    raise InvalidArgumentError(
-        f"No database URL: pass --url or set {URL_VARIABLE} "
-        "(e.g. --url sqlite+aiosqlite:///conversations.db)"
-    )
+    if not url:
+        raise InvalidArgumentError(
+            f"No database URL: pass --url or set {URL_VARIABLE} "
+            "(e.g. --url sqlite+aiosqlite:///conversations.db)"
+        )
+    check_url(url)
+    return url
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL that is malformed or names a database turnstore does not support.
+
+    Raises:
+        InvalidArgumentError: It is one; the message says what a URL looks like.
+    """
+    from sqlalchemy.engine import make_url
+
+    from turnstore.persistence.dialects import profile_for
+
+    example = "e.g. sqlite+aiosqlite:///conversations.db or postgresql+asyncpg://app@db/app"
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"Not a database URL ({one_line(exc)}); expected {example}"
+        ) from None
+    try:
+        profile_for(parsed.get_backend_name())
+    except NotImplementedError as exc:
+        raise InvalidArgumentError(f"{one_line(exc)}; {example}") from None
 
 
 # -- terminals -----------------------------------------------------------------------------
@@ -314,7 +342,7 @@ _BREAKS = re.compile(r"[ ]*[^\S ]\s*")
 def error_line(command: str, exc: BaseException) -> str:
     """The single stderr line for ``exc`` raised by ``command`` (without colour)."""
     if isinstance(exc, TurnstoreError):
-        message = one_line(exc) or type(exc).__name__
+        message = _BACKGROUND.sub("", one_line(exc)) or type(exc).__name__
         fix = getattr(exc, "fix", None)
         if fix and fix not in message:
             message = f"{message.rstrip('.')}; run `{fix}`"
@@ -324,6 +352,11 @@ def error_line(command: str, exc: BaseException) -> str:
             f"(set {TRACEBACK_VARIABLE}=1 to see the traceback)"
         )
     return f"{command}: error: {message}"
+
+
+# SQLAlchemy ends a driver error's text with a link to its error-code page: noise in a
+# one-line error.
+_BACKGROUND = re.compile(r" ?\(Background on this error at: [^)]*\)")
 
 
 def fail(command: str, exc: BaseException) -> ExitCode:
@@ -439,6 +472,10 @@ class TurnstoreGroup(typer.core.TyperGroup):
         except (typer.Abort, KeyboardInterrupt, EOFError):
             typer.echo("turnstore: interrupted", err=True)
             return int(ExitCode.INTERRUPTED)
+        except BrokenPipeError:
+            # `turnstore sessions | head -1`: was "unexpected BrokenPipeError", exit code 1.
+            _discard_stdout()
+            return int(ExitCode.BROKEN_PIPE)
         except Exception as exc:
             if _is_usage_error(exc):
                 return _usage_failure(exc)
@@ -447,6 +484,16 @@ class TurnstoreGroup(typer.core.TyperGroup):
             command = meta.get("turnstore.command_path", "turnstore")
             return int(fail(command, exc))
         return int(ExitCode.OK)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's final flush stays quiet."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture)
+        pass
 
 
 def _is_usage_error(exc: Exception) -> bool:

@@ -105,6 +105,16 @@ def _require_existing_sqlite_file(url: str) -> None:
         profile = profile_for(parsed.get_backend_name())
     except Exception:
         return  # the command reports the malformed or unsupported URL itself
+    if parsed.get_backend_name() == "sqlite" and (
+        parsed.database in (None, "", ":memory:") or "mode=memory" in (parsed.database or "")
+    ):
+        # Each command is a new process with a new, empty in-memory database: what was
+        # "no turnstore schema; run `turnstore db upgrade --url sqlite+aiosqlite://`" could
+        # never be fixed that way.
+        raise InvalidArgumentError(
+            "An in-memory SQLite database starts empty in every command and is gone after it; "
+            "give a file, e.g. --url sqlite+aiosqlite:///conversations.db"
+        )
     missing = profile.missing_file(parsed)
     if missing is not None:
         raise DatabaseUnavailableError(

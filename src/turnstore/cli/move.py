@@ -37,6 +37,7 @@ from turnstore.errors import (
     ForeignDatabaseError,
     InvalidArgumentError,
     SchemaMissingError,
+    TurnstoreError,
 )
 from turnstore.info import check_user_id, to_micros
 from turnstore.persistence import engines
@@ -350,6 +351,8 @@ def export(
     to_stdout = output == "-"
     filters = _Filters(session, user, active_after, active_before)
     filters.selection()  # bad filters fail before anything is written
+    if not to_stdout:
+        _check_output(Path(output))
 
     async def run(file: IO[bytes]) -> transfer.TransferSummary:
         await _check_source(source)
@@ -377,16 +380,36 @@ def export(
         try:
             with partial.open("wb") as file:
                 summary = asyncio.run(run(file))
-        except BaseException:
+            partial.replace(path)
+        except BaseException as exc:
             partial.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.filename in (str(partial), str(path)):
+                # The file could not be written (disk full, permissions): was an
+                # "unexpected OSError" that left the .partial file behind.
+                raise TurnstoreError(
+                    f"Cannot write the export to {output}: {exc.strerror or exc}"
+                ) from exc
             raise
-        partial.replace(path)
     data = summary.as_dict()
     text = _counts_line("exported", summary) + ("" if to_stdout else f" to {output}")
     if to_stdout:
         typer.echo(json_text(data) if as_json else text, err=True)
     else:
         common.emit(data, text, as_json=as_json)
+
+
+def _check_output(path: Path) -> None:
+    """Refuse an export file that cannot be written, before the database is read.
+
+    Raises:
+        InvalidArgumentError: The path is a folder, or its folder does not exist.
+    """
+    if path.is_dir():
+        raise InvalidArgumentError(f"--output {path} is a folder; name a file in it")
+    if not path.parent.is_dir():
+        raise InvalidArgumentError(
+            f"--output {path}: the folder {path.parent} does not exist (create it first)"
+        )
 
 
 def json_text(data: dict[str, Any]) -> str:
