@@ -121,7 +121,7 @@ def test_rm_names_the_exact_session_it_asks_about_and_deletes(
     assert sorted(s["session_id"] for s in left) == sorted(set(IDS) - {" lead"})
     missing = invoke("rm", "trail", "--url", url, "--yes")
     assert missing.exit_code == common.ExitCode.NOT_FOUND
-    assert missing.stderr == "turnstore rm: error: No session trail in this database\n"
+    assert missing.stderr == "turnstore rm: error: No session 'trail' in this database\n"
     spaced = invoke("show", "two  spaces", "--url", url, "--turn", "9")
     assert spaced.exit_code == common.ExitCode.NOT_FOUND
     assert "'two  spaces'" in spaced.stderr  # one_line keeps the spaces inside an id

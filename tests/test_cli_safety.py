@@ -319,6 +319,7 @@ async def test_the_fix_for_a_server_database_masks_its_password(
         ("not a url", "Not a database URL"),
         ("sqlite+aiosqlite://", "An in-memory SQLite database starts empty in every command"),
         ("sqlite+aiosqlite:///:memory:", "An in-memory SQLite database starts empty"),
+        ("sqlite+aiosqlite:///file:x?mode=memory&uri=true", "An in-memory SQLite database"),
     ],
 )
 def test_urls_no_command_can_use_are_usage_errors(url: str, message: str) -> None:
@@ -356,3 +357,22 @@ def test_a_closed_output_pipe_ends_quietly(tmp_path: Path) -> None:
     _, stderr = child.communicate()
     assert child.returncode == common.ExitCode.BROKEN_PIPE
     assert stderr == b""
+
+
+def test_library_warnings_are_named_lines_after_success_only(tmp_path: Path) -> None:
+    # A file of the SDK's class lacks migration 0007's tables: the session layer logs a
+    # warning, which Python printed bare (in a real process), with no command named.
+    sdk = tmp_path / "sdk.db"
+    asyncio.run(build_sdk_database(sdk))
+    shell = run_cli(["search", "a", "--url", url_of(sdk)])
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stderr.splitlines() == [
+        "turnstore search: warning: The database lacks turnstore's tables "
+        "turnstore_branch_lineage, turnstore_turn_models: the models of each turn and branch "
+        "lineage are not recorded. Run the migrations (turnstore db upgrade) to add them."
+    ]
+    # A command that fails prints its error line only.
+    refused = run_cli(["sessions", "--url", url_of(sdk)])
+    assert refused.returncode == common.ExitCode.REFUSED
+    assert refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("turnstore sessions: error: ")

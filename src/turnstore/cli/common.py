@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 import re
 import shlex
@@ -463,6 +464,9 @@ class TurnstoreGroup(typer.core.TyperGroup):
     def _run(self, args: Sequence[str] | None, prog_name: str | None, extra: dict[str, Any]) -> int:
         meta: dict[str, Any] = {}
         argv = list(sys.argv[1:] if args is None else args)
+        logs = _WarningLines(lambda: meta.get("turnstore.command_path", "turnstore"))
+        library = logging.getLogger("turnstore")
+        library.addHandler(logs)
         try:
             with self.make_context(prog_name or "turnstore", argv, **extra) as ctx:
                 meta = ctx.meta
@@ -483,7 +487,39 @@ class TurnstoreGroup(typer.core.TyperGroup):
                 raise
             command = meta.get("turnstore.command_path", "turnstore")
             return int(fail(command, exc))
+        finally:
+            library.removeHandler(logs)
+        logs.flush_lines()
         return int(ExitCode.OK)
+
+
+class _WarningLines(logging.Handler):
+    """turnstore's log warnings as one line each on stderr, named like the command's errors.
+
+    Without a handler, Python printed the bare message (a database without migration 0007's
+    tables: "The database lacks turnstore's tables ...") with no sign of who said it. The
+    lines are printed once the command succeeded, each once; a failed command prints only its
+    error line, which says what to do.
+    """
+
+    def __init__(self, command: Callable[[], str]) -> None:
+        super().__init__(logging.WARNING)
+        self._command = command
+        self._lines: dict[str, None] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep the record's message for :meth:`flush_lines`."""
+        try:
+            self._lines[printable(one_line(record.getMessage()))] = None
+        except Exception:  # a log line must never fail the command
+            self.handleError(record)
+
+    def flush_lines(self) -> None:
+        """Print the kept messages as ``turnstore <command>: warning: <message>``."""
+        label = _style("warning: ", sys.stderr, fg="yellow")
+        for text in self._lines:
+            typer.echo(f"{self._command()}: {label}{text}", err=True)
+        self._lines.clear()
 
 
 def _discard_stdout() -> None:

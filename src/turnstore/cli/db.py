@@ -105,9 +105,7 @@ def _require_existing_sqlite_file(url: str) -> None:
         profile = profile_for(parsed.get_backend_name())
     except Exception:
         return  # the command reports the malformed or unsupported URL itself
-    if parsed.get_backend_name() == "sqlite" and (
-        parsed.database in (None, "", ":memory:") or "mode=memory" in (parsed.database or "")
-    ):
+    if profile.in_memory(parsed):
         # Each command is a new process with a new, empty in-memory database: what was
         # "no turnstore schema; run `turnstore db upgrade --url sqlite+aiosqlite://`" could
         # never be fixed that way.

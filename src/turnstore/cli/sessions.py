@@ -234,7 +234,8 @@ def rm(
         typer.echo(
             common.error_line(
                 "turnstore rm",
-                TurnstoreError(f"No session {common.shown_id(session_id)} in this database"),
+                # Quoted as every error quotes an id (repr: escapes included).
+                TurnstoreError(f"No session {session_id!r} in this database"),
             ),
             err=True,
         )

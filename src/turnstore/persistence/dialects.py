@@ -339,6 +339,13 @@ class DialectProfile:
         """Why connecting to ``url`` must fail, when that is knowable without connecting."""
         return None
 
+    def in_memory(self, url: URL) -> bool:
+        """Whether ``url`` names a database that lives only as long as its connection.
+
+        Commands that read refuse one: each command would see a new, empty database.
+        """
+        return False
+
     # -- time and JSON in store-wide queries (rollups) ---------------------------------------
 
     def timestamp_column(self, column: ColumnElement[Any]) -> ColumnElement[Any]:
@@ -633,6 +640,15 @@ class SQLiteProfile(_OnConflictProfile):
             return None
         path = Path(database).expanduser()
         return None if path.exists() else path
+
+    def in_memory(self, url: URL) -> bool:
+        """``sqlite://``, ``:memory:`` and ``file:...?mode=memory`` databases."""
+        database = url.database or ""
+        return (
+            database in ("", ":memory:")
+            or url.query.get("mode") == "memory"
+            or (database.startswith("file:") and "mode=memory" in database)
+        )
 
     def unreachable_reason(self, url: URL) -> str | None:
         """A file in a missing directory cannot be created.
