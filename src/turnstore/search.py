@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from turnstore.errors import InvalidArgumentError, SchemaMissingError
+from turnstore.errors import InvalidArgumentError
 from turnstore.persistence import search as queries
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
@@ -111,9 +111,8 @@ async def search(
     """One page of items containing ``term``, newest first; see the module docstring.
 
     Raises:
-        InvalidArgumentError: A blank or non-str term, a bad limit, or a cursor that is not
-            one this search returned.
-        SchemaMissingError: A user filter on a database without session owners.
+        InvalidArgumentError: A blank or non-str term, a bad limit, a cursor that is not one
+            this search returned, or a user filter without session owners.
     """
     if not isinstance(term, str) or not term.strip():
         raise InvalidArgumentError("the search term must be a non-blank str")
@@ -122,11 +121,8 @@ async def search(
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
         raise InvalidArgumentError(f"limit must be an int from 1 to {MAX_PAGE}; got {limit!r}")
     if user_id is not None and owners is None:
-        # The database predates the info table (migration 0005): a schema to upgrade, not
-        # a bad argument.
-        raise SchemaMissingError(
-            "searching one user's sessions needs the sessions' owners (the store's session info, "
-            "migration 0005), which this database lacks; upgrade its schema (turnstore db upgrade)"
+        raise InvalidArgumentError(
+            "searching one user's sessions needs the sessions' owners (the store's session info)"
         )
     before = _decode(cursor, term, user_id)
     rows = await queries.candidates(

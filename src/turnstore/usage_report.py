@@ -16,7 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from turnstore import cost
-from turnstore.errors import InvalidArgumentError, SchemaMissingError
+from turnstore.errors import InvalidArgumentError
 from turnstore.persistence.engines import EngineHandle
 from turnstore.persistence.models import StoreTables
 from turnstore.persistence.rollups import (
@@ -171,8 +171,6 @@ async def usage(
 
     Raises:
         InvalidArgumentError: Bad arguments (nothing is read).
-        SchemaMissingError: Grouping or filtering by user on a database without session
-            owners.
     """
     keys = check_group_by(group_by)
     zone = check_zone(tz)
@@ -187,11 +185,8 @@ async def usage(
         if value is not None and not isinstance(value, str):
             raise InvalidArgumentError(f"{name} must be a str; got {type(value).__name__}")
     if owners is None and ("user" in keys or user_id is not None):
-        # The database predates the info table (migration 0005): a schema to upgrade, not
-        # a bad argument.
-        raise SchemaMissingError(
-            "grouping or filtering by user needs the sessions' owners (the store's session info, "
-            "migration 0005), which this database lacks; upgrade its schema (turnstore db upgrade)"
+        raise InvalidArgumentError(
+            "grouping or filtering by user needs the sessions' owners (the store's session info)"
         )
     rows = await usage_rows(
         handle,
