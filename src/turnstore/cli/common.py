@@ -16,6 +16,10 @@ The rules, for anyone adding a command module (``cli/<topic>.py`` with ``registe
   a terminal is asked, anything else is refused with exit code 6.
 - **Progress bars** (:func:`progress`) are drawn on stderr when it is a terminal, never
   otherwise.
+- **Ids** (session, user, branch) are printed through :func:`shown_id`, so none can hide a
+  space or a control character; text printed with rich is escaped (ids are not markup).
+- **Warnings** turnstore logs become ``turnstore <command>: warning: ...`` lines on stderr,
+  printed once the command succeeded.
 """
 
 from __future__ import annotations
