@@ -375,3 +375,14 @@ def test_library_warnings_are_named_lines_after_success_only(tmp_path: Path) -> 
     assert refused.returncode == common.ExitCode.REFUSED
     assert refused.stderr.count("\n") == 1
     assert refused.stderr.startswith("turnstore sessions: error: ")
+
+
+def test_a_malformed_url_never_shows_its_password() -> None:
+    # copy echoed the URL it could not parse, password and all, into CI logs.
+    bad = "postgresql+asyncpg://app:hunter2@db:notaport/app"
+    for args in (["copy", "--from", bad, "--to", "sqlite+aiosqlite:///x.db"], ["sessions"]):
+        result = invoke(*args, *([] if args[0] == "copy" else ["--url", bad]))
+        assert result.exit_code == common.ExitCode.USAGE, result.stderr
+        assert "hunter2" not in result.stderr
+        assert result.stderr.count("\n") == 1
+    assert common.hidden_url(bad) == "postgresql+asyncpg://app:***@db:notaport/app"

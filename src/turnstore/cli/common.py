@@ -261,13 +261,16 @@ _SPACE = re.compile(r"\s")
 
 
 def hidden_url(url: str) -> str:
-    """``url`` as messages show it: the password masked (``***``)."""
+    """``url`` as messages show it: the password masked (``***``), even in a malformed URL."""
     try:
         from sqlalchemy.engine import make_url
 
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # a malformed URL is reported by the command itself
-        return url
+    except Exception:  # malformed: mask what looks like user:password@
+        return _CREDENTIALS.sub(r"\1***@", url)
+
+
+_CREDENTIALS = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 
 def db_fix(command: str, url: str) -> str:

@@ -136,7 +136,8 @@ def _parsed(url: str) -> str:
         profile_for(parsed.get_backend_name())
     except Exception as exc:
         raise InvalidArgumentError(
-            f"Not a usable database URL: {url!r} ({common.one_line(exc)}); expected e.g. "
+            f"Not a usable database URL: {common.hidden_url(url)!r} ({common.one_line(exc)}); "
+            "expected e.g. "
             "sqlite+aiosqlite:///conversations.db or postgresql+asyncpg://app@db/app"
         ) from None
     return url
