@@ -100,6 +100,31 @@ def test_what_does_not_exist_is_exit_code_7(demo_url: str, args: list[str]) -> N
     assert result.stderr.startswith(f"turnstore {args[0]}: error:")
 
 
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["show", "demo", "--turn", "-1"], "'--turn'"),
+        (["show", "demo", "-t", "0"], "'--turn'"),
+        (["show", "demo", "--turn", "two"], "'--turn'"),
+        (["search", "weather", "--limit", "0"], "'--limit'"),
+        (["search", "weather", "-n", "1001"], "'--limit'"),
+        (["sessions", "--limit", "-5"], "'--limit'"),
+        (["prune", "--inactive-for", "1d", "--batch-size", "0"], "'--batch-size'"),
+    ],
+)
+def test_bad_option_values_are_usage_errors_naming_the_option(
+    demo_url: str, args: list[str], option: str
+) -> None:
+    # `show --turn -1` was "no turn -1" with exit code 7, as if the value were a fine one
+    # that happened to be missing; --limit 0 named the Python argument, not the option.
+    result = invoke(*args, "--url", demo_url)
+    assert result.exit_code == common.ExitCode.USAGE, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"turnstore {args[0]}: error: Invalid value for {option}")
+    assert result.stderr.endswith(f"(see `turnstore {args[0]} --help`)\n")
+
+
 def test_tree_draws_the_branches(demo_url: str) -> None:
     result = invoke("tree", "demo", "--url", demo_url)
     assert result.exit_code == 0, result.stderr

@@ -235,3 +235,154 @@ def test_demo_into_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     assert shell.returncode == 3
     one_error_line(shell.stderr, "does not exist")
     assert not path.parent.exists()
+
+
+# Every command that opens the store, with arguments that need no particular session.
+STORE_COMMANDS = (
+    ["sessions"],
+    ["show", "s1"],
+    ["tree", "s1"],
+    ["search", "hi"],
+    ["usage"],
+    ["rm", "s1", "--yes"],
+    ["prune", "--inactive-for", "1d", "--yes"],
+    ["erase-user", "bob", "--yes"],
+)
+# Those that need the session info table (migration 0005), which an SDK file and a database
+# upgraded before 0005 lack; the others read such databases as they are. (`usage --by user`
+# and `search --user` there are still usage errors, exit code 2, naming no command: the
+# session layer raises InvalidArgumentError for them.)
+INFO_COMMANDS = (
+    ["sessions"],
+    ["rm", "s1", "--yes"],
+    ["prune", "--inactive-for", "1d", "--yes"],
+    ["erase-user", "bob", "--yes"],
+)
+
+
+def test_a_database_without_the_schema_names_the_exact_fix(tmp_path: Path) -> None:
+    # These said "Pass create_tables=True to create them, or run the migrations first":
+    # advice for Python code, naming no command.
+    never = tmp_path / "never upgraded.db"
+    with sqlite3.connect(never) as connection:
+        connection.execute("CREATE TABLE other_app (x INTEGER)")
+    behind = tmp_path / "behind.db"
+    asyncio.run(migrate.upgrade(url_of(behind), "0004"))
+    sdk = tmp_path / "sdk.db"
+    asyncio.run(build_sdk_database(sdk))
+    # The path with a space is quoted, so that the command pastes into a shell.
+    cases = (
+        (never, STORE_COMMANDS, "has no turnstore schema", f"upgrade --url '{url_of(never)}'"),
+        (behind, INFO_COMMANDS, "is at revision 0004, behind", f"upgrade --url {url_of(behind)}"),
+        (sdk, INFO_COMMANDS, "not adopted", f"adopt --url {url_of(sdk)}"),
+    )
+    for path, commands, why, fix in cases:
+        for args in commands:
+            result = invoke(*args, "--url", url_of(path))
+            assert result.exit_code == common.ExitCode.REFUSED, (path, args, result.stderr)
+            assert result.stdout == ""
+            one_error_line(result.stderr, why)
+            assert result.stderr.endswith(f"; run `turnstore db {fix}`\n"), result.stderr
+    # The fix works.
+    shell = run_cli(["sessions", "--url", url_of(never)])
+    assert shell.returncode == common.ExitCode.REFUSED
+    assert "turnstore db upgrade --url" in shell.stderr
+    assert run_cli(["db", "upgrade", "--url", url_of(never)]).returncode == 0
+    assert invoke("sessions", "--url", url_of(never)).exit_code == 0
+
+
+async def test_the_fix_for_a_server_database_masks_its_password(
+    postgres_url: str,
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    from tests.migration_helpers import fresh_postgres_database
+
+    async with fresh_postgres_database(postgres_url) as plain:
+        parsed = make_url(plain)
+        password = parsed.password or "s3cret-pw"  # a server trusting local logins ignores it
+        url = parsed.set(password=password).render_as_string(hide_password=False)
+        result = await asyncio.to_thread(invoke, "sessions", "--url", url)
+        assert result.exit_code == common.ExitCode.REFUSED, result.stderr
+        masked = make_url(url).render_as_string(hide_password=True)
+        assert ":***@" in masked
+        one_error_line(result.stderr, f"; run `turnstore db upgrade --url '{masked}'`")
+        assert str(password) not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgres://app@db/app", "does not support the 'postgres' dialect"),
+        ("http://example.com/x", "does not support the 'http' dialect"),
+        ("not a url", "Not a database URL"),
+        ("sqlite+aiosqlite://", "An in-memory SQLite database starts empty in every command"),
+        ("sqlite+aiosqlite:///:memory:", "An in-memory SQLite database starts empty"),
+        ("sqlite+aiosqlite:///file:x?mode=memory&uri=true", "An in-memory SQLite database"),
+    ],
+)
+def test_urls_no_command_can_use_are_usage_errors(url: str, message: str) -> None:
+    # postgres:// was "unexpected NotImplementedError" (exit code 1); an in-memory database
+    # was "no turnstore schema; run `turnstore db upgrade --url sqlite+aiosqlite://`", a fix
+    # that cannot work for a database gone when the command ends.
+    for args in (["sessions"], ["show", "x"], ["db", "current"], ["rm", "x", "--yes"]):
+        result = invoke(*args, "--url", url)
+        assert result.exit_code == common.ExitCode.USAGE, (args, result.stderr)
+        one_error_line(result.stderr, message)
+
+
+def test_a_file_that_is_no_database_is_one_clean_line(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database, not at all")
+    result = invoke("sessions", "--url", url_of(junk))
+    assert result.exit_code == common.ExitCode.UNAVAILABLE
+    one_error_line(result.stderr, "file is not a database")
+    assert "Background on this error" not in result.stderr  # SQLAlchemy's link: noise
+
+
+def test_a_closed_output_pipe_ends_quietly(tmp_path: Path) -> None:
+    # `turnstore show demo | head -1` printed "unexpected BrokenPipeError" (exit code 1)
+    # once the reader had gone.
+    path = tmp_path / "demo.db"
+    assert run_cli(["demo", "--db", str(path)]).returncode == 0
+    child = subprocess.Popen(
+        [sys.executable, "-m", "turnstore.cli", "show", "demo", "--url", url_of(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+    )
+    assert child.stdout is not None
+    child.stdout.close()  # long before the child has started up and written anything
+    _, stderr = child.communicate()
+    assert child.returncode == common.ExitCode.BROKEN_PIPE
+    assert stderr == b""
+
+
+def test_library_warnings_are_named_lines_after_success_only(tmp_path: Path) -> None:
+    # A file of the SDK's class lacks migration 0007's tables: the session layer logs a
+    # warning, which Python printed bare (in a real process), with no command named.
+    sdk = tmp_path / "sdk.db"
+    asyncio.run(build_sdk_database(sdk))
+    shell = run_cli(["search", "a", "--url", url_of(sdk)])
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stderr.splitlines() == [
+        "turnstore search: warning: The database lacks turnstore's tables "
+        "turnstore_branch_lineage, turnstore_turn_models: the models of each turn and branch "
+        "lineage are not recorded. Run the migrations (turnstore db upgrade) to add them."
+    ]
+    # A command that fails prints its error line only.
+    refused = run_cli(["sessions", "--url", url_of(sdk)])
+    assert refused.returncode == common.ExitCode.REFUSED
+    assert refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("turnstore sessions: error: ")
+
+
+def test_a_malformed_url_never_shows_its_password() -> None:
+    # copy echoed the URL it could not parse, password and all, into CI logs.
+    bad = "postgresql+asyncpg://app:hunter2@db:notaport/app"
+    for args in (["copy", "--from", bad, "--to", "sqlite+aiosqlite:///x.db"], ["sessions"]):
+        result = invoke(*args, *([] if args[0] == "copy" else ["--url", bad]))
+        assert result.exit_code == common.ExitCode.USAGE, result.stderr
+        assert "hunter2" not in result.stderr
+        assert result.stderr.count("\n") == 1
+    assert common.hidden_url(bad) == "postgresql+asyncpg://app:***@db:notaport/app"

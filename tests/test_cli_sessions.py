@@ -71,7 +71,7 @@ def test_sessions_lists_pages_and_json(url: str) -> None:
     ("args", "code", "message"),
     [
         (["sessions", "--active-after", "yesterday"], 2, "ISO 8601"),
-        (["sessions", "--limit", "0"], 2, "limit must be between 1 and 1000"),
+        (["sessions", "--limit", "0"], 2, "Invalid value for '--limit'"),
         (["sessions", "--cursor", "forged"], 2, "not a cursor of this store"),
         (["prune"], 2, "exactly one of --inactive-for or --before"),
         (["prune", "--inactive-for", "3 fortnights"], 2, "duration like 30d"),

@@ -130,6 +130,15 @@ async def test_errors_are_one_line_with_the_documented_exit_code(
     # Nothing is left that looks like an export.
     assert not await asyncio.to_thread(lambda: list(tmp_path.glob("unfinished.jsonl*")))
 
+    # A folder, or a file in a folder that does not exist: refused before reading, nothing
+    # left behind (was "unexpected IsADirectoryError" with the .partial file left).
+    for output, problem in ((tmp_path, "is a folder"), (tmp_path / "no" / "x.jsonl", "does not")):
+        unwritable = await invoke(["export", "--url", url, "-o", str(output)])
+        assert unwritable.exit_code == common.ExitCode.USAGE, unwritable.stderr
+        assert problem in unwritable.stderr
+        assert unwritable.stderr.count("\n") == 1
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("*.partial")))
+
     both = await invoke(["export", "--url", url, "--session", "a", "--user", "b"])
     assert both.exit_code == common.ExitCode.USAGE
     assert "not both" in both.stderr
@@ -152,9 +161,120 @@ async def test_errors_are_one_line_with_the_documented_exit_code(
     failed = await invoke(
         ["import", "--url", f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", str(broken)]
     )
-    assert failed.exit_code == common.ExitCode.FAILED
+    assert failed.exit_code == common.ExitCode.BAD_FILE
     assert failed.stderr.startswith("turnstore import: error: line 6: the file ends before")
     assert len(failed.stderr.strip().splitlines()) == 1
+
+
+def with_message_data(lines: list[str], data: str) -> tuple[str, int]:
+    """The export ``lines`` with the last message's stored text replaced; and its line."""
+    at = max(n for n, line in enumerate(lines) if json.loads(line)["record"] == "message")
+    record = json.loads(lines[at])
+    record["data"] = data
+    return "\n".join([*lines[:at], json.dumps(record), *lines[at + 1 :]]) + "\n", at + 1
+
+
+async def test_import_refuses_items_that_are_not_json_objects_and_imports_nothing(
+    backend: Backend,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    source: tuple[str, list[str]],
+) -> None:
+    # An item the SDK stores is the JSON of an object. A message whose text was anything
+    # else was imported as it was, and then silently skipped by every read; the sessions
+    # before the bad line were written.
+    url, session_ids = source
+    exported = tmp_path / "backup.jsonl"
+    assert (await invoke(["export", "--url", url, "-o", str(exported)])).exit_code == 0
+    lines = exported.read_text().splitlines()
+    async with target_url(backend, request) as target:
+        for data, problem in (
+            ("not json {", "'data' is not JSON text"),
+            ('["a"]', "'data' must be the JSON of an item, an object; got the JSON of an array"),
+            ("null", "got the JSON of null"),
+            ('"text"', "got the JSON of a string"),
+            ("42", "got the JSON of a number"),
+        ):
+            text, line = with_message_data(lines, data)
+            bad = tmp_path / "bad.jsonl"
+            bad.write_text(text)
+            for args in (["import", "--url", target, str(bad)], ["import", "--url", target, "-"]):
+                result = await asyncio.to_thread(
+                    CliRunner().invoke, app, args, env=NO_URL, input=text
+                )
+                assert result.exit_code == common.ExitCode.BAD_FILE, result.stderr
+                assert result.stdout == ""
+                assert result.stderr.startswith(
+                    f"turnstore import: error: line {line}: message record: "
+                ), result.stderr
+                assert problem in result.stderr
+                assert result.stderr.count("\n") == 1
+        # Nothing was written, not even the sessions before the bad line, nor the schema.
+        found, recorded = await migrate.inspect_target(target)
+        assert (found.kind.value, recorded) == ("empty", ())
+        await engines.dispose_engines()
+        imported = await invoke(["import", "--url", target, str(exported), "--json"])
+        assert imported.exit_code == 0, imported.stderr
+        assert json.loads(imported.stdout)["sessions"] == len(session_ids)
+        await engines.dispose_engines()
+
+
+async def test_replacing_sessions_asks_first(
+    tmp_path: Path, source: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --on-conflict replace deletes the target's sessions: it went ahead without asking.
+    url, session_ids = source
+    exported = tmp_path / "backup.jsonl"
+    assert (await invoke(["export", "--url", url, "-o", str(exported)])).exit_code == 0
+    target = f"sqlite+aiosqlite:///{tmp_path / 'target.db'}"
+    assert (await invoke(["import", "--url", target, str(exported)])).exit_code == 0
+    before = await answers_at(target, session_ids)
+    for args in (
+        ["import", "--url", target, str(exported), "--on-conflict", "replace"],
+        ["copy", "--from", url, "--to", target, "--on-conflict", "replace"],
+    ):
+        refused = await invoke(args)
+        assert refused.exit_code == common.ExitCode.NOT_CONFIRMED, refused.stderr
+        assert refused.stdout == ""
+        assert refused.stderr.count("\n") == 1
+        assert "--on-conflict replace deletes every session" in refused.stderr
+        assert refused.stderr.endswith("pass --yes to go ahead (nothing was changed)\n")
+        with monkeypatch.context() as patch:
+            patch.setattr(common, "stdin_is_terminal", lambda: True)
+            patch.setattr(common, "is_terminal", lambda _stream: True)
+            declined = await asyncio.to_thread(
+                CliRunner().invoke, app, args, env=NO_URL, input="n\n"
+            )
+        assert declined.exit_code == common.ExitCode.NOT_CONFIRMED, declined.stderr
+        assert "Replace every session" in declined.stderr
+    # The file on standard input leaves no one to ask: --yes it is.
+    piped = await asyncio.to_thread(
+        CliRunner().invoke,
+        app,
+        ["import", "--url", target, "-", "--on-conflict", "replace"],
+        env=NO_URL,
+        input=exported.read_text(),
+    )
+    assert piped.exit_code == common.ExitCode.NOT_CONFIRMED
+    assert await answers_at(target, session_ids) == before
+    shell = await asyncio.to_thread(
+        run_cli, ["import", "--url", target, str(exported), "--on-conflict", "replace"]
+    )
+    assert shell.returncode == common.ExitCode.NOT_CONFIRMED
+    assert "pass --yes to go ahead" in shell.stderr
+    replaced = await invoke(
+        ["import", "--url", target, str(exported), "--on-conflict", "replace", "--yes", "--json"]
+    )
+    assert replaced.exit_code == 0, replaced.stderr
+    assert json.loads(replaced.stdout)["replaced"] == len(session_ids)
+    copied = await invoke(
+        ["copy", "--from", url, "--to", target, "--on-conflict", "replace", "-y", "--json"]
+    )
+    assert copied.exit_code == 0, copied.stderr
+    assert json.loads(copied.stdout)["replaced"] == len(session_ids)
+    # Skipping and failing change nothing that exists: they never ask.
+    kept = await invoke(["import", "--url", target, str(exported), "--on-conflict", "skip"])
+    assert kept.exit_code == 0, kept.stderr
 
 
 async def test_a_real_process_copies_and_prints_plain_progress_and_counts(

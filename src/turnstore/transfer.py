@@ -353,6 +353,7 @@ async def import_records(
     on_conflict: OnConflict = OnConflict.SKIP,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: ProgressCallback | None = None,
+    total: int | None = None,
 ) -> TransferSummary:
     """Import numbered export records (see :func:`import_file`); what was written.
 
@@ -364,7 +365,7 @@ async def import_records(
     await decoder.read_header()
     writer = SessionWriter(handle, tables)
     summary = TransferSummary()
-    clock = _Clock(None, progress)
+    clock = _Clock(total, progress)
     # Small sessions are gathered and written several to a transaction, as a copy does; a
     # session larger than a batch streams in a transaction of its own.
     group: list[SessionData] = []
@@ -458,8 +459,12 @@ async def import_file(
     on_conflict: OnConflict = OnConflict.SKIP,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: ProgressCallback | None = None,
+    total: int | None = None,
 ) -> TransferSummary:
     """Import an export file (binary or text file object), one session per transaction.
+
+    ``total``, the number of sessions the file holds when known (:func:`check_file`), lets
+    the progress callback tell how far along the import is.
 
     Raises:
         ExportFileError: The file is truncated, corrupt, of an unknown version, or refers to
@@ -474,7 +479,41 @@ async def import_file(
         on_conflict=on_conflict,
         batch_size=batch_size,
         progress=progress,
+        total=total,
     )
+
+
+async def check_file(
+    file: IO[Any],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: ProgressCallback | None = None,
+) -> TransferSummary:
+    """Read a whole export file and check every record, writing nothing anywhere.
+
+    Lets a caller refuse a bad file before importing any of it (``turnstore import`` does),
+    where :func:`import_file` alone writes the sessions before a bad line.
+
+    Returns:
+        What the file holds, counted as an import of every session would count it.
+
+    Raises:
+        ExportFileError: The file is truncated, corrupt, of an unknown version, refers to a
+            message it never defined, or holds an item that is not a JSON object; the message
+            names the line.
+    """
+    decoder = RecordDecoder(file_records(file), batch_size=check_batch_size(batch_size))
+    await decoder.read_header()
+    summary = TransferSummary()
+    clock = _Clock(None, progress)
+    async for head, batches in decoder.sessions():
+        counts = SessionCounts()
+        async for batch in batches:
+            counts = counts + _counts(batch)
+        _count(summary, True, False, counts)
+        clock.tick(summary, head.session_id)
+    summary.seconds = time.monotonic() - clock.start
+    return summary
 
 
 def numbered_records(

@@ -16,14 +16,20 @@ The rules, for anyone adding a command module (``cli/<topic>.py`` with ``registe
   a terminal is asked, anything else is refused with exit code 6.
 - **Progress bars** (:func:`progress`) are drawn on stderr when it is a terminal, never
   otherwise.
+- **Ids** (session, user, branch) are printed through :func:`shown_id`, so none can hide a
+  space or a control character; text printed with rich is escaped (ids are not markup).
+- **Warnings** turnstore logs become ``turnstore <command>: warning: ...`` lines on stderr,
+  printed once the command succeeded.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +43,7 @@ from turnstore.errors import (
     ConfirmationRequiredError,
     DatabaseUnavailableError,
     DistributionError,
+    ExportFileError,
     ForeignDatabaseError,
     InvalidArgumentError,
     MigrationError,
@@ -72,19 +79,27 @@ class ExitCode(enum.IntEnum):
     """A destructive command was not confirmed (pass ``--yes``)."""
     NOT_FOUND = 7
     """A named session, branch or turn does not exist."""
+    BAD_FILE = 8
+    """An input file is not a valid turnstore export (corrupt, truncated, items that are not
+    JSON objects); nothing of it was written."""
     INTERRUPTED = 130
     """Interrupted (Ctrl-C)."""
+    BROKEN_PIPE = 141
+    """The reader of the output went away (``turnstore sessions | head -1``), as for any
+    command a shell's pipe stops (128 + SIGPIPE); nothing is printed."""
 
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 operation failed; 2 bad usage, URL or missing extra; "
     "3 database unreachable; 4 unknown revision; 5 database refused (the error names the "
-    "command that fixes it); 6 not confirmed (pass --yes); 7 not found; 130 interrupted."
+    "command that fixes it); 6 not confirmed (pass --yes); 7 not found; 8 invalid export "
+    "file (nothing imported); 130 interrupted; 141 output pipe closed."
 )
 
 # Most specific first: the first matching class decides the exit code.
 _EXIT_CODES: tuple[tuple[type[TurnstoreError], ExitCode], ...] = (
     (ConfirmationRequiredError, ExitCode.NOT_CONFIRMED),
+    (ExportFileError, ExitCode.BAD_FILE),
     (InvalidArgumentError, ExitCode.USAGE),
     (MissingExtraError, ExitCode.USAGE),
     (DatabaseUnavailableError, ExitCode.UNAVAILABLE),
@@ -136,18 +151,43 @@ YesOption = Annotated[
 def resolve_url(url: str | None) -> str:
     """The database URL a command uses: ``--url``, else ``$TURNSTORE_DATABASE_URL``.
 
-    Typer already falls back to the variable for :data:`UrlOption`; this only refuses the
-    case where neither is set.
+    Typer already falls back to the variable for :data:`UrlOption`; this refuses the case
+    where neither is set, and a URL that is malformed or names a database turnstore does not
+    support (``postgres://`` was an "unexpected NotImplementedError", exit code 1).
 
     Raises:
-        InvalidArgumentError: Neither is set.
+        InvalidArgumentError: Neither is set, or the URL is not one turnstore can use.
     """
-    if url:
-        return url
-    raise InvalidArgumentError(
-        f"No database URL: pass --url or set {URL_VARIABLE} "
-        "(e.g. --url sqlite+aiosqlite:///conversations.db)"
-    )
+    if not url:
+        raise InvalidArgumentError(
+            f"No database URL: pass --url or set {URL_VARIABLE} "
+            "(e.g. --url sqlite+aiosqlite:///conversations.db)"
+        )
+    check_url(url)
+    return url
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL that is malformed or names a database turnstore does not support.
+
+    Raises:
+        InvalidArgumentError: It is one; the message says what a URL looks like.
+    """
+    from sqlalchemy.engine import make_url
+
+    from turnstore.persistence.dialects import profile_for
+
+    example = "e.g. sqlite+aiosqlite:///conversations.db or postgresql+asyncpg://app@db/app"
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"Not a database URL ({one_line(exc)}); expected {example}"
+        ) from None
+    try:
+        profile_for(parsed.get_backend_name())
+    except NotImplementedError as exc:
+        raise InvalidArgumentError(f"{one_line(exc)}; {example}") from None
 
 
 # -- terminals -----------------------------------------------------------------------------
@@ -196,6 +236,52 @@ def printable(text: str) -> str:
     Control characters become a visible backslash-x escape, unpaired surrogates U+FFFD.
     """
     return _UNPRINTABLE.sub(_shown, text)
+
+
+# An id is shown bare only when nothing about it can be misread: no whitespace (which would
+# vanish at either end, or blur into the columns around it), nothing unprintable (control
+# characters, bidirectional overrides, unpaired surrogates), not empty, and not starting with
+# a quote (which would pass for the quoting below).
+def shown_id(value: str) -> str:
+    r"""A session, user or branch id as the command line prints it: unambiguous.
+
+    Ids are identities, stored exactly and never trimmed, so ``" chat"`` and ``"chat"`` are
+    different sessions. An id printed bare could hide that; any id with whitespace, a
+    character that is not printable, a leading quote, or no characters at all is printed as a
+    Python string literal instead (``' chat'``, ``'a\x00b'``, ``'\u202eevil'``, ``''``), whose
+    escapes spell out every character that is not printable. Ids are printed as text, never
+    as rich markup (``[bold]`` in an id stays as it is).
+    """
+    if value and value.isprintable() and not _SPACE.search(value) and value[0] not in "'\"":
+        return value
+    return repr(value)
+
+
+_SPACE = re.compile(r"\s")
+
+
+def hidden_url(url: str) -> str:
+    """``url`` as messages show it: the password masked (``***``), even in a malformed URL."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # malformed: mask what looks like user:password@
+        return _CREDENTIALS.sub(r"\1***@", url)
+
+
+_CREDENTIALS = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
+def db_fix(command: str, url: str) -> str:
+    """The ``turnstore db`` command that fixes a database's schema, ready to paste.
+
+    Args:
+        command: ``"upgrade"`` or ``"adopt"``.
+        url: The URL the user gave (its password is masked; a URL with characters a shell
+            would interpret is quoted).
+    """
+    return f"turnstore db {command} --url {shlex.quote(hidden_url(url))}"
 
 
 def json_text(data: Any) -> str:
@@ -249,14 +335,22 @@ def exit_code_for(exc: TurnstoreError) -> ExitCode:
 
 
 def one_line(text: object) -> str:
-    """``text`` with every run of whitespace (newlines included) folded to one space."""
-    return " ".join(str(text).split())
+    """``text`` on one line, surrounding whitespace gone.
+
+    Every run of whitespace holding a line break or another whitespace control character
+    folds to one space; runs of plain spaces stay, so an id quoted in a message keeps its
+    spaces.
+    """
+    return _BREAKS.sub(" ", str(text)).strip()
+
+
+_BREAKS = re.compile(r"[ ]*[^\S ]\s*")
 
 
 def error_line(command: str, exc: BaseException) -> str:
     """The single stderr line for ``exc`` raised by ``command`` (without colour)."""
     if isinstance(exc, TurnstoreError):
-        message = one_line(exc) or type(exc).__name__
+        message = _BACKGROUND.sub("", one_line(exc)) or type(exc).__name__
         fix = getattr(exc, "fix", None)
         if fix and fix not in message:
             message = f"{message.rstrip('.')}; run `{fix}`"
@@ -268,9 +362,15 @@ def error_line(command: str, exc: BaseException) -> str:
     return f"{command}: error: {message}"
 
 
+# SQLAlchemy ends a driver error's text with a link to its error-code page: noise in a
+# one-line error.
+_BACKGROUND = re.compile(r" ?\(Background on this error at: [^)]*\)")
+
+
 def fail(command: str, exc: BaseException) -> ExitCode:
     """Print ``exc`` as one line on stderr; returns the exit code to end with."""
-    text = error_line(command, exc)
+    # Messages may quote a URL, a path or a driver's words: never a raw control character.
+    text = printable(error_line(command, exc))
     head, sep, rest = text.partition(": error: ")
     if sep:
         text = head + _style(sep, sys.stderr, fg="red", bold=True) + rest
@@ -371,6 +471,9 @@ class TurnstoreGroup(typer.core.TyperGroup):
     def _run(self, args: Sequence[str] | None, prog_name: str | None, extra: dict[str, Any]) -> int:
         meta: dict[str, Any] = {}
         argv = list(sys.argv[1:] if args is None else args)
+        logs = _WarningLines(lambda: meta.get("turnstore.command_path", "turnstore"))
+        library = logging.getLogger("turnstore")
+        library.addHandler(logs)
         try:
             with self.make_context(prog_name or "turnstore", argv, **extra) as ctx:
                 meta = ctx.meta
@@ -380,6 +483,10 @@ class TurnstoreGroup(typer.core.TyperGroup):
         except (typer.Abort, KeyboardInterrupt, EOFError):
             typer.echo("turnstore: interrupted", err=True)
             return int(ExitCode.INTERRUPTED)
+        except BrokenPipeError:
+            # `turnstore sessions | head -1`: was "unexpected BrokenPipeError", exit code 1.
+            _discard_stdout()
+            return int(ExitCode.BROKEN_PIPE)
         except Exception as exc:
             if _is_usage_error(exc):
                 return _usage_failure(exc)
@@ -387,7 +494,49 @@ class TurnstoreGroup(typer.core.TyperGroup):
                 raise
             command = meta.get("turnstore.command_path", "turnstore")
             return int(fail(command, exc))
+        finally:
+            library.removeHandler(logs)
+        logs.flush_lines()
         return int(ExitCode.OK)
+
+
+class _WarningLines(logging.Handler):
+    """turnstore's log warnings as one line each on stderr, named like the command's errors.
+
+    Without a handler, Python printed the bare message (a database without migration 0007's
+    tables: "The database lacks turnstore's tables ...") with no sign of who said it. The
+    lines are printed once the command succeeded, each once; a failed command prints only its
+    error line, which says what to do.
+    """
+
+    def __init__(self, command: Callable[[], str]) -> None:
+        super().__init__(logging.WARNING)
+        self._command = command
+        self._lines: dict[str, None] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep the record's message for :meth:`flush_lines`."""
+        try:
+            self._lines[printable(one_line(record.getMessage()))] = None
+        except Exception:  # a log line must never fail the command
+            self.handleError(record)
+
+    def flush_lines(self) -> None:
+        """Print the kept messages as ``turnstore <command>: warning: <message>``."""
+        label = _style("warning: ", sys.stderr, fg="yellow")
+        for text in self._lines:
+            typer.echo(f"{self._command()}: {label}{text}", err=True)
+        self._lines.clear()
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's final flush stays quiet."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture)
+        pass
 
 
 def _is_usage_error(exc: Exception) -> bool:

@@ -24,9 +24,10 @@ import typer
 from sqlalchemy.engine import make_url
 
 from turnstore.cli import common
-from turnstore.errors import DatabaseUnavailableError, InvalidArgumentError
+from turnstore.errors import DatabaseUnavailableError, InvalidArgumentError, SchemaMissingError
 from turnstore.persistence.dialects import profile_for
 from turnstore.schema import migrate
+from turnstore.schema.adoption import DatabaseKind
 
 db = common.new_group(
     name="db",
@@ -58,11 +59,39 @@ def _move_data(move: migrate.Move) -> dict[str, object]:
     }
 
 
-def _hidden(url: str) -> str:
+_hidden = common.hidden_url
+
+
+def schema_refusal(exc: SchemaMissingError, url: str) -> SchemaMissingError:
+    """``exc`` (a command's database lacks turnstore's schema) retold with the exact fix.
+
+    The session layer's message speaks to Python code (``create_tables=True``); a person at
+    the command line needs the command to run, with the URL they gave: ``turnstore db adopt``
+    for a file of the SDK's class, ``turnstore db upgrade`` otherwise. An error that already
+    names its fix is returned as it is.
+    """
+    if exc.fix:
+        return exc
+    where = _hidden(url)
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # a malformed URL is reported by the command itself
-        return url
+        found, recorded = asyncio.run(migrate.inspect_target(url))
+    except Exception:  # the refusal stands without the detail
+        found, recorded = None, ()
+    if found is not None and found.kind is DatabaseKind.SDK:
+        message = f"{where} is a database of the Agents SDK's class that turnstore has not adopted"
+        fix = common.db_fix("adopt", url)
+    elif migrate.head() in recorded:
+        return exc  # at head yet incomplete (tables dropped by hand): no command fixes that
+    elif recorded:
+        message = (
+            f"{where} is at revision {', '.join(recorded)}, behind this turnstore's "
+            f"{migrate.head()}, and lacks what this command needs"
+        )
+        fix = common.db_fix("upgrade", url)
+    else:
+        message = f"{where} has no turnstore schema (it was never upgraded)"
+        fix = common.db_fix("upgrade", url)
+    return SchemaMissingError(message, fix=fix)
 
 
 def _require_existing_sqlite_file(url: str) -> None:
@@ -76,12 +105,20 @@ def _require_existing_sqlite_file(url: str) -> None:
         profile = profile_for(parsed.get_backend_name())
     except Exception:
         return  # the command reports the malformed or unsupported URL itself
+    if profile.in_memory(parsed):
+        # Each command is a new process with a new, empty in-memory database: what was
+        # "no turnstore schema; run `turnstore db upgrade --url sqlite+aiosqlite://`" could
+        # never be fixed that way.
+        raise InvalidArgumentError(
+            "An in-memory SQLite database starts empty in every command and is gone after it; "
+            "give a file, e.g. --url sqlite+aiosqlite:///conversations.db"
+        )
     missing = profile.missing_file(parsed)
     if missing is not None:
         raise DatabaseUnavailableError(
             f"Cannot open {_hidden(url)}: the file {missing} does not exist "
             "(read-only commands never create it)",
-            fix=f"turnstore db upgrade --url {_hidden(url)}",
+            fix=common.db_fix("upgrade", url),
         )
 
 

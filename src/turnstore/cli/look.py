@@ -22,12 +22,13 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from turnstore import cost
 from turnstore.cli import common
-from turnstore.cli.db import _require_existing_sqlite_file
+from turnstore.cli.db import _require_existing_sqlite_file, schema_refusal
 from turnstore.errors import (
     BranchNotFoundError,
     DatabaseUnavailableError,
     InvalidArgumentError,
     MissingExtraError,
+    SchemaMissingError,
     SessionNotFoundError,
     TurnNotFoundError,
 )
@@ -76,7 +77,7 @@ def register(app: typer.Typer) -> None:
 # -- plumbing ------------------------------------------------------------------------------
 
 
-def _run(work: Callable[[], Awaitable[T]]) -> T:
+def _run(url: str, work: Callable[[], Awaitable[T]]) -> T:
     async def main() -> T:
         try:
             return await work()
@@ -85,6 +86,11 @@ def _run(work: Callable[[], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(main())
+    except SchemaMissingError as exc:
+        refusal = schema_refusal(exc, url)
+        if refusal is exc:
+            raise
+        raise refusal from exc
     except ImportError as exc:
         raise MissingExtraError(
             f"The driver for this URL is not installed ({exc.name}): install turnstore's "
@@ -174,7 +180,9 @@ def show(
     ] = None,
     turn: Annotated[
         int | None,
-        typer.Option("--turn", "-t", help="Show only this user turn. Example: --turn 2"),
+        typer.Option(
+            "--turn", "-t", min=1, help="Show only this user turn (from 1). Example: --turn 2"
+        ),
     ] = None,
     url: common.UrlOption = None,
     as_json: common.JsonOption = False,
@@ -219,7 +227,7 @@ def show(
             )
         return {"session_id": session_id, "branch": chosen, "turns": turns}
 
-    data = _run(work)
+    data = _run(target, work)
     common.emit(data, lambda: _print_conversation(data), as_json=as_json)
 
 
@@ -235,7 +243,10 @@ def _print_conversation(data: dict[str, Any]) -> None:
             cost_usd = turn["cost_usd"]
             header += f" · {_usd(None if cost_usd is None else Decimal(str(cost_usd)))}"
         if console is not None:
-            console.rule(header, align="left", style="dim")
+            from rich.markup import escape
+
+            # A model name is stored text: rich must not read markup in it.
+            console.rule(escape(common.printable(header)), align="left", style="dim")
         else:
             common.line(f"== {header}")
         for item in turn["items"]:
@@ -313,7 +324,7 @@ def tree(
         current = next((n.branch_id for n in _walk(roots) if n.is_current), "main")
         return roots, current
 
-    roots, current = _run(work)
+    roots, current = _run(target, work)
     data = {
         "session_id": session_id,
         "current_branch": current,
@@ -330,7 +341,7 @@ def _walk(nodes: list[BranchNode]) -> list[BranchNode]:
 
 
 def _node_label(node: BranchNode) -> str:
-    parts = [node.branch_id]
+    parts = [common.shown_id(node.branch_id)]
     if node.fork_turn is not None:
         preview = (
             f" {json.dumps(node.fork_preview, ensure_ascii=False)}" if node.fork_preview else ""
@@ -351,7 +362,7 @@ def _print_tree(session_id: str, roots: list[BranchNode]) -> None:
         from rich.markup import escape
         from rich.tree import Tree
 
-        top = Tree(f"[bold]{escape(common.printable(session_id))}[/bold]")
+        top = Tree(f"[bold]{escape(common.shown_id(session_id))}[/bold]")
 
         def add(parent: Any, node: BranchNode) -> None:
             label = escape(_node_label(node))
@@ -363,7 +374,7 @@ def _print_tree(session_id: str, roots: list[BranchNode]) -> None:
             add(top, root)
         _console().print(top)
         return
-    common.line(session_id)
+    common.line(common.shown_id(session_id))
 
     def plain(node: BranchNode, depth: int) -> None:
         common.line(f"{'  ' * depth}- {_node_label(node)}")
@@ -386,7 +397,14 @@ def search_cmd(
         typer.Option("--user", "-u", help="Only this user's sessions. Example: --user alice"),
     ] = None,
     limit: Annotated[
-        int, typer.Option("--limit", "-n", help="Most hits on a page (1-1000). Example: --limit 50")
+        int,
+        typer.Option(
+            "--limit",
+            "-n",
+            min=1,
+            max=1000,
+            help="Most hits on a page (1-1000). Example: --limit 50",
+        ),
     ] = 20,
     cursor: Annotated[
         str | None,
@@ -408,12 +426,13 @@ def search_cmd(
         async with _store(target) as store:
             return await store.search(term, user_id=user, limit=limit, cursor=cursor)
 
-    page = _run(work)
+    page = _run(target, work)
     data = {"hits": [hit.to_dict() for hit in page.hits], "next_cursor": page.next_cursor}
 
     def text() -> None:
         for hit in page.hits:
-            where = f"{hit.session_id} {','.join(hit.branches) or '?'}:{hit.turn}"
+            branches = ",".join(common.shown_id(branch) for branch in hit.branches)
+            where = f"{common.shown_id(hit.session_id)} {branches or '?'}:{hit.turn}"
             common.line(f"{hit.created_at or ''}  {where}  {hit.kind or ''}: {hit.snippet}")
         if not page.hits:
             common.line("no matches on this page" if cursor else "no matches")
@@ -527,7 +546,7 @@ def usage_cmd(
             return rows, totals
 
     try:
-        rows, totals = _run(work)
+        rows, totals = _run(target, work)
     finally:
         if updater is not None:
             updater.stop()
@@ -572,7 +591,7 @@ def _key_text(row: UsageRow, key: str) -> str:
     value = getattr(row, key)
     if value is None:
         return {"model": "(unknown)", "user": "(no user)"}.get(key, "")
-    return str(value)
+    return common.shown_id(str(value)) if key in ("user", "session", "branch") else str(value)
 
 
 def _cost_text(row: UsageRow) -> str:
@@ -619,6 +638,7 @@ def _draw_usage(
     cached, requests); ``--json`` or a pipe always has every column.
     """
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     console = _console()
@@ -651,7 +671,7 @@ def _draw_usage(
         numeric = i >= len(keys) and headers[i] != "cost"
         table.add_column(
             labels[i],
-            footer=totals[i],
+            footer=escape(common.printable(totals[i])),
             justify="right" if numeric else "left",
             no_wrap=True,
             min_width=widths[i],
@@ -660,7 +680,8 @@ def _draw_usage(
         table.add_column("", footer="", no_wrap=True)
     peak = max((row.total_tokens for row in rows), default=0) or 1
     for row, values in zip(rows if keys else [], body, strict=True):
-        cells = [values[i] for i in shown]
+        # Ids and model names are stored text: rich must not read markup in them.
+        cells = [escape(common.printable(values[i])) for i in shown]
         if bars:
             length = max(1, round(_BAR * row.total_tokens / peak)) if row.total_tokens else 0
             cells.append(f"[cyan]{'█' * length}[/cyan]")

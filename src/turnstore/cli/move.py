@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -35,6 +37,7 @@ from turnstore.errors import (
     ForeignDatabaseError,
     InvalidArgumentError,
     SchemaMissingError,
+    TurnstoreError,
 )
 from turnstore.info import check_user_id, to_micros
 from turnstore.persistence import engines
@@ -98,7 +101,8 @@ OnConflictOption = Annotated[
     typer.Option(
         "--on-conflict",
         help="What to do with a session the target already has: skip it (so a rerun "
-        "finishes an interrupted run), replace it, or fail. Example: --on-conflict replace",
+        "finishes an interrupted run), replace it (deletes the target's; asks first, or pass "
+        "--yes), or fail. Example: --on-conflict replace --yes",
     ),
 ]
 MigrateOption = Annotated[
@@ -132,7 +136,8 @@ def _parsed(url: str) -> str:
         profile_for(parsed.get_backend_name())
     except Exception as exc:
         raise InvalidArgumentError(
-            f"Not a usable database URL: {url!r} ({common.one_line(exc)}); expected e.g. "
+            f"Not a usable database URL: {common.hidden_url(url)!r} ({common.one_line(exc)}); "
+            "expected e.g. "
             "sqlite+aiosqlite:///conversations.db or postgresql+asyncpg://app@db/app"
         ) from None
     return url
@@ -347,6 +352,8 @@ def export(
     to_stdout = output == "-"
     filters = _Filters(session, user, active_after, active_before)
     filters.selection()  # bad filters fail before anything is written
+    if not to_stdout:
+        _check_output(Path(output))
 
     async def run(file: IO[bytes]) -> transfer.TransferSummary:
         await _check_source(source)
@@ -374,16 +381,36 @@ def export(
         try:
             with partial.open("wb") as file:
                 summary = asyncio.run(run(file))
-        except BaseException:
+            partial.replace(path)
+        except BaseException as exc:
             partial.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.filename in (str(partial), str(path)):
+                # The file could not be written (disk full, permissions): was an
+                # "unexpected OSError" that left the .partial file behind.
+                raise TurnstoreError(
+                    f"Cannot write the export to {output}: {exc.strerror or exc}"
+                ) from exc
             raise
-        partial.replace(path)
     data = summary.as_dict()
     text = _counts_line("exported", summary) + ("" if to_stdout else f" to {output}")
     if to_stdout:
         typer.echo(json_text(data) if as_json else text, err=True)
     else:
         common.emit(data, text, as_json=as_json)
+
+
+def _check_output(path: Path) -> None:
+    """Refuse an export file that cannot be written, before the database is read.
+
+    Raises:
+        InvalidArgumentError: The path is a folder, or its folder does not exist.
+    """
+    if path.is_dir():
+        raise InvalidArgumentError(f"--output {path} is a folder; name a file in it")
+    if not path.parent.is_dir():
+        raise InvalidArgumentError(
+            f"--output {path}: the folder {path.parent} does not exist (create it first)"
+        )
 
 
 def json_text(data: dict[str, Any]) -> str:
@@ -408,20 +435,29 @@ def import_(
     on_conflict: OnConflictOption = OnConflict.SKIP,
     migrate_schema: MigrateOption = False,
     batch_size: BatchOption = DEFAULT_BATCH_SIZE,
+    yes: common.YesOption = False,
     as_json: common.JsonOption = False,
 ) -> None:
     """Import an export file, one session per transaction (rerun to finish an interrupted one).
+
+    The whole file is checked first: a file with a bad line (truncated, corrupt, an item that
+    is not a JSON object) is refused with exit code 8 and nothing of it is imported.
+    --on-conflict replace deletes sessions the target has, so it asks first (or needs --yes).
 
     Example: turnstore import --url postgresql+asyncpg://app@db/app backup.jsonl
     """
     target = _parsed(common.resolve_url(url))
     if file != "-" and not Path(file).is_file():
         raise InvalidArgumentError(f"No such export file: {file}")
+    _confirm_replace(on_conflict, target, yes=yes, source="the file")
 
     async def run(stream: IO[bytes]) -> transfer.TransferSummary:
+        with _progress("checked", None) as report:
+            checked = await transfer.check_file(stream, batch_size=batch_size, progress=report)
+        stream.seek(0)
         await transfer.prepare_target(target, migrate_schema=migrate_schema, where=_hidden(target))
         async with _opened(target) as handle:
-            with _progress("imported", None) as report:
+            with _progress("imported", checked.sessions) as report:
                 return await transfer.import_file(
                     handle,
                     DEFAULT_TABLES,
@@ -429,14 +465,43 @@ def import_(
                     on_conflict=on_conflict,
                     batch_size=batch_size,
                     progress=report,
+                    total=checked.sessions,
                 )
 
-    if file == "-":
-        summary = asyncio.run(run(sys.stdin.buffer))
-    else:
-        with Path(file).open("rb") as stream:
-            summary = asyncio.run(run(stream))
+    with _seekable(file) as stream:
+        summary = asyncio.run(run(stream))
     common.emit(summary.as_dict(), _counts_line("imported", summary), as_json=as_json)
+
+
+@contextmanager
+def _seekable(file: str) -> Iterator[IO[bytes]]:
+    """The export file, open for reading twice (checked, then imported).
+
+    Standard input cannot be read twice: it is copied to a temporary file first.
+    """
+    if file != "-":
+        with Path(file).open("rb") as stream:
+            yield stream
+        return
+    with tempfile.TemporaryFile() as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+        spool.seek(0)
+        yield spool
+
+
+def _confirm_replace(on_conflict: OnConflict, target: str, *, yes: bool, source: str) -> None:
+    """``--on-conflict replace`` destroys the target's sessions: ask first, as ``rm`` does."""
+    if on_conflict is not OnConflict.REPLACE:
+        return
+    common.confirm(
+        f"Replace every session {_hidden(target)} already has that {source} also holds "
+        "(deleting its items, branches and usage)?",
+        yes=yes,
+        refusal=(
+            f"--on-conflict replace deletes every session {_hidden(target)} already has that "
+            f"{source} also holds"
+        ),
+    )
 
 
 # -- copy ------------------------------------------------------------------------------------
@@ -475,12 +540,14 @@ def copy(
         ),
     ] = False,
     batch_size: BatchOption = DEFAULT_BATCH_SIZE,
+    yes: common.YesOption = False,
     as_json: common.JsonOption = False,
 ) -> None:
     """Copy conversations from one database to another, streaming, no file between.
 
     Each session is copied in one transaction with new message ids; rerun an interrupted
-    copy to finish it (sessions already copied are skipped).
+    copy to finish it (sessions already copied are skipped). --on-conflict replace deletes
+    sessions the target has, so it asks first (or needs --yes).
 
     Example: turnstore copy --from sqlite+aiosqlite:///conversations.db
     --to postgresql+asyncpg://app@db/app --verify
@@ -491,6 +558,7 @@ def copy(
         raise InvalidArgumentError("--from and --to name the same database")
     filters = _Filters(session, user, active_after, active_before)
     filters.selection()
+    _confirm_replace(on_conflict, target, yes=yes, source=_hidden(source))
 
     async def run() -> tuple[transfer.TransferSummary, str, int]:
         await _check_source(source)

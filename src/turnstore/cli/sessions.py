@@ -20,11 +20,12 @@ import typer
 from sqlalchemy.exc import DBAPIError
 
 from turnstore.cli import common
-from turnstore.cli.db import _require_existing_sqlite_file
+from turnstore.cli.db import _require_existing_sqlite_file, schema_refusal
 from turnstore.errors import (
     DatabaseUnavailableError,
     InvalidArgumentError,
     MissingExtraError,
+    SchemaMissingError,
     TurnstoreError,
 )
 from turnstore.info import SessionSummary
@@ -43,6 +44,8 @@ BatchOption = Annotated[
     int,
     typer.Option(
         "--batch-size",
+        min=1,
+        max=10000,
         help="Sessions removed per transaction (1-10000). Example: --batch-size 500",
     ),
 ]
@@ -109,6 +112,11 @@ def _run(url: str | None, work: Callable[[Store], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(go())
+    except SchemaMissingError as exc:
+        refusal = schema_refusal(exc, target)
+        if refusal is exc:
+            raise
+        raise refusal from exc
     except ImportError as exc:
         if isinstance(exc, TurnstoreError):
             raise
@@ -138,8 +146,9 @@ def _print_page(page: SessionPage) -> None:
     for summary in page.sessions:
         label = summary.title or summary.preview or ""
         common.line(
-            f"{summary.last_activity:%Y-%m-%d %H:%M:%S}  {summary.session_id}  "
-            f"user={summary.user_id or '-'}  items={summary.items}  {label}".rstrip()
+            f"{summary.last_activity:%Y-%m-%d %H:%M:%S}  {common.shown_id(summary.session_id)}  "
+            f"user={'-' if summary.user_id is None else common.shown_id(summary.user_id)}  "
+            f"items={summary.items}  {label}".rstrip()
         )
     if page.next_cursor:
         common.line(f"more: --cursor {page.next_cursor}")
@@ -164,7 +173,10 @@ def sessions(
         ),
     ] = None,
     limit: Annotated[
-        int, typer.Option("--limit", help="Sessions per page (1-1000). Example: --limit 20")
+        int,
+        typer.Option(
+            "--limit", min=1, max=1000, help="Sessions per page (1-1000). Example: --limit 20"
+        ),
     ] = 50,
     cursor: Annotated[
         str | None,
@@ -209,10 +221,11 @@ def rm(
     """Delete one session entirely: items, branches, usage and info (asks first)."""
 
     def work(store: Store) -> Awaitable[Removed]:
+        shown = common.shown_id(session_id)
         common.confirm(
-            f"Delete session {session_id!r} and everything in it?",
+            f"Delete session {shown} and everything in it?",
             yes=yes,
-            refusal=f"deleting session {session_id!r} removes it for good",
+            refusal=f"deleting session {shown} removes it for good",
         )
         return store.delete_session(session_id)
 
@@ -220,14 +233,16 @@ def rm(
     if removed.sessions == 0:
         typer.echo(
             common.error_line(
-                "turnstore rm", TurnstoreError(f"No session {session_id!r} in this database")
+                "turnstore rm",
+                # Quoted as every error quotes an id (repr: escapes included).
+                TurnstoreError(f"No session {session_id!r} in this database"),
             ),
             err=True,
         )
         common.exit_with(common.ExitCode.NOT_FOUND)
     common.emit(
         _removed_data(removed, False),
-        f"deleted session {session_id} ({removed.items} item(s))",
+        f"deleted session {common.shown_id(session_id)} ({removed.items} item(s))",
         as_json=as_json,
     )
 
@@ -302,7 +317,7 @@ def prune(
     cutoff = None if before is None else parse_time(before, "--before")
     what = f"inactive for {inactive_for}" if idle is not None else f"last active before {before}"
     if user is not None:
-        what += f", of user {user}"
+        what += f", of user {common.shown_id(user)}"
 
     def run(store: Store, dry: bool, report: Callable[[Removed], None] | None) -> Any:
         return store.prune(
@@ -332,7 +347,7 @@ def erase_user(
 
     _erase(
         url,
-        what=f"every session of user {user_id}",
+        what=f"every session of user {common.shown_id(user_id)}",
         run=run,
         yes=yes,
         dry_run=dry_run,

@@ -352,6 +352,24 @@ class _Checker:
     def json_text(self, key: str) -> str | None:
         return self.text(key, optional=True)  # type: ignore[no-any-return]
 
+    def item_text(self, key: str) -> str:
+        """A message's stored item: the JSON text of an object, as every session stores one.
+
+        Anything else would be written as it is and then read back by no one: the sessions
+        skip a row they cannot decode, so the item would silently vanish from its history.
+        """
+        value: str = self.text(key)
+        try:
+            item = jsoncodec.loads(value)
+        except (ValueError, RecursionError):
+            raise self.fail(f"{key!r} is not JSON text (the stored item's JSON)") from None
+        if not isinstance(item, dict):
+            raise self.fail(
+                f"{key!r} must be the JSON of an item, an object; got the JSON of "
+                f"{_json_kind(item)}"
+            )
+        return value
+
 
 _INFO_KEYS = {"user_id", "title", "metadata", "created_at_us", "last_activity_us"}
 
@@ -378,6 +396,17 @@ def _checked_info(check: _Checker, info: object) -> dict[str, Any]:
 
 def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def _json_kind(value: object) -> str:
+    """What a decoded JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
 
 
 class RecordDecoder:
@@ -660,7 +689,7 @@ class _SessionState:
                 )
             self.ids.append(message_id)
             self.messages += 1
-            return MessageRow(message_id, check.timestamp("created_at"), check.text("data"))
+            return MessageRow(message_id, check.timestamp("created_at"), check.item_text("data"))
         if kind == "structure":
             check = _Checker(line, record, _STRUCTURE_KEYS)
             message_id = check.integer("message_id", stored=False)

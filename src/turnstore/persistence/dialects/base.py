@@ -295,6 +295,13 @@ class DialectProfile:
         """Why connecting to ``url`` must fail, when that is knowable without connecting."""
         return None
 
+    def in_memory(self, url: URL) -> bool:
+        """Whether ``url`` names a database that lives only as long as its connection.
+
+        Commands that read refuse one: each command would see a new, empty database.
+        """
+        return False
+
     # -- time and JSON in store-wide queries (rollups) ---------------------------------------
 
     def timestamp_column(self, column: ColumnElement[Any]) -> ColumnElement[Any]:

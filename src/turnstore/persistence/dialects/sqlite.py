@@ -191,6 +191,15 @@ class SQLiteProfile(_OnConflictProfile):
         path = Path(database).expanduser()
         return None if path.exists() else path
 
+    def in_memory(self, url: URL) -> bool:
+        """``sqlite://``, ``:memory:`` and ``file:...?mode=memory`` databases."""
+        database = url.database or ""
+        return (
+            database in ("", ":memory:")
+            or url.query.get("mode") == "memory"
+            or (database.startswith("file:") and "mode=memory" in database)
+        )
+
     def unreachable_reason(self, url: URL) -> str | None:
         """A file in a missing directory cannot be created.
 
