@@ -113,8 +113,9 @@ class SchemaPreparation(RepositoryCore):
                 # branch lineage are not recorded.
                 logger.warning(
                     "The database lacks turnstore's tables %s: the models of each turn and "
-                    "branch lineage are not recorded. Run the migrations (turnstore db "
-                    "upgrade) to add them.",
+                    "branch lineage are not recorded. Run the migrations to add them: "
+                    "turnstore db upgrade, or turnstore db adopt for a file the SDK's class "
+                    "wrote.",
                     ", ".join(sorted(own)),
                 )
             await self._find_routines(routines_present)
