@@ -368,7 +368,8 @@ def test_library_warnings_are_named_lines_after_success_only(tmp_path: Path) -> 
     assert shell.stderr.splitlines() == [
         "turnstore search: warning: The database lacks turnstore's tables "
         "turnstore_branch_lineage, turnstore_turn_models: the models of each turn and branch "
-        "lineage are not recorded. Run the migrations (turnstore db upgrade) to add them."
+        "lineage are not recorded. Run the migrations to add them: turnstore db upgrade, or "
+        "turnstore db adopt for a file the SDK's class wrote."
     ]
     # A command that fails prints its error line only.
     refused = run_cli(["sessions", "--url", url_of(sdk)])
