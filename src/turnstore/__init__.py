@@ -28,7 +28,8 @@ from turnstore.info import SessionSummary
 from turnstore.lineage import BranchNode
 from turnstore.persistence.engines import dispose_engines
 from turnstore.search import SearchHit, SearchPage
-from turnstore.session import AdvancedSession, AdvancedSQLiteSession, SessionSettings
+from turnstore.session import AdvancedSession, AdvancedSQLiteSession
+from turnstore.session_settings import SessionSettings
 from turnstore.store import Removed, SessionPage, Store
 from turnstore.transfer import Progress, TransferSummary
 from turnstore.usage_report import UsageRow
