@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tests.conftest import Backend
@@ -183,24 +184,66 @@ async def test_engines_turnstore_creates_hide_statement_parameters(backend: Back
 # -- usage writes that lose a lock wait ---------------------------------------------------------
 
 
-async def short_lock_wait_engine(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> AsyncEngine:
+@asynccontextmanager
+async def short_lock_waits(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[AsyncEngine]:
     """A new engine on the backend whose writes give up on a lock after well under a second."""
     if backend.name == "sqlite":
         monkeypatch.setattr(dialects.SQLiteProfile, "busy_timeout_seconds", 0.3)
-        return backend.new_engine()
-    if backend.name == "postgres":
+        engine = backend.new_engine()
+    elif backend.name == "postgres":
         options = dict(backend.engine_options)
         settings = {**options["connect_args"]["server_settings"], "lock_timeout": "300ms"}
-        return create_async_engine(backend.url, connect_args={"server_settings": settings})
-    engine = backend.new_engine()
+        engine = create_async_engine(backend.url, connect_args={"server_settings": settings})
+    elif backend.name == "citus":
+        async with citus_role_with_short_lock_waits(backend) as url:
+            engine = create_async_engine(url, **backend.engine_options)
+            try:
+                yield engine
+            finally:
+                await engine.dispose()
+        return
+    else:
+        engine = backend.new_engine()
 
-    @event.listens_for(engine.sync_engine, "connect")
-    def _short_waits(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
-        cursor.close()
+        @event.listens_for(engine.sync_engine, "connect")
+        def _short_waits(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
+            cursor.close()
 
-    return engine
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def citus_role_with_short_lock_waits(backend: Backend) -> AsyncIterator[str]:
+    """The Citus backend's URL as a role of the test's own whose lock waits last 300 ms.
+
+    On Citus the lock a write waits for is on a worker, and the write runs there in a
+    connection the coordinator opens (a delegated server-function call, or a routed
+    statement): the client's session settings, such as ``lock_timeout`` in the connection's
+    options, stay on the coordinator. A role's settings apply on every node (Citus propagates
+    ``ALTER ROLE ... SET``), so that is how a deployment limits lock waits on a cluster.
+    """
+    url = make_url(backend.url)
+    role = f"t_waits_{uuid.uuid4().hex[:12]}"
+    password = "" if url.password is None else f" PASSWORD '{url.password}'"
+    admin = create_async_engine(backend.url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN SUPERUSER{password}")
+            await conn.exec_driver_sql(f"ALTER ROLE {role} SET lock_timeout = '300ms'")
+        try:
+            yield url.set(username=role).render_as_string(hide_password=False)
+        finally:
+            async with admin.connect() as conn:
+                await conn.exec_driver_sql(f"DROP ROLE {role}")
+    finally:
+        await admin.dispose()
 
 
 @asynccontextmanager
@@ -233,43 +276,41 @@ async def test_a_usage_write_that_keeps_losing_the_lock_is_counted_and_logged(
 ) -> None:
     monkeypatch.setattr(repository, "_LOCK_RETRY_DELAYS", (0.01, 0.01))
     writer = await with_history(backend)
-    engine = await short_lock_wait_engine(backend, monkeypatch)
-    session = AdvancedSession(session_id=writer.session_id, engine=engine)
-    try:
-        before = await snapshot(writer)
-        async with session_locked(backend, session.session_id):
-            with caplog.at_level(logging.WARNING, logger="turnstore"):
-                await session.store_run_usage(run_result(input_tokens=999))
-        assert session.dropped_usage_writes == 1
-        [record] = [r for r in caplog.records if "Dropped the usage" in r.getMessage()]
-        assert record.levelno == logging.WARNING
-        assert "dropped so far: 1" in record.getMessage()
-        assert await snapshot(writer) == before
-        # Once the lock is free again, usage is stored as usual.
-        await session.store_run_usage(run_result(input_tokens=999))
-        assert session.dropped_usage_writes == 1
-        assert (await writer.get_session_usage() or {})["input_tokens"] == 8 + 999
-    finally:
-        await session.aclose()
-        await engine.dispose()
+    async with short_lock_waits(backend, monkeypatch) as engine:
+        session = AdvancedSession(session_id=writer.session_id, engine=engine)
+        try:
+            before = await snapshot(writer)
+            async with session_locked(backend, session.session_id):
+                with caplog.at_level(logging.WARNING, logger="turnstore"):
+                    await session.store_run_usage(run_result(input_tokens=999))
+            assert session.dropped_usage_writes == 1
+            [record] = [r for r in caplog.records if "Dropped the usage" in r.getMessage()]
+            assert record.levelno == logging.WARNING
+            assert "dropped so far: 1" in record.getMessage()
+            assert await snapshot(writer) == before
+            # Once the lock is free again, usage is stored as usual.
+            await session.store_run_usage(run_result(input_tokens=999))
+            assert session.dropped_usage_writes == 1
+            assert (await writer.get_session_usage() or {})["input_tokens"] == 8 + 999
+        finally:
+            await session.aclose()
 
 
 async def test_a_usage_write_waits_for_a_lock_held_briefly(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writer = await with_history(backend)
-    engine = await short_lock_wait_engine(backend, monkeypatch)
-    session = AdvancedSession(session_id=writer.session_id, engine=engine)
-    try:
-        async with session_locked(backend, session.session_id):
-            storing = asyncio.create_task(session.store_run_usage(run_result(input_tokens=50)))
-            await asyncio.sleep(1.5)  # several lost waits, then the lock is released
-        await storing
-        assert session.dropped_usage_writes == 0
-        assert (await writer.get_session_usage() or {})["input_tokens"] == 8 + 50
-    finally:
-        await session.aclose()
-        await engine.dispose()
+    async with short_lock_waits(backend, monkeypatch) as engine:
+        session = AdvancedSession(session_id=writer.session_id, engine=engine)
+        try:
+            async with session_locked(backend, session.session_id):
+                storing = asyncio.create_task(session.store_run_usage(run_result(input_tokens=50)))
+                await asyncio.sleep(1.5)  # several lost waits, then the lock is released
+            await storing
+            assert session.dropped_usage_writes == 0
+            assert (await writer.get_session_usage() or {})["input_tokens"] == 8 + 50
+        finally:
+            await session.aclose()
 
 
 # -- retrying appends: idempotency keys, cancellations, killed connections ----------------------
