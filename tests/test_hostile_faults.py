@@ -372,7 +372,7 @@ async def test_an_append_whose_connection_is_killed_is_retried_exactly_once(
         pytest.skip("SQLite has no server connection to kill")
     victims: list[int] = []
     engine = backend.new_engine()
-    if backend.name == "postgres":
+    if backend.family == "postgres":
         app = f"hostile-victim-{uuid.uuid4().hex[:8]}"
         settings = {**backend.engine_options["connect_args"]["server_settings"]}
         engine = create_async_engine(
@@ -383,7 +383,7 @@ async def test_an_append_whose_connection_is_killed_is_retried_exactly_once(
     def _remember(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(
-            "SELECT pg_backend_pid()" if backend.name == "postgres" else "SELECT CONNECTION_ID()"
+            "SELECT pg_backend_pid()" if backend.family == "postgres" else "SELECT CONNECTION_ID()"
         )
         victims.append(int(cursor.fetchone()[0]))
         cursor.close()
@@ -401,8 +401,9 @@ async def test_an_append_whose_connection_is_killed_is_retried_exactly_once(
             async with admin.connect() as conn:
                 for victim in victims:
                     kill = (
-                        "SELECT pg_terminate_backend(:p)"
-                        if backend.name == "postgres"
+                        # Typed: Citus adds a pg_terminate_backend(bigint, ...) overload.
+                        "SELECT pg_terminate_backend(CAST(:p AS integer))"
+                        if backend.family == "postgres"
                         else f"KILL {victim}"
                     )
                     await conn.execute(text(kill), {"p": victim})
