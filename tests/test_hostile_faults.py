@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from tests.conftest import Backend
+from tests.conftest import Backend, role_with_settings
 from tests.helpers import assistant, function_call, run_result, turn, user
 from tests.hostile_support import row_counts, snapshot, unchanged, with_history
 from turnstore import (
@@ -197,7 +196,15 @@ async def short_lock_waits(
         settings = {**options["connect_args"]["server_settings"], "lock_timeout": "300ms"}
         engine = create_async_engine(backend.url, connect_args={"server_settings": settings})
     elif backend.name == "citus":
-        async with citus_role_with_short_lock_waits(backend) as url:
+        # The lock a write waits for is on a worker, where the write runs in a connection
+        # the coordinator opens (a delegated server-function call, or a routed statement):
+        # session settings of the client's connection stay on the coordinator. A role's
+        # settings apply on every node, so that is how a deployment limits lock waits there.
+        settings = {
+            **backend.engine_options["connect_args"]["server_settings"],
+            "lock_timeout": "300ms",
+        }
+        async with role_with_settings(backend.url, settings) as url:
             engine = create_async_engine(url, **backend.engine_options)
             try:
                 yield engine
@@ -217,33 +224,6 @@ async def short_lock_waits(
         yield engine
     finally:
         await engine.dispose()
-
-
-@asynccontextmanager
-async def citus_role_with_short_lock_waits(backend: Backend) -> AsyncIterator[str]:
-    """The Citus backend's URL as a role of the test's own whose lock waits last 300 ms.
-
-    On Citus the lock a write waits for is on a worker, and the write runs there in a
-    connection the coordinator opens (a delegated server-function call, or a routed
-    statement): the client's session settings, such as ``lock_timeout`` in the connection's
-    options, stay on the coordinator. A role's settings apply on every node (Citus propagates
-    ``ALTER ROLE ... SET``), so that is how a deployment limits lock waits on a cluster.
-    """
-    url = make_url(backend.url)
-    role = f"t_waits_{uuid.uuid4().hex[:12]}"
-    password = "" if url.password is None else f" PASSWORD '{url.password}'"
-    admin = create_async_engine(backend.url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN SUPERUSER{password}")
-            await conn.exec_driver_sql(f"ALTER ROLE {role} SET lock_timeout = '300ms'")
-        try:
-            yield url.set(username=role).render_as_string(hide_password=False)
-        finally:
-            async with admin.connect() as conn:
-                await conn.exec_driver_sql(f"DROP ROLE {role}")
-    finally:
-        await admin.dispose()
 
 
 @asynccontextmanager

@@ -77,7 +77,8 @@ class EngineHandle:
         distributed: Whether the database distributes its tables over several nodes (a
             Citus coordinator): statements that lock rows of several sessions at once must
             then lock one session at a time. ``None`` until the first such statement asks
-           , so a process that never erases never pays the lookup.
+            (:meth:`locks_one_shard_per_statement`), so a process that never locks several
+            sessions never pays the lookup.
         without_info: Table sets whose database predates the session info table (migration
             0005): sessions work, the store's features refuse.
         driver_calls: Runs single statements on the driver itself, where the engine's
@@ -103,6 +104,17 @@ class EngineHandle:
     statement_size_limit: int | None = None
     absent_tables: dict[Hashable, frozenset[str]] = field(default_factory=dict)
     _limits_read: bool = False
+
+    def locks_one_shard_per_statement(self, conn: Connection) -> bool:
+        """Whether a row lock must name one session per statement here (a Citus coordinator).
+
+        Citus refuses ``SELECT ... FOR UPDATE`` over rows of several shards ("could not run
+        distributed query with FOR UPDATE/SHARE commands"). Asked of the server once per
+        engine, on the first statement that would lock several sessions.
+        """
+        if self.distributed is None:
+            self.distributed = self.profile.cluster_node(conn) is not None
+        return self.distributed
 
     async def read_limits(self) -> None:
         """Read the server's limits once per engine (``max_allowed_packet`` on MySQL)."""

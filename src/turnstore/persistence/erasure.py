@@ -206,9 +206,7 @@ class Eraser:
         picked = self._q.pick(shape).scalars(conn, {**params, "limit": limit})
         if not picked:
             return Removed(), 0
-        if self._handle.distributed is None:
-            self._handle.distributed = self._handle.profile.cluster_node(conn) is not None
-        if self._handle.distributed:
+        if self._handle.locks_one_shard_per_statement(conn):
             # Citus locks rows of one shard per statement only: one session at a time, in
             # the order the other databases lock them in.
             confirmed = []
