@@ -206,7 +206,7 @@ class Eraser:
         picked = self._q.pick(shape).scalars(conn, {**params, "limit": limit})
         if not picked:
             return Removed(), 0
-        if self._handle.locks_one_shard_per_statement(conn):
+        if self._handle.is_distributed(conn):
             # Citus locks rows of one shard per statement only: one session at a time, in
             # the order the other databases lock them in.
             confirmed = []

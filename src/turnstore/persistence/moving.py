@@ -589,7 +589,7 @@ class SessionWriter:
         """
         q, t = self._q, self._q.tables
         params = {"ids": [head.session_id for head in heads]}
-        if len(heads) > 1 and self._handle.locks_one_shard_per_statement(conn):
+        if len(heads) > 1 and self._handle.is_distributed(conn):
             # One session per statement, in the order erasure locks them in.
             for session_id in sorted(params["ids"]):
                 conn.execute(q.group_lock, {"ids": [session_id]})
