@@ -592,7 +592,7 @@ class SessionWriter:
         if len(heads) > 1 and self._handle.is_distributed(conn):
             # One session per statement, in the order erasure locks them in.
             for session_id in sorted(params["ids"]):
-                conn.execute(q.group_lock, {"ids": [session_id]})
+                q.lock_session.rows(conn, {"sid": session_id})
         else:
             conn.execute(q.group_lock, params)
         existing = set(conn.execute(self._existing_statement(missing), params).scalars())
