@@ -94,14 +94,12 @@ class _Statements:
         self.summary = self._prepared(
             self.summaries.where(i.c.session_id == bindparam("sid", type_=i.c.session_id.type))
         )
-        self._pages: dict[tuple[bool, bool, bool, bool, int, bool], PreparedStatement] = {}
+        self._pages: dict[tuple[bool, bool, bool, bool, int], PreparedStatement] = {}
 
     def _prepared(self, statement: Any) -> PreparedStatement:
         return PreparedStatement(statement, direct=self._direct)
 
-    def page(
-        self, selection: Selection, after: bool, limit: int, *, keys_first: bool = False
-    ) -> PreparedStatement:
+    def page(self, selection: Selection, after: bool, limit: int) -> PreparedStatement:
         """The page statement for a selection's shape (which filters it uses) and a limit.
 
         The limit is literal SQL: a prepared statement's bound LIMIT is planned without its
@@ -114,32 +112,18 @@ class _Statements:
             selection.active_before_us is not None,
             after,
             limit,
-            keys_first,
         )
         found = self._pages.get(shape)
         if found is None:
             found = self._pages[shape] = self._prepared(
-                self.page_statement(selection, after, limit, bound=True, keys_first=keys_first)
+                self.page_statement(selection, after, limit, bound=True)
             )
         return found
 
     def page_statement(
-        self,
-        selection: Selection,
-        after: bool,
-        limit: int,
-        *,
-        bound: bool,
-        keys_first: bool = False,
+        self, selection: Selection, after: bool, limit: int, *, bound: bool
     ) -> Select[Any]:
-        """A page's statement; with ``bound``, filter values are named bind parameters.
-
-        With ``keys_first``, the page's session ids are picked by a subquery and only their
-        summaries are computed. On a Citus coordinator every shard would otherwise compute a
-        whole page of summaries (one per shard, 32 by default) for the coordinator to keep
-        one page; the subquery's LIMIT makes Citus run it first and send the shards just the
-        ids. One server plans the plain statement as well as this, so it keeps that one.
-        """
+        """A page's statement; with ``bound``, filter values are named bind parameters."""
         i = self._t.info
         conditions = self.conditions(selection, bound=bound)
         if after:
@@ -152,20 +136,9 @@ class _Statements:
                     ],
                 )
             )
-        order = (i.c.last_activity_us.desc(), i.c.session_id.desc())
-        if keys_first:
-            keys = (
-                select(i.c.session_id)
-                .where(*conditions)
-                .order_by(*order)
-                .limit(literal_column(str(int(limit))))
-                .correlate(None)
-                .subquery("page_keys")
-            )
-            conditions = [i.c.session_id.in_(select(keys.c.session_id))]
         return (
             self.summaries.where(*conditions)
-            .order_by(*order)
+            .order_by(i.c.last_activity_us.desc(), i.c.session_id.desc())
             .limit(literal_column(str(int(limit))))
         )
 
@@ -281,11 +254,8 @@ class StoreQueries:
             limit: Most rows to return.
         """
         position = {} if after is None else {"after_us": after[0], "after_sid": after[1]}
-        keys_first = await self._distributed()
         if selection.metadata:
-            stmt = self._q.page_statement(
-                selection, after is not None, limit, bound=False, keys_first=keys_first
-            )
+            stmt = self._q.page_statement(selection, after is not None, limit, bound=False)
             rows = await self._handle.read(_rows, stmt, position)
         else:
             params: dict[str, Any] = {
@@ -294,15 +264,9 @@ class StoreQueries:
                 "until_us": selection.active_before_us,
                 **position,
             }
-            statement = self._q.page(selection, after is not None, limit, keys_first=keys_first)
+            statement = self._q.page(selection, after is not None, limit)
             rows = await self._rows(statement, {k: v for k, v in params.items() if v is not None})
         return [_session_row(row) for row in rows]
-
-    async def _distributed(self) -> bool:
-        """Whether the store's database is a Citus coordinator (asked once per engine)."""
-        if self._handle.distributed is None:
-            await self._handle.read(self._handle.is_distributed)
-        return bool(self._handle.distributed)
 
     async def positions(
         self, selection: Selection, after: Position | None, limit: int
