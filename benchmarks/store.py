@@ -18,7 +18,8 @@ Workloads (``--only``):
 Stores are filled with bulk inserts (two items, one usage row and the info of each session),
 then analyzed where the database keeps statistics, as autovacuum would. Every workload runs on
 a fresh database: a temporary file for SQLite, a private database on the server (dropped
-afterwards) for Postgres and MySQL. The last line of output is ``BENCH_JSON {...}``.
+afterwards) for Postgres and MySQL, a private schema on a Citus coordinator (``--backend
+citus``). The last line of output is ``BENCH_JSON {...}``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ _CHECKOUT_SOURCE = Path(__file__).resolve().parents[1] / "src"
 if (_CHECKOUT_SOURCE / "turnstore").is_dir():
     sys.path.insert(0, str(_CHECKOUT_SOURCE))
 
+from citus_cluster import private_store  # noqa: E402  # a private schema on a coordinator
+
 import turnstore  # noqa: E402
 from turnstore import Store  # noqa: E402
 from turnstore.persistence.models import DEFAULT_TABLES  # noqa: E402
@@ -56,6 +59,7 @@ WORKLOADS = ("listing", "per_user", "prune")
 DEFAULT_URLS = {
     "postgres": "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
     "mysql": "mysql+asyncmy://root@127.0.0.1:3306/test",
+    "citus": "postgresql+asyncpg://postgres@127.0.0.1:9700/turnstore",
 }
 JSON_PREFIX = "BENCH_JSON "
 PAGE = 50
@@ -92,6 +96,12 @@ async def fresh_database(backend: str, server_url: str | None) -> AsyncIterator[
             await turnstore.dispose_engines()
         return
     base = server_url or DEFAULT_URLS[backend]
+    if backend == "citus":
+        # A database on a cluster needs the extension and the workers registered anew: a
+        # schema of its own instead, reached through a role's search_path.
+        async with private_store(base) as url:
+            yield url
+        return
     name = f"bench_store_{uuid.uuid4().hex[:10]}"
     admin = create_async_engine(base, isolation_level="AUTOCOMMIT")
     try:
@@ -173,7 +183,7 @@ async def bulk_fill(engine: AsyncEngine, backend: str, planned: list[Planned]) -
             await conn.execute(insert(t.usage), usage)
             await conn.execute(insert(t.info), info)
     async with engine.begin() as conn:
-        if backend == "postgres":
+        if backend in ("postgres", "citus"):
             # Explicit ids leave the sequences behind; later appends must not collide.
             for table in (t.messages, t.structure, t.usage):
                 await conn.exec_driver_sql(
@@ -381,7 +391,9 @@ def print_table(figures: dict[str, Any]) -> None:
 async def main(argv: list[str] | None = None) -> int:
     """Run the chosen workloads and print their figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=("sqlite", "postgres", "mysql"), default="sqlite")
+    parser.add_argument(
+        "--backend", choices=("sqlite", "postgres", "mysql", "citus"), default="sqlite"
+    )
     parser.add_argument("--url", help="server URL whose user may create databases")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     parser.add_argument("--million", action="store_true", help="add the 1,000,000 listing")

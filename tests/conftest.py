@@ -402,6 +402,53 @@ def postgres_settings(name: str, schema: str) -> dict[str, str]:
     return settings
 
 
+@asynccontextmanager
+async def role_with_settings(base_url: str, settings: dict[str, str]) -> AsyncIterator[str]:
+    """``base_url`` as a new role of the test's own whose sessions start with ``settings``.
+
+    For what only a URL reaches (the command line, child processes) and for settings that
+    must hold on every node of a Citus cluster: the connections Citus opens to its workers
+    do not carry the client's session settings, but a role's (``ALTER ROLE ... SET``, which
+    Citus propagates with the role) apply there too. A superuser, so it may use what the
+    test's other connections created; dropped afterwards with whatever it owns.
+    """
+    url = make_url(base_url)
+    role = f"r_{uuid.uuid4().hex[:12]}"
+    password = "" if url.password is None else f" PASSWORD '{url.password}'"
+    admin = create_async_engine(base_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN SUPERUSER{password}")
+            for name, value in settings.items():
+                await conn.exec_driver_sql(f"ALTER ROLE {role} SET {name} = '{value}'")
+        try:
+            yield url.set(username=role).render_as_string(hide_password=False)
+        finally:
+            await turnstore.dispose_engines()
+            async with admin.connect() as conn:
+                await conn.exec_driver_sql(f"DROP OWNED BY {role} CASCADE")
+                await conn.exec_driver_sql(f"DROP ROLE {role}")
+    finally:
+        await admin.dispose()
+
+
+@asynccontextmanager
+async def fresh_citus_schema_url(citus_url: str) -> AsyncIterator[str]:
+    """A URL on the Citus coordinator whose default schema is a new, empty one of its own.
+
+    The Citus backend's tests each get a schema in one database (a database on a cluster
+    needs the extension and the workers registered anew); a URL reaches the schema through
+    its role's ``search_path``.
+    """
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    create, drop = f"CREATE SCHEMA {schema}", f"DROP SCHEMA {schema} CASCADE"
+    async with (
+        private_namespace(citus_url, create, drop, backend="citus"),
+        role_with_settings(citus_url, postgres_settings("citus", schema)) as url,
+    ):
+        yield url
+
+
 async def fresh_mysql_backend(base_url: str) -> AsyncIterator[Backend]:
     """A MySQL backend on a database of its own, dropped afterwards."""
     database = f"t_{uuid.uuid4().hex[:12]}"

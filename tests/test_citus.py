@@ -236,7 +236,7 @@ async def test_turn_path_statements_run_on_one_shard(citus: Backend) -> None:
             (
                 *(sid, "main", 0, 1, 2, 3, 5, None, None, None, None, None),
                 # The models that served the turn (version 4 on): names, then six counts.
-                *(["gpt-4o"], *([1] for _ in range(6))),
+                *(["gpt-4o"], *(server_routines.count_array([1]) for _ in range(6))),
             )[: routines.usage_call.count("$")],
         ),
     }

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from tests.conftest import Backend
+from tests.conftest import Backend, role_with_settings
 from tests.helpers import assistant, function_call, run_result, turn, user
 from tests.hostile_support import row_counts, snapshot, unchanged, with_history
 from turnstore import (
@@ -186,24 +186,47 @@ async def test_engines_turnstore_creates_hide_statement_parameters(backend: Back
 # -- usage writes that lose a lock wait ---------------------------------------------------------
 
 
-async def short_lock_wait_engine(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> AsyncEngine:
+@asynccontextmanager
+async def short_lock_waits(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[AsyncEngine]:
     """A new engine on the backend whose writes give up on a lock after well under a second."""
     if backend.name == "sqlite":
         monkeypatch.setattr(SQLiteProfile, "busy_timeout_seconds", 0.3)
-        return backend.new_engine()
-    if backend.name == "postgres":
+        engine = backend.new_engine()
+    elif backend.name == "postgres":
         options = dict(backend.engine_options)
         settings = {**options["connect_args"]["server_settings"], "lock_timeout": "300ms"}
-        return create_async_engine(backend.url, connect_args={"server_settings": settings})
-    engine = backend.new_engine()
+        engine = create_async_engine(backend.url, connect_args={"server_settings": settings})
+    elif backend.name == "citus":
+        # The lock a write waits for is on a worker, where the write runs in a connection
+        # the coordinator opens (a delegated server-function call, or a routed statement):
+        # session settings of the client's connection stay on the coordinator. A role's
+        # settings apply on every node, so that is how a deployment limits lock waits there.
+        settings = {
+            **backend.engine_options["connect_args"]["server_settings"],
+            "lock_timeout": "300ms",
+        }
+        async with role_with_settings(backend.url, settings) as url:
+            engine = create_async_engine(url, **backend.engine_options)
+            try:
+                yield engine
+            finally:
+                await engine.dispose()
+        return
+    else:
+        engine = backend.new_engine()
 
-    @event.listens_for(engine.sync_engine, "connect")
-    def _short_waits(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
-        cursor.close()
+        @event.listens_for(engine.sync_engine, "connect")
+        def _short_waits(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
+            cursor.close()
 
-    return engine
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 @asynccontextmanager
@@ -236,43 +259,41 @@ async def test_a_usage_write_that_keeps_losing_the_lock_is_counted_and_logged(
 ) -> None:
     monkeypatch.setattr(repository, "_LOCK_RETRY_DELAYS", (0.01, 0.01))
     writer = await with_history(backend)
-    engine = await short_lock_wait_engine(backend, monkeypatch)
-    session = AdvancedSession(session_id=writer.session_id, engine=engine)
-    try:
-        before = await snapshot(writer)
-        async with session_locked(backend, session.session_id):
-            with caplog.at_level(logging.WARNING, logger="turnstore"):
-                await session.store_run_usage(run_result(input_tokens=999))
-        assert session.dropped_usage_writes == 1
-        [record] = [r for r in caplog.records if "Dropped the usage" in r.getMessage()]
-        assert record.levelno == logging.WARNING
-        assert "dropped so far: 1" in record.getMessage()
-        assert await snapshot(writer) == before
-        # Once the lock is free again, usage is stored as usual.
-        await session.store_run_usage(run_result(input_tokens=999))
-        assert session.dropped_usage_writes == 1
-        assert (await writer.get_session_usage() or {})["input_tokens"] == 8 + 999
-    finally:
-        await session.aclose()
-        await engine.dispose()
+    async with short_lock_waits(backend, monkeypatch) as engine:
+        session = AdvancedSession(session_id=writer.session_id, engine=engine)
+        try:
+            before = await snapshot(writer)
+            async with session_locked(backend, session.session_id):
+                with caplog.at_level(logging.WARNING, logger="turnstore"):
+                    await session.store_run_usage(run_result(input_tokens=999))
+            assert session.dropped_usage_writes == 1
+            [record] = [r for r in caplog.records if "Dropped the usage" in r.getMessage()]
+            assert record.levelno == logging.WARNING
+            assert "dropped so far: 1" in record.getMessage()
+            assert await snapshot(writer) == before
+            # Once the lock is free again, usage is stored as usual.
+            await session.store_run_usage(run_result(input_tokens=999))
+            assert session.dropped_usage_writes == 1
+            assert (await writer.get_session_usage() or {})["input_tokens"] == 8 + 999
+        finally:
+            await session.aclose()
 
 
 async def test_a_usage_write_waits_for_a_lock_held_briefly(
     backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writer = await with_history(backend)
-    engine = await short_lock_wait_engine(backend, monkeypatch)
-    session = AdvancedSession(session_id=writer.session_id, engine=engine)
-    try:
-        async with session_locked(backend, session.session_id):
-            storing = asyncio.create_task(session.store_run_usage(run_result(input_tokens=50)))
-            await asyncio.sleep(1.5)  # several lost waits, then the lock is released
-        await storing
-        assert session.dropped_usage_writes == 0
-        assert (await writer.get_session_usage() or {})["input_tokens"] == 8 + 50
-    finally:
-        await session.aclose()
-        await engine.dispose()
+    async with short_lock_waits(backend, monkeypatch) as engine:
+        session = AdvancedSession(session_id=writer.session_id, engine=engine)
+        try:
+            async with session_locked(backend, session.session_id):
+                storing = asyncio.create_task(session.store_run_usage(run_result(input_tokens=50)))
+                await asyncio.sleep(1.5)  # several lost waits, then the lock is released
+            await storing
+            assert session.dropped_usage_writes == 0
+            assert (await writer.get_session_usage() or {})["input_tokens"] == 8 + 50
+        finally:
+            await session.aclose()
 
 
 # -- retrying appends: idempotency keys, cancellations, killed connections ----------------------
@@ -334,7 +355,7 @@ async def test_an_append_whose_connection_is_killed_is_retried_exactly_once(
         pytest.skip("SQLite has no server connection to kill")
     victims: list[int] = []
     engine = backend.new_engine()
-    if backend.name == "postgres":
+    if backend.family == "postgres":
         app = f"hostile-victim-{uuid.uuid4().hex[:8]}"
         settings = {**backend.engine_options["connect_args"]["server_settings"]}
         engine = create_async_engine(
@@ -345,7 +366,7 @@ async def test_an_append_whose_connection_is_killed_is_retried_exactly_once(
     def _remember(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(
-            "SELECT pg_backend_pid()" if backend.name == "postgres" else "SELECT CONNECTION_ID()"
+            "SELECT pg_backend_pid()" if backend.family == "postgres" else "SELECT CONNECTION_ID()"
         )
         victims.append(int(cursor.fetchone()[0]))
         cursor.close()
@@ -363,8 +384,9 @@ async def test_an_append_whose_connection_is_killed_is_retried_exactly_once(
             async with admin.connect() as conn:
                 for victim in victims:
                     kill = (
-                        "SELECT pg_terminate_backend(:p)"
-                        if backend.name == "postgres"
+                        # Typed: Citus adds a pg_terminate_backend(bigint, ...) overload.
+                        "SELECT pg_terminate_backend(CAST(:p AS integer))"
+                        if backend.family == "postgres"
                         else f"KILL {victim}"
                     )
                     await conn.execute(text(kill), {"p": victim})

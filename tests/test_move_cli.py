@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 from typer.testing import CliRunner
 
-from tests.conftest import Backend
+from tests.conftest import Backend, fresh_citus_schema_url
 from tests.migration_helpers import fresh_postgres_database, run_cli
 from tests.moving_helpers import all_answers, populate
 from turnstore.cli import common
@@ -34,6 +34,9 @@ async def target_url(backend: Backend, request: pytest.FixtureRequest) -> AsyncI
     """A URL of an empty database on the backend (the CLI cannot reach a private schema)."""
     if backend.name == "postgres":
         async with fresh_postgres_database(request.getfixturevalue("postgres_url")) as url:
+            yield url
+    elif backend.name == "citus":
+        async with fresh_citus_schema_url(request.getfixturevalue("citus_url")) as url:
             yield url
     else:
         yield backend.url

@@ -92,26 +92,39 @@ def distribute_table(conn: Connection, table: str, column: str, colocate_with: s
 
     Rows the table holds are copied into its shards; :func:`drop_local_copy` then frees the
     coordinator's copy.
+
+    Args:
+        conn: A connection on the coordinator.
+        table: The table's name as created (not quoted).
+        column: The distribution column.
+        colocate_with: A table's name (not quoted), or ``"default"`` for the co-location
+            group Citus picks by the column's type.
     """
+    # Citus parses both names as SQL identifiers: "MySessions" unquoted would fold to
+    # mysessions. The keyword "default" must stay bare (quoted, it names a table).
+    colocation = colocate_with if colocate_with == "default" else _quoted(conn, colocate_with)
     conn.execute(
         text(
             "SELECT create_distributed_table("
             "CAST(:table AS regclass), :column, colocate_with => :with)"
         ),
-        {"table": table, "column": column, "with": colocate_with},
+        {"table": _quoted(conn, table), "column": column, "with": colocation},
     )
 
 
 def make_reference_table(conn: Connection, table: str) -> None:
     """Keep a copy of ``table`` on every node."""
-    conn.execute(text("SELECT create_reference_table(CAST(:table AS regclass))"), {"table": table})
+    conn.execute(
+        text("SELECT create_reference_table(CAST(:table AS regclass))"),
+        {"table": _quoted(conn, table)},
+    )
 
 
 def drop_local_copy(conn: Connection, table: str) -> None:
     """Empty the coordinator's own copy of rows that distributing ``table`` moved to shards."""
     conn.execute(
         text("SELECT truncate_local_data_after_distributing_table(CAST(:table AS regclass))"),
-        {"table": table},
+        {"table": _quoted(conn, table)},
     )
 
 
@@ -150,7 +163,7 @@ def distribute_function(
             "SELECT create_distributed_function("
             "CAST(:signature AS regprocedure), :argument, colocate_with => :with)"
         ),
-        {"signature": signature, "argument": argument, "with": colocate_with},
+        {"signature": signature, "argument": argument, "with": _quoted(conn, colocate_with)},
     )
 
 
@@ -172,3 +185,8 @@ def pin_search_path(conn: Connection, signature: str) -> None:
         text("SELECT to_regprocedure(:signature)::text"), {"signature": signature}
     ).scalar_one()
     conn.exec_driver_sql(f"ALTER FUNCTION {procedure} SET search_path = {schema}")
+
+
+def _quoted(conn: Connection, name: str) -> str:
+    """``name`` as an SQL identifier that resolves to exactly it (``"MySessions"``, ``"order"``)."""
+    return conn.dialect.identifier_preparer.quote(name)

@@ -77,8 +77,9 @@ class EngineHandle:
             :mod:`turnstore.persistence.server_routines`).
         distributed: Whether the database distributes its tables over several nodes (a
             Citus coordinator): statements that lock rows of several sessions at once must
-            then lock one session at a time. ``None`` until the first such statement asks
-           , so a process that never erases never pays the lookup.
+            then lock one session at a time. ``None`` until the first statement that
+            cares asks (:meth:`is_distributed`), so a process that never runs one never
+            pays the lookup.
         without_info: Table sets whose database predates the session info table (migration
             0005): sessions work, the store's features refuse.
         driver_calls: Runs single statements on the driver itself, where the engine's
@@ -104,6 +105,17 @@ class EngineHandle:
     statement_size_limit: int | None = None
     absent_tables: dict[Hashable, frozenset[str]] = field(default_factory=dict)
     _limits_read: bool = False
+
+    def is_distributed(self, conn: Connection) -> bool:
+        """Whether the database spreads sessions over several nodes (a Citus coordinator).
+
+        There a row lock must name one session per statement (Citus refuses ``SELECT ...
+        FOR UPDATE`` over rows of several shards), and a listing page picks its sessions
+        before computing their summaries. Asked of the server once per engine.
+        """
+        if self.distributed is None:
+            self.distributed = self.profile.cluster_node(conn) is not None
+        return self.distributed
 
     async def read_limits(self) -> None:
         """Read the server's limits once per engine (``max_allowed_packet`` on MySQL)."""

@@ -589,7 +589,12 @@ class SessionWriter:
         """
         q, t = self._q, self._q.tables
         params = {"ids": [head.session_id for head in heads]}
-        conn.execute(q.group_lock, params)
+        if len(heads) > 1 and self._handle.is_distributed(conn):
+            # One session per statement, in the order erasure locks them in.
+            for session_id in sorted(params["ids"]):
+                q.lock_session.rows(conn, {"sid": session_id})
+        else:
+            conn.execute(q.group_lock, params)
         existing = set(conn.execute(self._existing_statement(missing), params).scalars())
         if existing and on_conflict is OnConflict.FAIL:
             first = next(h.session_id for h in heads if h.session_id in existing)

@@ -463,7 +463,7 @@ class ConversationRepository(SchemaPreparation, BranchOperations, ConversationRe
             shares = usage.models
             arguments += (
                 [share.model for share in shares],
-                *([share.counts[i] for share in shares] for i in range(6)),
+                *(server_routines.count_array([s.counts[i] for s in shares]) for i in range(6)),
             )
         rows = await self._retrying_lock_conflicts(
             lambda: calls.fetch(routines.usage_call, arguments, writes=True)

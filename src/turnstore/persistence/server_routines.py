@@ -97,9 +97,19 @@ class ServerRoutines:
 
     @property
     def usage_call(self) -> str:
-        """SQL calling the usage function; one value, the turn written or NULL."""
-        count = 9 + (3 if self.maintains_info else 0) + (7 if self.records_models else 0)
-        return f"SELECT {self.usage_name}({_placeholders(count)})"
+        """SQL calling the usage function; one value, the turn written or NULL.
+
+        The models' six count arrays travel as ``text[]`` (see :func:`count_array`), for the
+        reason the append's flags do: asyncpg would look ``integer[]`` up on every new
+        connection, about a second on a Citus coordinator.
+        """
+        count = 9 + (3 if self.maintains_info else 0)
+        arguments = _placeholders(count)
+        if self.records_models:
+            names, first = count + 1, count + 2
+            counts = ", ".join(f"${n}::text[]::integer[]" for n in range(first, first + 6))
+            arguments += f", ${names}, {counts}"
+        return f"SELECT {self.usage_name}({arguments})"
 
     @property
     def signatures(self) -> tuple[str, str]:
@@ -656,6 +666,11 @@ def append_arguments(
         ["t" if is_user else "f" for _, _, is_user, _ in messages],
         [tool for _, _, _, tool in messages],
     )
+
+
+def count_array(counts: Sequence[int | None]) -> list[str | None]:
+    """An ``integer[]`` argument of :attr:`ServerRoutines.usage_call`, as the text it takes."""
+    return [None if count is None else str(count) for count in counts]
 
 
 def json_argument(value: dict[str, Any] | None) -> str | None:
