@@ -319,3 +319,37 @@ async def test_a_killed_prune_run_again_finishes_the_job(backend: Backend) -> No
             assert await rows_of(backend, session_id) == {}
         async with backend.engine.connect() as conn:
             assert await integrity_problems(conn, "") == []
+
+
+class _Clock:
+    """A monotonic clock on which every reading is ``step`` seconds after the previous one."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["one-server", "distributed"])
+async def test_erasure_batches_pace_to_the_databases_target(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, distributed: bool
+) -> None:
+    # Every batch seems to take 100 ms: five times the 20 ms target of one server, where
+    # batches halve down to one session; well within a distributed database's, where each
+    # batch pays a two-phase commit anyway and batches keep their full size.
+    import turnstore.store
+    from turnstore.persistence.erasure import Eraser
+
+    monkeypatch.setattr(turnstore.store, "time", _Clock(0.1))
+    monkeypatch.setattr(Eraser, "distributed", property(lambda self: distributed))
+    async with Store(
+        url=f"sqlite+aiosqlite:///{tmp_path / 'paced.db'}", create_tables=True
+    ) as store:
+        for n in range(12):
+            await store.session(f"s{n}", user_id="u").add_items(turn(f"q{n}"))
+        reports: list[Removed] = []
+        await store.erase_user("u", batch_size=4, progress=reports.append)
+    steps = [b.sessions - a.sessions for a, b in zip([Removed(), *reports], reports, strict=False)]
+    assert steps == ([4, 4, 4] if distributed else [4, 2, 1, 1, 1, 1, 1, 1])

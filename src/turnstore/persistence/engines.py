@@ -110,8 +110,8 @@ class EngineHandle:
         """Whether the database spreads sessions over several nodes (a Citus coordinator).
 
         There a row lock must name one session per statement (Citus refuses ``SELECT ...
-        FOR UPDATE`` over rows of several shards), and a listing page picks its sessions
-        before computing their summaries. Asked of the server once per engine.
+        FOR UPDATE`` over rows of several shards), and erasure batches may take longer (see
+        ``turnstore.store.DISTRIBUTED_BATCH_SECONDS``). Asked of the server once per engine.
         """
         if self.distributed is None:
             self.distributed = self.profile.cluster_node(conn) is not None

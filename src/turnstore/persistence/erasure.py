@@ -201,6 +201,11 @@ class Eraser:
         exists = bool(locked) or bool(info)
         return Removed(int(exists), removed.items, removed.usage_rows)
 
+    @property
+    def distributed(self) -> bool:
+        """Whether the batches run on a distributed database (known after the first one)."""
+        return bool(self._handle.distributed)
+
     async def remove_batch(self, criteria: Criteria, limit: int) -> tuple[Removed, int]:
         """Remove up to ``limit`` matching sessions, oldest activity first, in one transaction.
 
