@@ -13,11 +13,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-import turnstore
-from tests.conftest import Backend, _postgres_backend
+from tests.conftest import Backend, _postgres_backend, role_with_settings
 from tests.helpers import function_call, function_output, run_result, turn, user
 from tests.migration_helpers import run_cli
 from turnstore import AdvancedSession, Store
@@ -284,21 +282,8 @@ async def citus_role_url(citus: Backend, citus_url: str) -> AsyncIterator[str]:
     """
     async with citus.engine.connect() as conn:
         schema = await conn.scalar(text("SELECT current_schema()"))
-    name = f"r_{schema}"
-    admin = create_async_engine(citus_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.exec_driver_sql(f"CREATE ROLE {name} LOGIN SUPERUSER")
-            await conn.exec_driver_sql(f"ALTER ROLE {name} SET search_path = {schema}")
-        try:
-            yield make_url(citus_url).set(username=name).render_as_string(hide_password=False)
-        finally:
-            await turnstore.dispose_engines()
-            async with admin.connect() as conn:
-                await conn.exec_driver_sql(f"DROP OWNED BY {name} CASCADE")
-                await conn.exec_driver_sql(f"DROP ROLE {name}")
-    finally:
-        await admin.dispose()
+    async with role_with_settings(citus_url, {"search_path": schema}) as url:
+        yield url
 
 
 async def test_cli_distribute_and_upgrade(citus_role_url: str, postgres_url: str) -> None:
