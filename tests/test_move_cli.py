@@ -346,3 +346,35 @@ async def test_verify_names_the_sessions_and_reads_that_differ(
     assert message.startswith("1 of 6 copied sessions answer differently on the target:")
     assert "'branchy': get_session_usage" in message
     await engines.dispose_engines()
+
+
+async def test_a_session_that_does_not_exist_is_not_found_and_nothing_is_written(
+    tmp_path: Path, source: tuple[str, list[str]]
+) -> None:
+    # Was an empty export (and an empty copy) with exit 0: a mistyped id looked like success.
+    url, session_ids = source
+    output = tmp_path / "one.jsonl"
+    missing = await invoke(
+        [
+            "export",
+            "--url",
+            url,
+            "--session",
+            session_ids[0],
+            "--session",
+            "nosuch",
+            "-o",
+            str(output),
+        ]
+    )
+    assert missing.exit_code == common.ExitCode.NOT_FOUND, missing.stderr
+    assert missing.stderr.startswith("turnstore export: error: No session 'nosuch' in this")
+    assert missing.stderr.count("\n") == 1
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("one.jsonl*")))
+    target = f"sqlite+aiosqlite:///{tmp_path / 'target.db'}"
+    copied = await invoke(["copy", "--from", url, "--to", target, "--session", "nosuch"])
+    assert copied.exit_code == common.ExitCode.NOT_FOUND, copied.stderr
+    assert not (tmp_path / "target.db").exists()
+    found = await invoke(["export", "--url", url, "--session", session_ids[0], "-o", str(output)])
+    assert found.exit_code == 0, found.stderr
+    assert found.stdout.startswith("exported 1 session")

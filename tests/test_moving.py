@@ -447,3 +447,19 @@ async def test_the_documented_example_imports(sqlite_path: Path) -> None:
         await session.aclose()
     finally:
         await engines.release(handle)
+
+
+async def test_reader_names_the_session_ids_it_does_not_know(backend: Backend) -> None:
+    # What `export --session` and `copy --session` check before they write anything.
+    from turnstore.persistence.moving import SessionReader
+
+    session_ids = await populate(backend.engine)
+    reader = SessionReader(await _handle(backend), DEFAULT_TABLES, batch_size=2)
+    asked = ["nobody", *session_ids, " " + session_ids[0], session_ids[0].upper(), "nobody"]
+    unknown = await reader.unknown(asked)
+    # Ids are identities: a padded or case-mapped id is another session (never folded).
+    expected = ["nobody", " " + session_ids[0]]
+    if session_ids[0].upper() != session_ids[0]:
+        expected.append(session_ids[0].upper())
+    assert unknown == [*expected, "nobody"]
+    assert await reader.unknown(session_ids) == []

@@ -37,6 +37,7 @@ from turnstore.errors import (
     ForeignDatabaseError,
     InvalidArgumentError,
     SchemaMissingError,
+    SessionNotFoundError,
     TurnstoreError,
 )
 from turnstore.info import check_user_id, to_micros
@@ -224,10 +225,18 @@ async def _selected(
                 "this database predates; upgrade it, or choose sessions with --session"
             ) from None
         return _matching(queries, selection), total
+    reader = SessionReader(handle, DEFAULT_TABLES)
     if filters.sessions:
         chosen = list(dict.fromkeys(filters.sessions))
+        # A mistyped id would otherwise give an empty export (or copy) and exit 0.
+        unknown = await reader.unknown(chosen)
+        if unknown:
+            named = ", ".join(repr(session_id) for session_id in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise SessionNotFoundError(
+                f"No session {named}{more} in this database (turnstore sessions lists them)"
+            )
         return chosen, len(chosen)
-    reader = SessionReader(handle, DEFAULT_TABLES)
     total = 0
     async for _ in reader.all_session_ids():
         total += 1
@@ -562,25 +571,28 @@ def copy(
 
     async def run() -> tuple[transfer.TransferSummary, str, int]:
         await _check_source(source)
-        done = await transfer.prepare_target(
-            target, migrate_schema=migrate_schema, where=_hidden(target)
-        )
-        async with _opened(source) as from_handle, _opened(target) as to_handle:
+        async with _opened(source) as from_handle:
+            # The sessions are chosen before the target is touched: a mistyped --session
+            # leaves it as it was (not even migrated).
             chosen, total = await _selected(from_handle, filters)
-            with _progress("copied", total) as report:
-                summary = await transfer.copy_sessions(
-                    (from_handle, DEFAULT_TABLES),
-                    (to_handle, DEFAULT_TABLES),
-                    session_ids=chosen,
-                    on_conflict=on_conflict,
-                    batch_size=batch_size,
-                    total=total,
-                    progress=report,
-                    collect_ids=verify,
-                )
-            verified = 0
-            if verify:
-                verified = await _verify(source, target, summary.session_ids or [])
+            done = await transfer.prepare_target(
+                target, migrate_schema=migrate_schema, where=_hidden(target)
+            )
+            async with _opened(target) as to_handle:
+                with _progress("copied", total) as report:
+                    summary = await transfer.copy_sessions(
+                        (from_handle, DEFAULT_TABLES),
+                        (to_handle, DEFAULT_TABLES),
+                        session_ids=chosen,
+                        on_conflict=on_conflict,
+                        batch_size=batch_size,
+                        total=total,
+                        progress=report,
+                        collect_ids=verify,
+                    )
+        verified = 0
+        if verify:
+            verified = await _verify(source, target, summary.session_ids or [])
         return summary, done, verified
 
     summary, done, verified = asyncio.run(run())

@@ -119,6 +119,22 @@ class SessionReader:
         statement = select(known.c.session_id).order_by(known.c.session_id).limit(limit)
         return await self._handle.read(lambda conn: list(conn.execute(statement).scalars()))
 
+    async def unknown(self, session_ids: Sequence[str]) -> list[str]:
+        """Which of ``session_ids`` the store does not know, in the order given."""
+        missing = await self._missing_tables()
+        sessions = self._q.tables.sessions
+        parts = [select(sessions.c.session_id.label("session_id"))] + [
+            select(table.c.session_id) for table in self._q.knowing if table.name not in missing
+        ]
+        found: set[str] = set()
+        for start in range(0, len(session_ids), self.batch_size):
+            chunk = list(session_ids[start : start + self.batch_size])
+            known = union(
+                *(part.where(part.selected_columns[0].in_(chunk)) for part in parts)
+            ).subquery()
+            found.update(await self._handle.read(_scalars, select(known.c.session_id)))
+        return [session_id for session_id in session_ids if session_id not in found]
+
     async def all_session_ids(self) -> AsyncIterator[str]:
         """Every session id of the store, in id order, a page at a time (keyset)."""
         after: str | None = None
@@ -707,3 +723,8 @@ def _valid_json(value: Any) -> Any:
     if value is None or jsoncodec.loads_or_none(value, "token-details") is None:
         return None
     return value
+
+
+def _scalars(conn: Connection, statement: Any) -> list[Any]:
+    """The first column of every row ``statement`` returns."""
+    return list(conn.execute(statement).scalars())
