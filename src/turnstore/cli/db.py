@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Sequence
-from typing import Annotated
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Annotated, Any, TypeVar
 
 import typer
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from turnstore.cli import common
-from turnstore.errors import DatabaseUnavailableError, InvalidArgumentError, SchemaMissingError
+from turnstore.errors import (
+    DatabaseUnavailableError,
+    InvalidArgumentError,
+    MissingExtraError,
+    SchemaMissingError,
+    TurnstoreError,
+)
 from turnstore.persistence.dialects import profile_for
 from turnstore.schema import migrate
 from turnstore.schema.adoption import DatabaseKind
@@ -60,6 +67,37 @@ def _move_data(move: migrate.Move) -> dict[str, object]:
 
 
 _hidden = common.hidden_url
+
+
+T = TypeVar("T")
+
+
+def run_on_database(url: str, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a command's database work, its failures retold as the command line's errors.
+
+    A database without turnstore's schema names the command that fixes it
+    (:func:`schema_refusal`), a missing driver the extra to install, and an unreachable
+    server or file exit code 3 (``DatabaseUnavailableError``).
+    """
+    try:
+        return asyncio.run(main())
+    except SchemaMissingError as exc:
+        refusal = schema_refusal(exc, url)
+        if refusal is exc:
+            raise
+        raise refusal from exc
+    except ImportError as exc:
+        if isinstance(exc, TurnstoreError):
+            raise
+        raise MissingExtraError(
+            f"The driver for this URL is not installed ({exc.name}): install turnstore's "
+            "extra for the database, e.g. pip install 'turnstore[postgres]'"
+        ) from exc
+    except (OSError, DBAPIError, TimeoutError) as exc:
+        raise DatabaseUnavailableError(
+            f"Cannot reach the database: {common.one_line(exc)}; check the URL and that the "
+            "database is running and reachable"
+        ) from exc
 
 
 def schema_refusal(exc: SchemaMissingError, url: str) -> SchemaMissingError:

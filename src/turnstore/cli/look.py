@@ -7,7 +7,6 @@ command's help documents (keys are only ever added).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import sys
@@ -18,17 +17,15 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError
 
 from turnstore import cost
 from turnstore.cli import common
-from turnstore.cli.db import _require_existing_sqlite_file, schema_refusal
+from turnstore.cli.db import _require_existing_sqlite_file, run_on_database
 from turnstore.errors import (
     BranchNotFoundError,
-    DatabaseUnavailableError,
     InvalidArgumentError,
     MissingExtraError,
-    SchemaMissingError,
     SessionNotFoundError,
     TurnNotFoundError,
 )
@@ -84,23 +81,7 @@ def _run(url: str, work: Callable[[], Awaitable[T]]) -> T:
         finally:
             await engines.dispose_engines()
 
-    try:
-        return asyncio.run(main())
-    except SchemaMissingError as exc:
-        refusal = schema_refusal(exc, url)
-        if refusal is exc:
-            raise
-        raise refusal from exc
-    except ImportError as exc:
-        raise MissingExtraError(
-            f"The driver for this URL is not installed ({exc.name}): install turnstore's "
-            "extra for the database, e.g. pip install 'turnstore[postgres]'"
-        ) from exc
-    except (OSError, DBAPIError, TimeoutError) as exc:
-        raise DatabaseUnavailableError(
-            f"Cannot read the database: {common.one_line(exc)}; check the URL and that the "
-            "database is running and reachable"
-        ) from exc
+    return run_on_database(url, main)
 
 
 def _checked_url(url: str | None) -> str:

@@ -9,7 +9,6 @@ JSON shapes (``--json``), stable: ``sessions`` prints ``{"sessions": [summary...
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -17,15 +16,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 import typer
-from sqlalchemy.exc import DBAPIError
 
 from turnstore.cli import common
-from turnstore.cli.db import _require_existing_sqlite_file, schema_refusal
+from turnstore.cli.db import _require_existing_sqlite_file, run_on_database
 from turnstore.errors import (
-    DatabaseUnavailableError,
     InvalidArgumentError,
-    MissingExtraError,
-    SchemaMissingError,
     TurnstoreError,
 )
 from turnstore.info import SessionSummary
@@ -110,26 +105,7 @@ def _run(url: str | None, work: Callable[[Store], Awaitable[T]]) -> T:
         async with Store(url=target) as store:
             return await work(store)
 
-    try:
-        return asyncio.run(go())
-    except SchemaMissingError as exc:
-        refusal = schema_refusal(exc, target)
-        if refusal is exc:
-            raise
-        raise refusal from exc
-    except ImportError as exc:
-        if isinstance(exc, TurnstoreError):
-            raise
-        raise MissingExtraError(
-            f"The driver for this URL is not installed ({exc.name}): install turnstore's "
-            "extra for the database, e.g. pip install 'turnstore[postgres]'"
-        ) from exc
-    except (OSError, DBAPIError, TimeoutError) as exc:
-        # Unreachable server or missing database: exit code 3, as `show` and `db` say.
-        raise DatabaseUnavailableError(
-            f"Cannot reach the database: {common.one_line(exc)}; check the URL and that the "
-            "database is running and reachable"
-        ) from exc
+    return run_on_database(target, go)
 
 
 def summary_data(summary: SessionSummary) -> dict[str, Any]:
