@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import case, delete, exists, func, select
+from sqlalchemy import delete, exists, func, select
 from sqlalchemy.engine import Connection
 
 from turnstore.errors import BranchNameTakenError, BranchNotFoundError, TurnNotFoundError
+from turnstore.persistence import rewrite
 from turnstore.persistence.records import (
     MAIN_BRANCH,
     BranchPointer,
@@ -151,7 +152,7 @@ class BranchOperations(RepositoryCore):
 
     def _delete_branch(self, conn: Connection, session_id: str, branch_id: str) -> DeletedBranch:
         t, profile = self._t, self._profile
-        s, m, u = t.structure, t.messages, t.usage
+        s, u = t.structure, t.usage
         in_branch = (s.c.session_id == session_id, s.c.branch_id == branch_id)
         self._q.lock_session.execute(conn, {"sid": session_id})
         structure_rows = conn.scalar(select(func.count()).where(*in_branch)) or 0
@@ -172,25 +173,7 @@ class BranchOperations(RepositoryCore):
             conn.execute(
                 delete(own).where(own.c.session_id == session_id, own.c.branch_id == branch_id)
             )
-        # Messages every structure row of which is on this branch: one pass over the
-        # session's rows, grouped. A correlated "no other branch has it" check per message
-        # is faster with good statistics, but Postgres plans it as a session scan per message
-        # while a newly filled table has none (12 s for a 2,000-turn branch). The grouped
-        # pass is a derived table so that MariaDB materializes it once; as a plain IN
-        # subquery it re-ran the pass for every message of the session (minutes at 10,000).
-        only_here = (
-            select(s.c.message_id)
-            .where(s.c.session_id == session_id)
-            .group_by(s.c.message_id)
-            .having(func.count() == func.count(case((s.c.branch_id == branch_id, 1))))
-            .subquery("only_here")
-        )
-        messages = conn.execute(
-            delete(m).where(
-                m.c.session_id == session_id, m.c.id.in_(select(only_here.c.message_id))
-            )
-        ).rowcount
-        conn.execute(delete(s).where(*in_branch))
+        messages = rewrite.delete_branch_rows(conn, t, session_id, branch_id)
         self._touch_info(conn, session_id)
         return DeletedBranch(int(structure_rows), usage_rows, messages)
 
